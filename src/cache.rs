@@ -1,0 +1,100 @@
+//! A key/value cache for one attention layer that can be appended to in blocks and truncated back.
+//!
+//! candle-nn's `kv_cache::KvCache` pre-allocates and appends in place, but it cannot be rolled back:
+//! speculative decoding must drop the positions of rejected drafts, so this cache keeps the same
+//! pre-allocated layout (`(batch, kv_heads, capacity, head_dim)`, written with `slice_set`) and adds
+//! [`KvCache::truncate`]. Truncation is O(1): it only moves the length; later appends overwrite.
+
+use candle_core::{Result, Tensor};
+
+/// Capacity added whenever the cache fills up (positions).
+const GROW_BY: usize = 512;
+
+/// Keys and values of one layer; shapes `(batch, kv_heads, len, head_dim)`.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Pre-allocated storage, `(batch, kv_heads, capacity, head_dim)` each.
+    storage: Option<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops every position at or after `len` (no-op if `len >= self.len()`).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Forgets everything and frees the storage.
+    pub fn clear(&mut self) {
+        self.storage = None;
+        self.len = 0;
+    }
+
+    /// Appends `k`, `v` of shape `(batch, kv_heads, new, head_dim)` and returns views of the whole
+    /// cache, `(batch, kv_heads, len + new, head_dim)`.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let new = k.dim(2)?;
+        let needed = self.len + new;
+        let capacity = self.storage.as_ref().map_or(0, |(sk, _)| sk.dims()[2]);
+        if needed > capacity {
+            let capacity = needed.div_ceil(GROW_BY) * GROW_BY;
+            let (b, h, _, d) = k.dims4()?;
+            let grown_k = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
+            let grown_v = Tensor::zeros((b, h, capacity, d), v.dtype(), v.device())?;
+            if let Some((old_k, old_v)) = &self.storage {
+                if self.len > 0 {
+                    grown_k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    grown_v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            self.storage = Some((grown_k, grown_v));
+        }
+        let Some((sk, sv)) = &self.storage else {
+            candle_core::bail!("kv cache storage missing after allocation")
+        };
+        sk.slice_set(&k.contiguous()?, 2, self.len)?;
+        sv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((sk.narrow(2, 0, needed)?, sv.narrow(2, 0, needed)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn append_truncate_and_grow() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new();
+        let block = |start: f32, n: usize| {
+            Tensor::arange(start, start + n as f32, &dev)?.reshape((1, 1, n, 1))
+        };
+        let (k, _) = cache.append(&block(0., 3)?, &block(0., 3)?)?;
+        assert_eq!(k.dims(), [1, 1, 3, 1]);
+        cache.truncate(1);
+        let (k, v) = cache.append(&block(10., 2)?, &block(20., 2)?)?;
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, [0., 10., 11.]);
+        assert_eq!(v.flatten_all()?.to_vec1::<f32>()?, [0., 20., 21.]);
+        // Growing past the first allocation keeps the contents.
+        let (k, _) = cache.append(&block(100., GROW_BY)?, &block(0., GROW_BY)?)?;
+        assert_eq!(k.dims()[2], 3 + GROW_BY);
+        assert_eq!(k.i((0, 0, 2, 0))?.to_scalar::<f32>()?, 11.);
+        assert_eq!(k.i((0, 0, 3 + GROW_BY - 1, 0))?.to_scalar::<f32>()?, 100. + GROW_BY as f32 - 1.);
+        Ok(())
+    }
+}

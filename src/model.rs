@@ -1,0 +1,455 @@
+//! The splittable Llama-family engine.
+//!
+//! A model is three kinds of pieces, each loaded on its own from a [`VarBuilder`] whose tree
+//! mirrors the checkpoint's tensor names (`model.embed_tokens`, `model.layers.{i}`, `model.norm`,
+//! `lm_head`):
+//! - [`Embedder`]: token ids `(batch, seq)` → hidden states `(batch, seq, hidden)`;
+//! - [`LayerStack`]: any range `[a, b)` of decoder layers, hidden → hidden, with its own
+//!   [`StackCache`] that takes blocks of several positions and truncates back (rollback);
+//! - [`Head`]: final norm + LM head, hidden `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.
+//!
+//! [`Model`] chains them for the unsplit reference. Compute is f32 on CPU; weights may be stored
+//! in f16/bf16 and are converted when loaded. [`Ops::Differentiable`] swaps candle-nn's fused
+//! kernels (rms_norm, rope, softmax_last_dim: no backward) for compositions that have gradients.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::cache::KvCache;
+use crate::config::{ModelConfig, RopeStyle};
+use crate::error::{Error, Result};
+
+/// Rotary tables are built for at most this many positions (or the model's own limit if lower).
+pub const MAX_CONTEXT: usize = 32_768;
+
+/// Which implementation of the non-matmul ops to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ops {
+    /// candle-nn's fused CPU/GPU kernels: fastest, inference only.
+    #[default]
+    Fused,
+    /// Compositions of basic ops that support backprop (for adapter training).
+    Differentiable,
+}
+
+/// Rotary position embedding tables, `(positions, head_dim / 2)` each.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+impl Rope {
+    pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let positions = cfg.max_position_embeddings.min(MAX_CONTEXT);
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..cfg.head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / cfg.head_dim as f32))
+            .map(|f| match &cfg.rope_scaling {
+                None => f,
+                Some(s) => {
+                    let orig = s.original_max_position_embeddings as f32;
+                    let (low_wavelen, high_wavelen) = (orig / s.low_freq_factor, orig / s.high_freq_factor);
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / s.factor
+                    } else {
+                        let smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * f / s.factor + smooth * f
+                    }
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (positions, half), device)?.to_dtype(dtype);
+        Ok(Self { cos: table(cos)?, sin: table(sin)?, style: cfg.rope_style })
+    }
+
+    /// Number of positions the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x`, `(batch, heads, seq, head_dim)`, whose first position is `pos`.
+    pub fn apply(&self, x: &Tensor, pos: usize, ops: Ops) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        use candle_nn::rotary_emb as re;
+        Ok(match (self.style, ops) {
+            (RopeStyle::Half, Ops::Fused) => re::rope(x, &cos, &sin)?,
+            (RopeStyle::Half, Ops::Differentiable) => re::rope_slow(x, &cos, &sin)?,
+            (RopeStyle::Interleaved, Ops::Fused) => re::rope_i(x, &cos, &sin)?,
+            (RopeStyle::Interleaved, Ops::Differentiable) => re::rope_i_slow(x, &cos, &sin)?,
+        })
+    }
+}
+
+fn rms_norm(norm: &RmsNorm, x: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
+    Ok(match ops {
+        Ops::Fused => norm.forward(x)?,
+        Ops::Differentiable => candle_nn::ops::rms_norm_slow(x, norm.weight(), eps as f32)?,
+    })
+}
+
+fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm> {
+    Ok(RmsNorm::new(vb.get(cfg.hidden_size, "weight")?, cfg.rms_norm_eps))
+}
+
+/// Causal mask for `seq` new positions after `pos` cached ones, repeated for the `n_rep` query
+/// heads that share a key/value head: `(n_rep * seq, pos + seq)`, 0 where visible, -inf elsewhere.
+fn causal_mask(seq: usize, pos: usize, n_rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let kv = pos + seq;
+    let row: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mut all = Vec::with_capacity(n_rep * row.len());
+    for _ in 0..n_rep {
+        all.extend_from_slice(&row);
+    }
+    Ok(Tensor::from_vec(all, (n_rep * seq, kv), device)?.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, bias) = (cfg.hidden_size, cfg.attention_bias);
+        Ok(Self {
+            q_proj: candle_nn::linear_b(h, cfg.q_dim(), bias, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear_b(h, cfg.kv_dim(), bias, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear_b(h, cfg.kv_dim(), bias, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
+    fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, nh)?;
+        let k = heads(self.k_proj.forward(x)?, nkv)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let q = rope.apply(&q, pos, ops)?;
+        let k = rope.apply(&k, pos, ops)?;
+        let (k, v) = cache.append(&k, &v)?; // (b, nkv, pos + seq, hd)
+
+        // Grouped-query attention without copying K/V: the n_rep query heads that share a K/V head
+        // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
+        let n_rep = nh / nkv;
+        let q = q.reshape((b, nkv, n_rep * seq, hd))?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let att = if seq > 1 {
+            att.broadcast_add(&causal_mask(seq, pos, n_rep, att.dtype(), att.device())?)?
+        } else {
+            att
+        };
+        let att = match ops {
+            Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
+            Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+        };
+        let y = att.matmul(&v)?; // (b, nkv, n_rep * seq, hd)
+        let y = y.reshape((b, nh, seq, hd))?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    /// Loads from `vb` rooted at the layer (`model.layers.{i}`).
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: load_rms_norm(vb.pp("input_layernorm"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: load_rms_norm(vb.pp("post_attention_layernorm"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → same shape.
+    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops) -> Result<Tensor> {
+        let h = rms_norm(&self.input_layernorm, x, self.eps, ops)?;
+        let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops)?)?;
+        let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// The KV caches of a [`LayerStack`], one per layer; all hold the same number of positions.
+#[derive(Debug, Clone, Default)]
+pub struct StackCache {
+    layers: Vec<KvCache>,
+}
+
+impl StackCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rolls back to the first `len` positions (e.g. after rejected drafts).
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|c| c.truncate(len));
+    }
+
+    /// Forgets every position and frees the memory.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::clear);
+    }
+}
+
+/// Decoder layers `[start, end)` of a model, run on hidden states.
+#[derive(Debug, Clone)]
+pub struct LayerStack {
+    range: Range<usize>,
+    layers: Vec<DecoderLayer>,
+    rope: Arc<Rope>,
+    ops: Ops,
+}
+
+impl LayerStack {
+    /// Loads layers `range` from `vb` rooted at the checkpoint (`model.layers.{i}` inside).
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig, range: Range<usize>, rope: Arc<Rope>) -> Result<Self> {
+        if range.start > range.end || range.end > cfg.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "layer range [{}, {}) is not inside the model's {} layers",
+                range.start, range.end, cfg.num_hidden_layers
+            )));
+        }
+        let vb_layers = vb.pp("model.layers");
+        let layers = range
+            .clone()
+            .map(|i| DecoderLayer::load(vb_layers.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { range, layers, rope, ops: Ops::Fused })
+    }
+
+    /// Builds a stack from layers made elsewhere (e.g. a trained adapter).
+    pub fn from_layers(range: Range<usize>, layers: Vec<DecoderLayer>, rope: Arc<Rope>) -> Self {
+        Self { range, layers, rope, ops: Ops::Fused }
+    }
+
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// The model layers this stack runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// An empty cache for this stack.
+    pub fn new_cache(&self) -> StackCache {
+        StackCache { layers: vec![KvCache::new(); self.layers.len()] }
+    }
+
+    /// Runs `x`, `(batch, seq, hidden)`, the hidden states of positions `pos..pos + seq`, through
+    /// the layers. `pos` must equal `cache.len()`: truncate the cache first to roll back.
+    pub fn forward(&self, x: &Tensor, pos: usize, cache: &mut StackCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::invalid("cache was made for another layer stack"));
+        }
+        if pos != cache.len() {
+            return Err(Error::invalid(format!(
+                "position {pos} does not follow the cache, which holds {} positions",
+                cache.len()
+            )));
+        }
+        let needed = pos + x.dim(1)?;
+        if needed > self.rope.max_positions() {
+            return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
+        }
+        let mut x = x.clone();
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, pos, &self.rope, c, self.ops)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Token embedding: ids `(batch, seq)` u32 → `(batch, seq, hidden)`.
+#[derive(Debug, Clone)]
+pub struct Embedder {
+    embed: Embedding,
+}
+
+impl Embedder {
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let w = vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        Ok(Self { embed: Embedding::new(w, cfg.hidden_size) })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(ids)?)
+    }
+
+    /// Embeds one sequence of token ids, `(1, ids.len(), hidden)`.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.embed.embeddings().dim(0)?;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let ids = Tensor::new(ids, self.embed.embeddings().device())?.unsqueeze(0)?;
+        self.forward(&ids)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+}
+
+/// Final norm + LM head: `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    norm: RmsNorm,
+    lm_head: Linear,
+    eps: f64,
+    ops: Ops,
+}
+
+impl Head {
+    /// Loads `model.norm` and `lm_head` (or, with tied embeddings, `model.embed_tokens`).
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let norm = load_rms_norm(vb.pp("model.norm"), cfg)?;
+        let shape = (cfg.vocab_size, cfg.hidden_size);
+        let w = if cfg.tie_word_embeddings {
+            vb.pp("model.embed_tokens").get(shape, "weight")?
+        } else {
+            vb.pp("lm_head").get(shape, "weight")?
+        };
+        Ok(Self { norm, lm_head: Linear::new(w, None), eps: cfg.rms_norm_eps, ops: Ops::Fused })
+    }
+
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// Logits at every position: `(batch, seq, hidden)` → `(batch, seq, vocab)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+
+    /// Logits of the last position only: `(batch, seq, hidden)` → `(batch, vocab)`.
+    pub fn forward_last(&self, x: &Tensor) -> Result<Tensor> {
+        let seq = x.dim(1)?;
+        let last = x.i((.., seq - 1..seq, ..))?;
+        Ok(self.forward(&last)?.squeeze(1)?)
+    }
+}
+
+/// The whole, unsplit model: the reference every split and speculative path must reproduce.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub embedder: Embedder,
+    pub layers: LayerStack,
+    pub head: Head,
+}
+
+impl Model {
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let rope = Arc::new(Rope::new(cfg, vb.dtype(), vb.device())?);
+        Ok(Self {
+            config: cfg.clone(),
+            embedder: Embedder::load(vb, cfg)?,
+            layers: LayerStack::load(vb, cfg, 0..cfg.num_hidden_layers, rope)?,
+            head: Head::load(vb, cfg)?,
+        })
+    }
+
+    pub fn new_cache(&self) -> StackCache {
+        self.layers.new_cache()
+    }
+
+    /// Feeds `ids` at positions `cache.len()..` and returns the logits of the last one, `(vocab,)`.
+    pub fn forward_last(&self, ids: &[u32], cache: &mut StackCache) -> Result<Tensor> {
+        let x = self.embedder.embed_ids(ids)?;
+        let x = self.layers.forward(&x, cache.len(), cache)?;
+        Ok(self.head.forward_last(&x)?.squeeze(0)?)
+    }
+
+    /// Feeds `ids` at positions `cache.len()..` and returns the logits at every one, `(seq, vocab)`.
+    pub fn forward_all(&self, ids: &[u32], cache: &mut StackCache) -> Result<Tensor> {
+        let x = self.embedder.embed_ids(ids)?;
+        let x = self.layers.forward(&x, cache.len(), cache)?;
+        Ok(self.head.forward(&x)?.squeeze(0)?)
+    }
+}
