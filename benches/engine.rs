@@ -1,1 +1,108 @@
-fn main() {}
+//! Engine benchmark: prefill tokens/s on a ~200-token prompt and decode tokens/s over 64 tokens,
+//! hat's engine side by side with candle-transformers' `quantized_llama` on the same GGUF with
+//! dequantized (f32) weights. Runs alternate between the two, and medians are reported.
+//!
+//! `cargo bench --bench engine` (needs the default GGUF: recipes/fetch-assets.sh).
+//! Environment: HAT_BENCH_MODEL (GGUF path), HAT_BENCH_REPEATS (default 5),
+//! HAT_BENCH_PROMPT_TOKENS (default 200), HAT_BENCH_DECODE_TOKENS (default 64).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
+
+const TEXT: &str = "The history of computing is a story of ideas that moved from laboratories into everyday \
+life. Early machines filled entire rooms, consumed enormous amounts of power and could perform only a few \
+thousand operations per second. Engineers programmed them by rewiring panels or feeding punched cards, and a \
+single error could waste days of work. Over the following decades, transistors replaced vacuum tubes, \
+integrated circuits replaced discrete components, and the microprocessor put a complete central processing \
+unit on a single chip. Each step made computers smaller, cheaper and more reliable, and each step opened new \
+markets: minicomputers for laboratories and small businesses, personal computers for homes and offices, and \
+finally phones that carry more computing power than the machines that guided astronauts to the moon. Software \
+followed a similar path, from hand-written machine code to compilers, operating systems, databases, networks \
+and the web, and now to large language models that write text and code on request.";
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
+    logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()
+}
+
+struct Sample {
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+/// Times one prefill of `prompt` and `decode` greedy steps, given a `step(ids, pos) -> logits`.
+fn run(prompt: &[u32], decode: usize, mut step: impl FnMut(&[u32], usize) -> anyhow::Result<Tensor>) -> anyhow::Result<Sample> {
+    let t = Instant::now();
+    let logits = step(prompt, 0)?;
+    let mut next = argmax(&logits)?;
+    let prefill = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..decode {
+        let logits = step(&[next], prompt.len() + i)?;
+        next = argmax(&logits)?;
+    }
+    let dec = t.elapsed().as_secs_f64();
+    Ok(Sample { prefill_tok_s: prompt.len() as f64 / prefill, decode_tok_s: decode as f64 / dec })
+}
+
+fn main() -> anyhow::Result<()> {
+    // candle's QMatMul dequantizes every weight to f32 when this is set (read once per thread).
+    std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
+    let path = std::env::var("HAT_BENCH_MODEL").map(Into::into).unwrap_or_else(|_| assets_dir().join(DEFAULT_ASSET_GGUF));
+    let repeats = env_usize("HAT_BENCH_REPEATS", 5);
+    let prompt_len = env_usize("HAT_BENCH_PROMPT_TOKENS", 200);
+    let decode = env_usize("HAT_BENCH_DECODE_TOKENS", 64);
+    let dev = Device::Cpu;
+
+    let loaded = LoadedModel::load(&ModelSpec::Gguf(path.clone()))?;
+    let hat_model = loaded.model(DType::F32, &dev)?;
+    let mut file = std::fs::File::open(&path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let mut candle_model = ModelWeights::from_gguf(content, &mut file, &dev)?;
+
+    let mut prompt = Vec::new();
+    while prompt.len() < prompt_len {
+        prompt.extend(loaded.tokenizer.encode(TEXT)?);
+    }
+    prompt.truncate(prompt_len);
+
+    let (mut hp, mut hd, mut cp, mut cd) = (vec![], vec![], vec![], vec![]);
+    eprintln!("{repeats} alternating runs of each engine: {prompt_len}-token prefill + {decode} decode steps");
+    for r in 0..=repeats {
+        let mut cache = hat_model.new_cache();
+        let h = run(&prompt, decode, |ids, _| Ok(hat_model.forward_last(ids, &mut cache)?))?;
+        let c = run(&prompt, decode, |ids, pos| {
+            let x = Tensor::new(ids, &dev)?.unsqueeze(0)?;
+            Ok(candle_model.forward(&x, pos)?)
+        })?;
+        if r == 0 {
+            continue; // warm-up
+        }
+        eprintln!(
+            "run {r}: hat {:.0} / {:.1} tok/s, candle {:.0} / {:.1} tok/s (prefill / decode)",
+            h.prefill_tok_s, h.decode_tok_s, c.prefill_tok_s, c.decode_tok_s
+        );
+        hp.push(h.prefill_tok_s);
+        hd.push(h.decode_tok_s);
+        cp.push(c.prefill_tok_s);
+        cd.push(c.decode_tok_s);
+    }
+    let (hp, hd, cp, cd) = (median(&mut hp), median(&mut hd), median(&mut cp), median(&mut cd));
+    println!("| engine ({} threads) | prefill tok/s ({prompt_len} tokens) | decode tok/s ({decode} tokens) |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|");
+    println!("| hat (f32) | {hp:.0} | {hd:.1} |");
+    println!("| candle quantized_llama (dequantized f32) | {cp:.0} | {cd:.1} |");
+    println!("| ratio hat / candle | {:.2}x | {:.2}x |", hp / cp, hd / cd);
+    Ok(())
+}

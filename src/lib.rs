@@ -15,6 +15,7 @@
 //! - [`generate`]: sampling and the decoding loop;
 //! - [`dataset`]: conversation data sets (ShareGPT, truncated files included).
 
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod dataset;
@@ -26,6 +27,8 @@ pub mod model;
 pub mod progress;
 pub mod source;
 pub mod split;
+#[doc(hidden)]
+pub mod testing;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

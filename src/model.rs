@@ -125,11 +125,25 @@ fn causal_mask(seq: usize, pos: usize, n_rep: usize, dtype: DType, device: &Devi
     Ok(Tensor::from_vec(all, (n_rep * seq, kv), device)?.to_dtype(dtype)?)
 }
 
+/// Loads several linear layers that read the same input as one: their weights (and biases)
+/// concatenated along the output axis, so one matmul serves them all (fewer, larger gemm calls).
+fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> Result<Linear> {
+    let mut weights = Vec::with_capacity(names.len());
+    let mut biases = Vec::with_capacity(names.len());
+    for (name, &out) in names.iter().zip(out_dims) {
+        weights.push(vb.pp(name).get((out, in_dim), "weight")?);
+        if bias {
+            biases.push(vb.pp(name).get(out, "bias")?);
+        }
+    }
+    let bias = if bias { Some(Tensor::cat(&biases, 0)?) } else { None };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj` fused: hidden → `q_dim + 2 * kv_dim`.
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -139,10 +153,9 @@ struct Attention {
 impl Attention {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, bias) = (cfg.hidden_size, cfg.attention_bias);
+        let outs = [cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()];
         Ok(Self {
-            q_proj: candle_nn::linear_b(h, cfg.q_dim(), bias, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_b(h, cfg.kv_dim(), bias, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_b(h, cfg.kv_dim(), bias, vb.pp("v_proj"))?,
+            qkv_proj: fused_linear(&vb, &["q_proj", "k_proj", "v_proj"], h, &outs, bias)?,
             o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -154,12 +167,14 @@ impl Attention {
     fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+        let qkv = self.qkv_proj.forward(x)?; // (b, seq, (nh + 2 * nkv) * hd)
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(self.q_proj.forward(x)?, nh)?;
-        let k = heads(self.k_proj.forward(x)?, nkv)?;
-        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let q = heads(0, nh)?;
+        let k = heads(nh, nkv)?;
+        let v = heads(nh + nkv, nkv)?;
         let q = rope.apply(&q, pos, ops)?;
         let k = rope.apply(&k, pos, ops)?;
         let (k, v) = cache.append(&k, &v)?; // (b, nkv, pos + seq, hd)
@@ -168,17 +183,22 @@ impl Attention {
         // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * seq, hd))?;
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let att = if seq > 1 {
-            att.broadcast_add(&causal_mask(seq, pos, n_rep, att.dtype(), att.device())?)?
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = if ops == Ops::Fused && crate::attention::fused_applies(&q, n_rep * seq) {
+            crate::attention::causal_attention(&q, &k, &v, seq, scale as f32)?
         } else {
-            att
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = if seq > 1 {
+                att.broadcast_add(&causal_mask(seq, pos, n_rep, att.dtype(), att.device())?)?
+            } else {
+                att
+            };
+            let att = match ops {
+                Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
+                Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+            };
+            att.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
         };
-        let att = match ops {
-            Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-            Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
-        };
-        let y = att.matmul(&v)?; // (b, nkv, n_rep * seq, hd)
         let y = y.reshape((b, nh, seq, hd))?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
         Ok(self.o_proj.forward(&y)?)
     }
@@ -186,24 +206,28 @@ impl Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` fused: hidden → `2 * intermediate`.
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
+            gate_up_proj: fused_linear(&vb, &["gate_proj", "up_proj"], h, &[i, i], false)?,
             down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            intermediate: i,
         })
     }
 
+    /// `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
     }
 }
 
@@ -451,5 +475,135 @@ impl Model {
         let x = self.embedder.embed_ids(ids)?;
         let x = self.layers.forward(&x, cache.len(), cache)?;
         Ok(self.head.forward(&x)?.squeeze(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Family;
+    use crate::source::{LoadedModel, ModelSpec};
+    use crate::testing::{tiny_model, TinySpec};
+
+    fn load(spec: TinySpec) -> (tempfile::TempDir, Model) {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), spec).unwrap();
+        let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
+        let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+        (dir, model)
+    }
+
+    fn max_abs(a: &Tensor) -> f32 {
+        a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// max |a - b| relative to max |b|.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-6)
+    }
+
+    const IDS: [u32; 40] = [
+        72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10, 1, 2, 3, 200, 201, 202, 50, 60, 70, 80, 90, 100, 110,
+        120, 130, 140, 150, 160, 170, 180, 190, 5, 6, 7, 8, 9, 255,
+    ];
+
+    /// The logits of every position, fed all at once (matmul attention path: 40 * 2 rows > 64).
+    fn reference(model: &Model) -> Tensor {
+        model.forward_all(&IDS, &mut model.new_cache()).unwrap()
+    }
+
+    #[test]
+    fn incremental_and_block_decoding_match_the_full_pass() {
+        for spec in [
+            TinySpec::default(),
+            TinySpec { family: Family::Qwen2, kv_heads: 4, tie_embeddings: false, ..TinySpec::default() },
+            TinySpec { kv_heads: 1, ..TinySpec::default() },
+        ] {
+            let (_d, model) = load(spec);
+            let full = reference(&model);
+            // One token at a time (fused attention, seq = 1).
+            let mut cache = model.new_cache();
+            for (i, &id) in IDS.iter().enumerate() {
+                let l = model.forward_last(&[id], &mut cache).unwrap();
+                let d = max_abs_diff(&l, &full.get(i).unwrap());
+                assert!(d < 5e-5, "{spec:?}: position {i}: {d}");
+            }
+            // Blocks of 7 (fused attention with a causal mask inside the block).
+            let mut cache = model.new_cache();
+            let mut parts = Vec::new();
+            for chunk in IDS.chunks(7) {
+                parts.push(model.forward_all(chunk, &mut cache).unwrap());
+            }
+            let d = max_abs_diff(&Tensor::cat(&parts, 0).unwrap(), &full);
+            assert!(d < 5e-5, "{spec:?}: blocks: {d}");
+        }
+    }
+
+    #[test]
+    fn rollback_forgets_rejected_positions() {
+        let (_d, model) = load(TinySpec::default());
+        let full = reference(&model);
+        let mut cache = model.new_cache();
+        model.forward_all(&IDS[..20], &mut cache).unwrap();
+        // Feed 5 wrong "drafts", then roll back and feed the right tokens.
+        model.forward_all(&[9, 9, 9, 9, 9], &mut cache).unwrap();
+        assert_eq!(cache.len(), 25);
+        cache.truncate(20);
+        let l = model.forward_all(&IDS[20..], &mut cache).unwrap();
+        let d = max_abs_diff(&l, &full.narrow(0, 20, 20).unwrap());
+        assert!(d < 5e-5, "{d}");
+    }
+
+    #[test]
+    fn positions_must_follow_the_cache() {
+        let (_d, model) = load(TinySpec::default());
+        let mut cache = model.new_cache();
+        let x = model.embedder.embed_ids(&IDS[..3]).unwrap();
+        let err = model.layers.forward(&x, 2, &mut cache).unwrap_err().to_string();
+        assert!(err.contains("does not follow the cache"), "{err}");
+        assert!(model.embedder.embed_ids(&[100_000]).is_err());
+    }
+
+    #[test]
+    fn differentiable_ops_match_fused_ops_and_have_gradients() {
+        let (_d, model) = load(TinySpec::default());
+        let full = reference(&model);
+        let diff = Model {
+            layers: model.layers.clone().with_ops(Ops::Differentiable),
+            head: model.head.clone().with_ops(Ops::Differentiable),
+            ..model.clone()
+        };
+        let mut cache = diff.new_cache();
+        let l = diff.forward_all(&IDS, &mut cache).unwrap();
+        let d = max_abs_diff(&l, &full);
+        assert!(d < 5e-5, "{d}");
+
+        // A gradient flows from the logits back to the input hidden states.
+        let x = candle_core::Var::from_tensor(&model.embedder.embed_ids(&IDS[..8]).unwrap()).unwrap();
+        let y = diff.layers.forward(x.as_tensor(), 0, &mut diff.new_cache()).unwrap();
+        let loss = diff.head.forward(&y).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).expect("gradient for the input");
+        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn layer_ranges_compose_to_the_whole_model() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), TinySpec::default()).unwrap();
+        let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
+        let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+        let vb = loaded.weights.var_builder(DType::F32, &Device::Cpu).unwrap();
+        let rope = Arc::new(Rope::new(&loaded.config, DType::F32, &Device::Cpu).unwrap());
+        let stacks: Vec<LayerStack> =
+            [0..1, 1..4, 4..6].into_iter().map(|r| LayerStack::load(&vb, &loaded.config, r, rope.clone()).unwrap()).collect();
+        let mut caches: Vec<StackCache> = stacks.iter().map(LayerStack::new_cache).collect();
+        let mut x = model.embedder.embed_ids(&IDS).unwrap();
+        for (s, c) in stacks.iter().zip(caches.iter_mut()) {
+            x = s.forward(&x, 0, c).unwrap();
+        }
+        let l = model.head.forward(&x).unwrap().squeeze(0).unwrap();
+        assert!(max_abs_diff(&l, &reference(&model)) < 1e-5);
+        assert!(LayerStack::load(&vb, &loaded.config, 4..7, rope).is_err());
     }
 }
