@@ -33,15 +33,33 @@ impl Conversation {
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
     pub conversations: Vec<Conversation>,
-    /// Records that were JSON but not a conversation (no turns, unknown shape).
+    /// Records that were JSON but not a conversation (unknown shape).
     pub skipped_malformed: usize,
     /// Whether the file ended inside a record (that record is skipped).
     pub truncated: bool,
 }
 
 impl LoadReport {
+    /// Records not returned: malformed ones and the one cut off by truncation.
     pub fn skipped(&self) -> usize {
         self.skipped_malformed + usize::from(self.truncated)
+    }
+
+    /// Conversations without any turn (complete records, kept; nothing to prompt with).
+    pub fn empty(&self) -> usize {
+        self.conversations.iter().filter(|c| c.turns.is_empty()).count()
+    }
+
+    /// One line for users: what was loaded and skipped.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} conversations ({} without turns); skipped {} ({} malformed{})",
+            self.conversations.len(),
+            self.empty(),
+            self.skipped(),
+            self.skipped_malformed,
+            if self.truncated { ", 1 cut off where the file ends mid-record" } else { "" }
+        )
     }
 }
 
@@ -102,7 +120,7 @@ pub fn parse_sharegpt(bytes: &[u8], path: &Path) -> Result<LoadReport> {
             Some(Ok(value)) => {
                 i += stream.byte_offset();
                 match serde_json::from_value::<RawRecord>(value) {
-                    Ok(r) if !r.conversations.is_empty() => report.conversations.push(Conversation {
+                    Ok(r) => report.conversations.push(Conversation {
                         id: match r.id {
                             Some(serde_json::Value::String(s)) => s,
                             Some(v) => v.to_string(),
@@ -110,7 +128,7 @@ pub fn parse_sharegpt(bytes: &[u8], path: &Path) -> Result<LoadReport> {
                         },
                         turns: r.conversations.into_iter().map(|t| Turn { role: role_of(&t.from), text: t.value }).collect(),
                     }),
-                    _ => report.skipped_malformed += 1,
+                    Err(_) => report.skipped_malformed += 1,
                 }
             }
             Some(Err(e)) if e.is_eof() => {
@@ -143,12 +161,15 @@ mod tests {
     fn recovers_complete_records_of_a_truncated_file() {
         let text = br#"[{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
             {"id": "b", "conversations": []},
+            {"id": "d", "conversations": "not a list"},
             {"id": "c", "conversations": [{"from": "human", "value": "cut of"#;
         let r = parse_sharegpt(text, Path::new("x.json")).unwrap();
-        assert_eq!(r.conversations.len(), 1);
+        assert_eq!(r.conversations.len(), 2);
         assert_eq!(r.conversations[0].first_prompt(), Some("hi"));
         assert_eq!(r.conversations[0].turns[1].role, "assistant");
+        assert_eq!((r.empty(), r.conversations[1].first_prompt()), (1, None));
         assert_eq!((r.skipped_malformed, r.truncated, r.skipped()), (1, true, 2));
+        assert!(r.summary().contains("cut off"), "{}", r.summary());
     }
 
     #[test]

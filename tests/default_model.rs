@@ -1,0 +1,181 @@
+//! Integration tests on the real default model, SmolLM2-135M-Instruct (GGUF, from
+//! `recipes/fetch-assets.sh`). They fail when the assets are missing: run the recipe first.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use hat::generate::{generate, Decoder, LocalSplitDecoder, ModelDecoder, SamplingParams};
+use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
+use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
+use hat::tokenizer::Message;
+
+fn gguf_path() -> PathBuf {
+    let p = std::env::var("HAT_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
+        // Tests run in the package root; assets_dir() is relative to it unless HAT_ASSETS is set.
+        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        base.join(assets_dir()).join(DEFAULT_ASSET_GGUF)
+    });
+    assert!(p.is_file(), "the default model is missing at {}: run recipes/fetch-assets.sh", p.display());
+    p
+}
+
+fn model() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| LoadedModel::load(&ModelSpec::Gguf(gguf_path())).expect("load the default model"))
+}
+
+#[test]
+fn split_reproduces_the_unsplit_model_to_the_last_logit() {
+    let loaded = model();
+    assert_eq!(loaded.config.num_hidden_layers, 30);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("split");
+    let plan = SplitPlan::new(30, 2, 2).unwrap();
+    write_split(loaded, &plan, &out, DType::F32, false, &indicatif::ProgressBar::hidden()).unwrap();
+    let device = DeviceBundle::load(&out.join("device"), &Device::Cpu).unwrap();
+    let cloud = CloudBundle::load(&out.join("cloud"), &Device::Cpu).unwrap();
+    let reference = loaded.model(DType::F32, &Device::Cpu).unwrap();
+
+    let ids = device.tokenizer.encode_prompt("Explain in two sentences why the sky is blue.", true).unwrap();
+    assert_eq!(ids, loaded.tokenizer.encode_prompt("Explain in two sentences why the sky is blue.", true).unwrap());
+    let want = reference.forward_all(&ids, &mut reference.new_cache()).unwrap();
+    let got = LocalSplitDecoder::new(&device, &cloud).unwrap().feed_all(&ids).unwrap();
+    let delta = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(delta <= 1e-4, "max |Δ logits| = {delta}");
+
+    let greedy = SamplingParams::greedy();
+    let eos = &device.tokenizer.eos_token_ids;
+    let run = |d: &mut dyn FnMut(&[u32]) -> hat::Result<Tensor>| -> Vec<u32> {
+        struct Dyn<'a>(&'a mut dyn FnMut(&[u32]) -> hat::Result<Tensor>, usize);
+        impl Decoder for Dyn<'_> {
+            fn feed(&mut self, ids: &[u32]) -> hat::Result<Tensor> {
+                self.1 += ids.len();
+                (self.0)(ids)
+            }
+            fn position(&self) -> usize {
+                self.1
+            }
+            fn max_positions(&self) -> usize {
+                8192
+            }
+            fn reset(&mut self) {}
+        }
+        // No EOS stop: always 32 tokens.
+        generate(&mut Dyn(d, 0), &ids, 32, &greedy, &[], |_| Ok(())).unwrap().token_ids
+    };
+    let mut whole = ModelDecoder::new(&reference);
+    let mut split = LocalSplitDecoder::new(&device, &cloud).unwrap();
+    let a = run(&mut |x| whole.feed(x));
+    let b = run(&mut |x| split.feed(x));
+    assert_eq!(a.len(), 32);
+    assert_eq!(a, b, "greedy tokens differ");
+    let text = device.tokenizer.decode(&a, true).unwrap();
+    assert!(text.to_lowercase().contains("light") || text.to_lowercase().contains("scatter"), "{text}");
+    let _ = eos;
+}
+
+#[test]
+fn gguf_tokenizer_round_trips() {
+    let tok = &model().tokenizer;
+    for text in [
+        "Hello, world!",
+        "naïve café — Straße, 東京, Привет, 🚀🦀",
+        "1234567890 and 3.14159 and 2024-11-21",
+        "  leading,   multiple   spaces\n\ttabs\r\nand\n\n\nnewlines  ",
+        "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+        "fn main() { println!(\"{}\", x + 1); }",
+    ] {
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), text, "{ids:?}");
+    }
+    // Special tokens are single ids; digits are split one by one (SmolLM's pre-tokenizer).
+    assert_eq!(tok.encode("<|im_start|>").unwrap(), [1]);
+    assert_eq!(tok.encode("<|im_end|>").unwrap(), [2]);
+    assert_eq!(tok.encode("<|endoftext|>").unwrap(), [0]);
+    assert_eq!(tok.encode("2024").unwrap().len(), 4);
+    assert_eq!(tok.encode(" hello world").unwrap().len(), 2);
+    assert_eq!(tok.eos_token_ids, [2]);
+    assert_eq!(tok.vocab_size(), 49152);
+}
+
+#[test]
+fn chat_template_renders_like_the_model_expects() {
+    let tok = &model().tokenizer;
+    let tmpl = tok.chat_template.as_ref().expect("the GGUF carries a chat template");
+    let text = tmpl.render(&[Message::user("What is 2+2?")], true).unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let with_system = tmpl
+        .render(&[Message { role: "system".into(), content: "Be brief.".into() }, Message::user("Hi")], false)
+        .unwrap();
+    assert_eq!(with_system, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
+    let ids = tok.encode_prompt("What is 2+2?", true).unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(tok.decode(&ids, false).unwrap(), text);
+    assert_eq!(tok.encode_prompt("What is 2+2?", false).unwrap(), tok.encode("What is 2+2?").unwrap());
+}
+
+#[test]
+fn greedy_generation_answers_and_stops_at_eos() {
+    let loaded = model();
+    let m = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let ids = loaded.tokenizer.encode_prompt("What is the capital of France?", true).unwrap();
+    let r = generate(&mut ModelDecoder::new(&m), &ids, 64, &SamplingParams::greedy(), &loaded.tokenizer.eos_token_ids, |_| Ok(())).unwrap();
+    let text = loaded.tokenizer.decode(&r.token_ids, true).unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(r.stop_reason, hat::generate::StopReason::Eos);
+    assert_eq!(r.token_ids.last(), Some(&2));
+
+    // Sampling is deterministic per seed and differs across seeds.
+    let s = |seed| {
+        let p = SamplingParams { temperature: 1.0, top_p: Some(0.95), top_k: None, seed };
+        generate(&mut ModelDecoder::new(&m), &ids, 24, &p, &[], |_| Ok(())).unwrap().token_ids
+    };
+    assert_eq!(s(1), s(1));
+    assert_ne!(s(1), s(2));
+}
+
+#[test]
+fn split_validation_errors_are_clear() {
+    let loaded = model();
+    for (k1, k2, needle) in [(0, 2, "--input-layers"), (2, 0, "--output-layers"), (15, 15, "less than the model's 30 layers"), (29, 1, "less than")] {
+        let err = SplitPlan::new(30, k1, k2).unwrap_err().to_string();
+        assert!(err.contains(needle), "K1={k1} K2={k2}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A non-empty --out without --force.
+    std::fs::write(dir.path().join("x"), "x").unwrap();
+    let err = write_split(loaded, &SplitPlan::new(30, 2, 2).unwrap(), dir.path(), DType::F32, false, &indicatif::ProgressBar::hidden())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not empty"), "{err}");
+    // A corrupt (truncated) GGUF and an unreadable model.
+    let bytes = std::fs::read(gguf_path()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = LoadedModel::load(&ModelSpec::parse(cut.to_str().unwrap()).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("cut.gguf") && err.contains("corrupt"), "{err}");
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a gguf file").unwrap();
+    let err = LoadedModel::load(&ModelSpec::parse(junk.to_str().unwrap()).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("not a readable GGUF file"), "{err}");
+    let err = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("no config.json"), "{err}");
+}
+
+#[test]
+fn truncated_sharegpt_recovers_every_complete_conversation() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(assets_dir())
+        .join("sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json");
+    assert!(path.is_file(), "ShareGPT is missing at {}: run recipes/fetch-assets.sh", path.display());
+    let r = hat::dataset::load_sharegpt(&path).unwrap();
+    assert_eq!(r.conversations.len(), 17_671);
+    assert!(r.truncated);
+    assert_eq!((r.skipped(), r.skipped_malformed, r.empty()), (1, 0, 126));
+    assert!(r.conversations.iter().filter_map(|c| c.first_prompt()).count() > 17_000);
+}
