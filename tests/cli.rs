@@ -1,0 +1,119 @@
+//! The `hat` binary as a user meets it: help, errors, JSON output, the hub cache.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use hat::testing::{tiny_model, TinySpec};
+
+fn hat(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hat"));
+    c.args(args).env("HAT_NO_PROGRESS", "1").env_remove("HAT_MODEL");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().expect("run hat")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_subcommand() {
+    let o = hat(&["--help"], &[]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["split", "train-adapter", "profile", "serve-cloud", "run-edge", "generate"] {
+        assert!(text.contains(cmd), "{cmd} missing from --help");
+    }
+}
+
+#[test]
+fn unbuilt_subcommands_refuse_clearly() {
+    for cmd in ["train-adapter", "profile", "serve-cloud", "run-edge"] {
+        let o = hat(&[cmd, "--bundle", "x"], &[]);
+        assert!(!o.status.success(), "{cmd} must exit non-zero");
+        assert!(stderr(&o).contains("not implemented yet"), "{cmd}: {}", stderr(&o));
+        assert!(o.stdout.is_empty(), "{cmd} printed output");
+    }
+}
+
+#[test]
+fn generate_json_and_split_on_a_tiny_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
+    let m = model.to_str().unwrap();
+    let o = hat(&["generate", "--model", m, "--prompt", "hi", "--max-tokens", "5", "--json"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    for key in ["text", "token_ids", "prompt_tokens", "generated_tokens", "ttft_ms", "tbt_ms", "tokens_per_s"] {
+        assert!(v.get(key).is_some(), "missing {key}: {v}");
+    }
+    let n = v["generated_tokens"].as_u64().unwrap();
+    assert!((1..=5).contains(&n));
+    assert_eq!(v["token_ids"].as_array().unwrap().len() as u64, n);
+
+    let out = dir.path().join("split");
+    let o = hat(&["split", "--model", m, "--input-layers", "1", "--output-layers", "1", "--out", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("split id"));
+    // Again without --force: refused, with a non-zero exit.
+    let o = hat(&["split", "--model", m, "--out", out.to_str().unwrap()], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    for (k1, k2) in [("0", "1"), ("1", "0"), ("3", "3")] {
+        let o = hat(&["split", "--model", m, "--input-layers", k1, "--output-layers", k2, "--out", dir.path().join("x").to_str().unwrap()], &[]);
+        assert!(!o.status.success() && stderr(&o).contains("error: "), "{k1}/{k2}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let cases: &[&[&str]] = &[
+        &["generate", "--model", "/no/such/model.gguf", "--prompt", "x"],
+        &["generate", "--model", "not a hub id", "--prompt", "x"],
+        &["generate", "--model", "x/y", "--prompt", "x", "--temperature", "-1"],
+        &["generate", "--model", "x/y", "--prompt-file", "/no/such/prompt.txt"],
+    ];
+    for args in cases {
+        let o = hat(args, &[("HF_HUB_OFFLINE", "1")]);
+        assert!(!o.status.success(), "{args:?}");
+        let e = stderr(&o);
+        assert!(e.starts_with("error: ") && !e.contains("panicked"), "{args:?}: {e}");
+    }
+}
+
+/// Lays out a hub cache entry the way hf-hub does: blobs, a snapshot and a ref.
+fn fake_hub_cache(home: &Path, repo: &str, model: &Path) {
+    let folder = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));
+    let snapshot = folder.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in std::fs::read_dir(model).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), snapshot.join(f.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), "0123abcd").unwrap();
+}
+
+#[test]
+fn hub_ids_resolve_from_the_cache_when_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
+    let home = dir.path().join("hf");
+    fake_hub_cache(&home, "acme/tiny", &model);
+    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let o = hat(&["generate", "--model", "acme/tiny", "--prompt", "hi", "--max-tokens", "3", "--json"], &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("loaded acme/tiny"));
+    // Not cached, offline: a clear error naming the cache and the variable.
+    let o = hat(&["generate", "--model", "acme/missing", "--prompt", "hi"], &env);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("acme/missing"), "{e}");
+    // `hat download --out` copies the cached files into a model folder.
+    let out = dir.path().join("copy");
+    let o = hat(&["download", "--model", "acme/tiny", "--out", out.to_str().unwrap()], &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("model.safetensors").exists() && out.join("tokenizer.json").exists());
+}
