@@ -78,6 +78,7 @@ fn main() -> anyhow::Result<()> {
     prompt.truncate(prompt_len);
 
     let (mut hp, mut hd, mut cp, mut cd) = (vec![], vec![], vec![], vec![]);
+    let (mut rp, mut rd) = (vec![], vec![]);
     eprintln!("{repeats} alternating runs of each engine: {prompt_len}-token prefill + {decode} decode steps");
     for r in 0..=repeats {
         let mut cache = hat_model.new_cache();
@@ -93,6 +94,8 @@ fn main() -> anyhow::Result<()> {
             "run {r}: hat {:.0} / {:.1} tok/s, candle {:.0} / {:.1} tok/s (prefill / decode)",
             h.prefill_tok_s, h.decode_tok_s, c.prefill_tok_s, c.decode_tok_s
         );
+        rp.push(h.prefill_tok_s / c.prefill_tok_s);
+        rd.push(h.decode_tok_s / c.decode_tok_s);
         hp.push(h.prefill_tok_s);
         hd.push(h.decode_tok_s);
         cp.push(c.prefill_tok_s);
@@ -103,6 +106,7 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|");
     println!("| hat (f32) | {hp:.0} | {hd:.1} |");
     println!("| candle quantized_llama (dequantized f32) | {cp:.0} | {cd:.1} |");
-    println!("| ratio hat / candle | {:.2}x | {:.2}x |", hp / cp, hd / cd);
+    println!("| ratio of medians hat / candle | {:.2}x | {:.2}x |", hp / cp, hd / cd);
+    println!("| median of paired per-run ratios | {:.2}x | {:.2}x |", median(&mut rp), median(&mut rd));
     Ok(())
 }

@@ -11,11 +11,11 @@
 //! - [`tokenizer`]: tokenizers, chat templates, streaming detokenization;
 //! - [`model`]: the splittable engine (embedding, layer ranges with KV caches, head);
 //! - [`cache`]: the truncatable KV cache;
+//! - [`kernels`]: fused CPU kernels for short-block attention and SwiGLU;
 //! - [`split`]: plans, manifests and the device/cloud bundles;
 //! - [`generate`]: sampling and the decoding loop;
 //! - [`dataset`]: conversation data sets (ShareGPT, truncated files included).
 
-pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod dataset;
@@ -23,6 +23,7 @@ pub mod digest;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod source;

@@ -111,6 +111,31 @@ fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm> {
     Ok(RmsNorm::new(vb.get(cfg.hidden_size, "weight")?, cfg.rms_norm_eps))
 }
 
+/// How a block of queries is kept from seeing later positions; decided once per forward pass
+/// for all layers of a stack.
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    /// One query: it sees every cached position.
+    None,
+    /// The fused CPU kernel applies the causal mask itself.
+    FusedCausal,
+    /// Added to the scores: `(n_rep * seq, pos + seq)`, from [`causal_mask`].
+    Additive(Tensor),
+}
+
+impl AttentionMask {
+    /// The mask for `seq` queries after `pos` cached positions, for queries like `x`.
+    pub fn causal(x: &Tensor, seq: usize, pos: usize, n_rep: usize, ops: Ops) -> Result<Self> {
+        if ops == Ops::Fused && crate::kernels::is_cpu_f32(x) && n_rep * seq <= crate::kernels::MAX_FUSED_ROWS {
+            Ok(Self::FusedCausal)
+        } else if seq == 1 {
+            Ok(Self::None)
+        } else {
+            Ok(Self::Additive(causal_mask(seq, pos, n_rep, x.dtype(), x.device())?))
+        }
+    }
+}
+
 /// Causal mask for `seq` new positions after `pos` cached ones, repeated for the `n_rep` query
 /// heads that share a key/value head: `(n_rep * seq, pos + seq)`, 0 where visible, -inf elsewhere.
 fn causal_mask(seq: usize, pos: usize, n_rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -164,7 +189,7 @@ impl Attention {
     }
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
-    fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = self.qkv_proj.forward(x)?; // (b, seq, (nh + 2 * nkv) * hd)
@@ -184,20 +209,20 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = if ops == Ops::Fused && crate::attention::fused_applies(&q, n_rep * seq) {
-            crate::attention::causal_attention(&q, &k, &v, seq, scale as f32)?
-        } else {
-            let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = if seq > 1 {
-                att.broadcast_add(&causal_mask(seq, pos, n_rep, att.dtype(), att.device())?)?
-            } else {
-                att
-            };
-            let att = match ops {
-                Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-                Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
-            };
-            att.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
+        let y = match mask {
+            AttentionMask::FusedCausal => crate::kernels::causal_attention(&q, &k, &v, seq, scale as f32)?,
+            AttentionMask::None | AttentionMask::Additive(_) => {
+                let att = (q.matmul(&k.t()?)? * scale)?;
+                let att = match mask {
+                    AttentionMask::Additive(m) => att.broadcast_add(m)?,
+                    _ => att,
+                };
+                let att = match ops {
+                    Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
+                    Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
+                };
+                att.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
+            }
         };
         let y = y.reshape((b, nh, seq, hd))?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
         Ok(self.o_proj.forward(&y)?)
@@ -223,11 +248,15 @@ impl Mlp {
     }
 
     /// `down(silu(gate(x)) * up(x))`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
         let gate_up = self.gate_up_proj.forward(x)?;
-        let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
-        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        let h = if ops == Ops::Fused && crate::kernels::is_cpu_f32(&gate_up) {
+            crate::kernels::swiglu(&gate_up)?
+        } else {
+            let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
+            (gate * gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
+        };
+        Ok(self.down_proj.forward(&h)?)
     }
 }
 
@@ -254,11 +283,11 @@ impl DecoderLayer {
     }
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → same shape.
-    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
         let h = rms_norm(&self.input_layernorm, x, self.eps, ops)?;
-        let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops)?)?;
+        let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops, mask)?)?;
         let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        Ok((&x + self.mlp.forward(&h, ops)?)?)
     }
 }
 
@@ -359,9 +388,12 @@ impl LayerStack {
         if needed > self.rope.max_positions() {
             return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
         }
+        let Some(first) = self.layers.first() else { return Ok(x.clone()) };
+        let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
+        let mask = AttentionMask::causal(x, x.dim(1)?, pos, n_rep, self.ops)?;
         let mut x = x.clone();
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, pos, &self.rope, c, self.ops)?;
+            x = layer.forward(&x, pos, &self.rope, c, self.ops, &mask)?;
         }
         Ok(x)
     }

@@ -1,13 +1,22 @@
-//! Fused causal attention on CPU for short query blocks (decode steps, draft blocks).
+//! Small fused CPU kernels where candle's generic ops lose to dispatch overhead or strided access.
+//! Inference only (no backward): training uses [`crate::model::Ops::Differentiable`], which never
+//! comes here.
+//!
+//! ## Causal attention for short query blocks (decode steps, draft blocks)
 //!
 //! For a handful of query rows, candle's batched matmul + softmax + matmul costs ~100 µs per
-//! layer in thread-pool dispatch alone, far more than the arithmetic. This op computes
-//! `softmax(q kᵀ · scale + causal mask) v` row by row in one pass, reading K/V straight from the
-//! (strided) cache views. Each row is computed the same way whatever the block size, so a token's
-//! result does not depend on how many tokens were fed with it. Inference only: no backward
-//! (training uses [`crate::model::Ops::Differentiable`], which never comes here).
+//! layer in thread-pool dispatch alone, far more than the arithmetic. [`causal_attention`]
+//! computes `softmax(q kᵀ · scale + causal mask) v` row by row in one pass, reading K/V straight
+//! from the (strided) cache views. Each row is computed the same way whatever the block size, so a
+//! token's result does not depend on how many tokens were fed with it.
+//!
+//! ## SwiGLU on the fused gate/up projection
+//!
+//! The MLP's gate and up projections run as one matmul whose output is `[gate | up]` along the
+//! last axis; [`swiglu`] reads both halves and writes `silu(gate) * up` contiguously in one pass
+//! (candle's unary/binary ops on the two strided halves cost ~3× more).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Query rows up to which [`causal_attention`] is used instead of matmuls.
@@ -94,7 +103,50 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, scale: f
     q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale })
 }
 
-/// Whether the fused op applies: f32 on CPU and a short block.
-pub fn fused_applies(q: &Tensor, rows: usize) -> bool {
-    q.device().is_cpu() && q.dtype() == candle_core::DType::F32 && rows <= MAX_FUSED_ROWS
+/// Whether a tensor is f32 on the CPU (where these kernels run).
+pub fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SwiGlu;
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "hat-swiglu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else { candle_core::bail!("hat-swiglu: f32 only") };
+        if !l.is_contiguous() {
+            candle_core::bail!("hat-swiglu: input must be contiguous")
+        }
+        let dims = l.dims();
+        let two_i = dims[dims.len() - 1];
+        if two_i % 2 != 0 {
+            candle_core::bail!("hat-swiglu: last dim {two_i} is odd")
+        }
+        let i = two_i / 2;
+        let x = &x[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let mut out = vec![0f32; x.len() / 2];
+        let row = |(o, r): (&mut [f32], &[f32])| {
+            let (gate, up) = r.split_at(i);
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
+        };
+        if out.len() > 1 << 15 {
+            out.par_chunks_mut(i).zip(x.par_chunks(two_i)).for_each(row);
+        } else {
+            out.chunks_mut(i).zip(x.chunks(two_i)).for_each(row);
+        }
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = i;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `silu(x[..., :I]) * x[..., I:]` for `x` of shape `(..., 2I)` (contiguous, f32, CPU) → `(..., I)`.
+pub fn swiglu(x: &Tensor) -> Result<Tensor> {
+    x.apply_op1_no_bwd(&SwiGlu)
 }
