@@ -3,6 +3,8 @@
 mod download;
 mod generate;
 mod pending;
+mod run_edge;
+mod serve_cloud;
 mod split;
 
 use clap::{Parser, Subcommand};
@@ -26,8 +28,8 @@ enum Command {
     Split(split::Args),
     TrainAdapter(pending::TrainAdapterArgs),
     Profile(pending::ProfileArgs),
-    ServeCloud(pending::ServeCloudArgs),
-    RunEdge(pending::RunEdgeArgs),
+    ServeCloud(serve_cloud::Args),
+    RunEdge(run_edge::Args),
     Download(download::Args),
 }
 
@@ -39,8 +41,8 @@ fn main() -> std::process::ExitCode {
         Command::Download(a) => download::run(a),
         Command::TrainAdapter(a) => pending::run("train-adapter", &a.args),
         Command::Profile(a) => pending::run("profile", &a.args),
-        Command::ServeCloud(a) => pending::run("serve-cloud", &a.args),
-        Command::RunEdge(a) => pending::run("run-edge", &a.args),
+        Command::ServeCloud(a) => serve_cloud::run(a),
+        Command::RunEdge(a) => run_edge::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -83,5 +85,103 @@ impl ModelArgs {
             t.elapsed().as_secs_f64()
         );
         Ok(model)
+    }
+}
+
+/// The prompt, from the command line or a file.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PromptArgs {
+    /// The prompt (a user message when the chat template applies).
+    #[arg(long, short = 'p', conflicts_with = "prompt_file", required_unless_present = "prompt_file")]
+    pub prompt: Option<String>,
+
+    /// Read the prompt from a file ('-' for stdin).
+    #[arg(long)]
+    pub prompt_file: Option<std::path::PathBuf>,
+
+    /// Feed the prompt as raw text instead of through the model's chat template.
+    #[arg(long)]
+    pub no_chat_template: bool,
+}
+
+impl PromptArgs {
+    /// Reads `--prompt` or `--prompt-file`.
+    pub fn read(&self) -> anyhow::Result<String> {
+        use anyhow::Context;
+        match (&self.prompt, &self.prompt_file) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(f)) if f.as_os_str() == "-" => {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("cannot read the prompt from stdin")?;
+                Ok(s)
+            }
+            (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read --prompt-file {}", f.display())),
+            (None, None) => anyhow::bail!("give a prompt with --prompt or --prompt-file"),
+        }
+    }
+}
+
+/// How many tokens and how to pick them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 = greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+
+    /// Nucleus sampling: sample from the smallest set of tokens with this total probability.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+
+    /// Sample from the k most likely tokens only.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+
+    /// Random seed for sampling (the same seed gives the same output).
+    #[arg(long, default_value_t = 299_792_458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> anyhow::Result<hat::generate::SamplingParams> {
+        if self.max_tokens == 0 {
+            anyhow::bail!("--max-tokens must be at least 1");
+        }
+        let p = hat::generate::SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+/// Streams generated text to stdout as tokens arrive (nothing when `quiet`).
+pub struct Streamer<'a> {
+    stream: hat::tokenizer::TextStream<'a>,
+    quiet: bool,
+}
+
+impl<'a> Streamer<'a> {
+    pub fn new(tokenizer: &'a hat::tokenizer::HatTokenizer, quiet: bool) -> Self {
+        Self { stream: hat::tokenizer::TextStream::new(tokenizer), quiet }
+    }
+
+    pub fn push(&mut self, id: u32) -> hat::Result<()> {
+        use std::io::Write;
+        if let (Some(piece), false) = (self.stream.push(id)?, self.quiet) {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{piece}");
+            let _ = out.flush();
+        }
+        Ok(())
+    }
+
+    /// Prints what was held back and a final newline.
+    pub fn finish(mut self) -> hat::Result<()> {
+        if !self.quiet {
+            println!("{}", self.stream.finish()?.unwrap_or_default());
+        }
+        Ok(())
     }
 }

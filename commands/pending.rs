@@ -15,8 +15,6 @@ macro_rules! pending_args {
 
 pending_args!(TrainAdapterArgs, "Train the device's draft adapter by distillation (not implemented yet)");
 pending_args!(ProfileArgs, "Profile device, cloud and link to choose chunk sizes (not implemented yet)");
-pending_args!(ServeCloudArgs, "Serve a cloud bundle's middle layers over QUIC (not implemented yet)");
-pending_args!(RunEdgeArgs, "Run a device bundle against a hat cloud over QUIC (not implemented yet)");
 
 pub fn run(name: &str, _args: &[String]) -> anyhow::Result<()> {
     anyhow::bail!("`hat {name}` is not implemented yet")

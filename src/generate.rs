@@ -6,7 +6,6 @@
 use std::time::Instant;
 
 use candle_core::Tensor;
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -141,22 +140,6 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
-
-    /// candle-transformers' sampler for these settings.
-    pub fn logits_processor(&self) -> LogitsProcessor {
-        let sampling = if self.is_greedy() {
-            Sampling::ArgMax
-        } else {
-            let temperature = self.temperature;
-            match (self.top_k, self.top_p) {
-                (None, None) => Sampling::All { temperature },
-                (Some(k), None) => Sampling::TopK { k, temperature },
-                (None, Some(p)) => Sampling::TopP { p, temperature },
-                (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-            }
-        };
-        LogitsProcessor::from_sampling(self.seed, sampling)
-    }
 }
 
 /// Why generation stopped.
@@ -206,7 +189,7 @@ pub fn generate<D: Decoder>(
     if decoder.position() + prompt.len() >= limit {
         return Err(Error::ContextTooLong { needed: decoder.position() + prompt.len() + 1, limit });
     }
-    let mut sampler = sampling.logits_processor();
+    let mut sampler = crate::sampling::Sampler::new(*sampling)?;
     let mut tokens = Vec::with_capacity(max_tokens);
     let start = Instant::now();
     let mut first_at = None;
@@ -214,7 +197,7 @@ pub fn generate<D: Decoder>(
     let mut stop_reason = StopReason::MaxTokens;
     let mut logits = if max_tokens > 0 { Some(decoder.feed(prompt)?) } else { None };
     while let Some(l) = logits.take() {
-        let next = sampler.sample(&l)?;
+        let next = sampler.select(&l)?;
         last_at = Instant::now();
         first_at.get_or_insert(last_at);
         tokens.push(next);

@@ -16,20 +16,27 @@
 //! - [`generate`]: sampling and the decoding loop;
 //! - [`dataset`]: conversation data sets (ShareGPT, truncated files included).
 
+pub mod adapter;
 pub mod cache;
+pub mod cloud;
 pub mod config;
 pub mod dataset;
 pub mod digest;
+pub mod edge;
 pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod kernels;
+pub mod link;
 pub mod model;
 pub mod progress;
+pub mod protocol;
+pub mod sampling;
 pub mod source;
 pub mod split;
 #[doc(hidden)]
 pub mod testing;
+pub mod tls;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -295,12 +295,14 @@ impl DecoderLayer {
 #[derive(Debug, Clone, Default)]
 pub struct StackCache {
     layers: Vec<KvCache>,
+    /// Positions held (tracked here too, so that a stack of zero layers follows positions).
+    len: usize,
 }
 
 impl StackCache {
     /// Positions held.
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::len)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -310,11 +312,13 @@ impl StackCache {
     /// Rolls back to the first `len` positions (e.g. after rejected drafts).
     pub fn truncate(&mut self, len: usize) {
         self.layers.iter_mut().for_each(|c| c.truncate(len));
+        self.len = self.len.min(len);
     }
 
     /// Forgets every position and frees the memory.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(KvCache::clear);
+        self.len = 0;
     }
 }
 
@@ -369,7 +373,7 @@ impl LayerStack {
 
     /// An empty cache for this stack.
     pub fn new_cache(&self) -> StackCache {
-        StackCache { layers: vec![KvCache::new(); self.layers.len()] }
+        StackCache { layers: vec![KvCache::new(); self.layers.len()], len: 0 }
     }
 
     /// Runs `x`, `(batch, seq, hidden)`, the hidden states of positions `pos..pos + seq`, through
@@ -388,14 +392,24 @@ impl LayerStack {
         if needed > self.rope.max_positions() {
             return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
         }
-        let Some(first) = self.layers.first() else { return Ok(x.clone()) };
-        let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
-        let mask = AttentionMask::causal(x, x.dim(1)?, pos, n_rep, self.ops)?;
-        let mut x = x.clone();
-        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, pos, &self.rope, c, self.ops, &mask)?;
+        let mut h = x.clone();
+        if let Some(first) = self.layers.first() {
+            let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
+            let run = |h: &mut Tensor, caches: &mut [KvCache]| -> Result<()> {
+                let mask = AttentionMask::causal(h, h.dim(1)?, pos, n_rep, self.ops)?;
+                for (layer, c) in self.layers.iter().zip(caches.iter_mut()) {
+                    *h = layer.forward(h, pos, &self.rope, c, self.ops, &mask)?;
+                }
+                Ok(())
+            };
+            if let Err(e) = run(&mut h, &mut cache.layers) {
+                // Keep every layer's cache at `pos`, as if this call never happened.
+                cache.layers.iter_mut().for_each(|c| c.truncate(pos));
+                return Err(e);
+            }
         }
-        Ok(x)
+        cache.len = needed;
+        Ok(h)
     }
 }
 

@@ -1,0 +1,164 @@
+//! `hat run-edge`: the device side, against a `hat serve-cloud`.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use hat::adapter::Adapter;
+use hat::edge::{EdgeOptions, Mode};
+use hat::link::{ConnectOptions, LinkEmulation, QuicLink};
+use hat::protocol::WireDtype;
+use hat::split::DeviceBundle;
+use hat::tls::Trust;
+
+use crate::{PromptArgs, SamplingArgs, Streamer};
+
+/// Generate with a device bundle, the middle layers running on a hat cloud over QUIC.
+///
+/// Only hidden states (and positions and counts) cross the network: the prompt, token ids,
+/// logits and probabilities stay here. In --mode hat (default) the on-device SLM drafts up to
+/// --draft-len tokens that the cloud verifies in one round trip; --mode u-shape is the baseline
+/// (one round trip per token). Prompts are sent in chunks of --chunk-size positions so that
+/// device compute, link and cloud compute overlap. --json prints one JSON object with the text,
+/// timings (ttft_ms, tbt_ms), rounds, mean_accepted, acceptance_rate, bytes_up/bytes_down and a
+/// breakdown of device compute, cloud compute and network wait.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The device bundle (DIR/device from `hat split`).
+    #[arg(long)]
+    pub bundle: PathBuf,
+
+    /// The cloud's address, host:port.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub cloud: String,
+
+    /// Pin the cloud's certificate by its fingerprint (sha256:<hex>, printed by serve-cloud).
+    #[arg(long, conflicts_with = "cloud_cert", required_unless_present = "cloud_cert")]
+    pub cloud_fingerprint: Option<String>,
+
+    /// Trust the cloud's certificate file (DER or PEM; serve-cloud keeps it in its state dir).
+    #[arg(long)]
+    pub cloud_cert: Option<PathBuf>,
+
+    /// Shared secret the cloud asks for (also $HAT_TOKEN).
+    #[arg(long, env = "HAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// hat: speculative decoding with the on-device SLM; u-shape: no drafting (baseline).
+    #[arg(long, default_value = "hat", value_parser = ["hat", "u-shape"])]
+    pub mode: String,
+
+    /// The draft adapter: a file from `hat train-adapter`, or `none` (untrained: the SLM skips
+    /// the middle; still lossless, fewer drafts accepted).
+    #[arg(long, default_value = "none")]
+    pub adapter: String,
+
+    /// γ: most tokens drafted per round trip.
+    #[arg(long, default_value_t = 4)]
+    pub draft_len: usize,
+
+    /// Prompt positions per prefill chunk; 0 = the whole prompt at once. Default: 64 in hat
+    /// mode, 0 (no chunking) in u-shape mode.
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
+
+    /// How hidden states are encoded on the wire.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+    pub wire_dtype: String,
+
+    /// Emulated uplink rate, Mbit/s (emulation on this side of a real connection).
+    #[arg(long)]
+    pub link_up_mbps: Option<f64>,
+
+    /// Emulated downlink rate, Mbit/s.
+    #[arg(long)]
+    pub link_down_mbps: Option<f64>,
+
+    /// Emulated round-trip propagation delay, ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub link_rtt_ms: f64,
+
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let prompt = args.prompt.read()?;
+    let sampling = args.sampling.params()?;
+    let mode = if args.mode == "u-shape" { Mode::UShape } else { Mode::Hat };
+    let wire = WireDtype::parse(&args.wire_dtype)?;
+    let emulation = LinkEmulation { up_mbps: args.link_up_mbps, down_mbps: args.link_down_mbps, rtt_ms: args.link_rtt_ms };
+    emulation.validate()?;
+    let trust = match (&args.cloud_fingerprint, &args.cloud_cert) {
+        (Some(fp), _) => Trust::Fingerprint(hat::tls::parse_fingerprint(fp)?),
+        (None, Some(cert)) => Trust::CertFile(cert.clone()),
+        (None, None) => anyhow::bail!("give --cloud-fingerprint or --cloud-cert"),
+    };
+    let addr = args
+        .cloud
+        .to_socket_addrs()
+        .with_context(|| format!("--cloud {}: not a host:port", args.cloud))?
+        .next()
+        .with_context(|| format!("--cloud {}: no address", args.cloud))?;
+
+    let device = candle_core::Device::Cpu;
+    let bundle = DeviceBundle::load(&args.bundle, &device)?;
+    let adapter = match args.adapter.as_str() {
+        "none" => Adapter::none(bundle.rope.clone()),
+        path => Adapter::load(std::path::Path::new(path), &bundle.manifest, bundle.rope.clone(), &device)?,
+    };
+    let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
+    let mut link = QuicLink::connect(ConnectOptions {
+        addr,
+        trust,
+        token: args.token.clone(),
+        split_id: bundle.manifest.split_id.clone(),
+        hidden_size: bundle.manifest.hidden_size,
+        dtype: wire,
+        emulation,
+        tap: None,
+    })?;
+    let opts = EdgeOptions {
+        mode,
+        draft_len: args.draft_len,
+        chunk_size: args.chunk_size.unwrap_or(if mode == Mode::Hat { 64 } else { 0 }),
+        sampling,
+        max_tokens: args.sampling.max_tokens,
+        max_context: link.max_context,
+    };
+    let mut out = Streamer::new(&bundle.tokenizer, args.json);
+    let report = hat::edge::generate(&bundle, &adapter, &mut link, &ids, &opts, |id| out.push(id))?;
+    out.finish()?;
+    drop(link);
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["text"] = bundle.tokenizer.decode(&report.token_ids, true)?.into();
+        v["wire_dtype"] = wire.name().into();
+        v["draft_len"] = opts.draft_len.into();
+        v["chunk_size"] = opts.chunk_size.into();
+        v["adapter"] = args.adapter.clone().into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        eprintln!(
+            "hat-edge: {:?}: {} prompt tokens, {} generated; TTFT {:.1} ms, TBT {:.2} ms; {} rounds, {:.2} tokens/round, {:.0}% drafts accepted; {:.1} KiB up, {:.1} KiB down",
+            report.mode,
+            report.prompt_tokens,
+            report.generated_tokens,
+            report.ttft_ms,
+            report.tbt_ms,
+            report.rounds,
+            report.mean_accepted,
+            report.acceptance_rate * 100.0,
+            report.bytes_up as f64 / 1024.0,
+            report.bytes_down as f64 / 1024.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `hat serve-cloud`: serve a cloud bundle's middle layers over QUIC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hat::cloud::{CloudConfig, CloudServer};
+use hat::split::CloudBundle;
+
+/// Serve the middle layers of a split over QUIC (TLS 1.3, ALPN hat/1).
+///
+/// On first start a self-signed certificate is generated and kept in --state-dir; the server
+/// prints its fingerprint (`fingerprint sha256:<hex>`), which edges pin with
+/// --cloud-fingerprint (or they trust the certificate file, STATE_DIR/cert.der, with
+/// --cloud-cert). Each edge session gets its own middle-layer KV cache, freed when the session
+/// ends or idles out. Stop with Ctrl-C.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The cloud bundle (DIR/cloud from `hat split`).
+    #[arg(long)]
+    pub bundle: PathBuf,
+
+    /// Address to listen on (UDP).
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    pub listen: SocketAddr,
+
+    /// Where the certificate and key are kept across restarts.
+    #[arg(long, env = "HAT_STATE_DIR", default_value = ".hat-cloud")]
+    pub state_dir: PathBuf,
+
+    /// Shared secret every edge must present (also $HAT_TOKEN).
+    #[arg(long, env = "HAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Most edge sessions at once; more are refused.
+    #[arg(long, default_value_t = 16)]
+    pub max_sessions: usize,
+
+    /// Most positions (prompt + generated) one session may hold.
+    #[arg(long, default_value_t = 8192)]
+    pub max_context: usize,
+
+    /// Close sessions that send nothing for this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout_s: u64,
+
+    /// Where to compute: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = hat::source::select_device(&args.device)?;
+    let bundle = Arc::new(CloudBundle::load(&args.bundle, &device)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let m = &bundle.manifest;
+        let config = CloudConfig {
+            listen: args.listen,
+            state_dir: args.state_dir.clone(),
+            token: args.token.clone(),
+            max_sessions: args.max_sessions,
+            max_context: args.max_context,
+            idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
+        };
+        let server = CloudServer::bind(bundle.clone(), config)?;
+        let r = m.plan.middle_range();
+        eprintln!(
+            "hat-cloud: serving split {} of {} (layers [{}, {})) with {} on the wire as the edge chooses",
+            m.split_id, m.source.name, r.start, r.end, "f16/bf16/f32"
+        );
+        // Machine-readable lines on stdout for scripts.
+        println!("listening {}", server.local_addr()?);
+        println!("fingerprint {}", server.fingerprint());
+        let endpoint = server.endpoint();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("hat-cloud: stopping");
+            endpoint.close(0u32.into(), b"server stopping");
+        });
+        server.serve().await?;
+        Ok::<_, anyhow::Error>(())
+    })
+}

@@ -1,0 +1,391 @@
+//! The wire protocol between `hat run-edge` and `hat serve-cloud` (ALPN `hat/1`).
+//!
+//! One long-lived bidirectional QUIC stream per session carries length-prefixed frames:
+//! `u32 length (LE) | u8 kind | body`. Every frame is checked against explicit size limits, and
+//! hidden-state frames against the session's hidden size and dtype. What crosses the network is
+//! exactly: the handshake (protocol version, split id, token, hidden size, wire dtype), hidden
+//! states with their start position and count, and errors. Never token ids, text, logits or
+//! probabilities.
+//!
+//! A `Hidden` frame for positions `start..start + count` tells the cloud to truncate its cache to
+//! `start` first: that is how it learns how many drafted positions were accepted, with no extra
+//! round trip.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+pub const ALPN: &[u8] = b"hat/1";
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame either side accepts (bytes, kind byte included).
+pub const MAX_FRAME: usize = 256 << 20;
+/// Longest string field (split id, token, error message).
+const MAX_STR: usize = 4096;
+
+/// How hidden states are encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl WireDtype {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::BF16),
+            o => Err(Error::invalid(format!("wire dtype '{o}': expected f16, bf16 or f32"))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::BF16 => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Result<Self> {
+        match c {
+            0 => Ok(Self::F32),
+            1 => Ok(Self::F16),
+            2 => Ok(Self::BF16),
+            o => Err(malformed(format!("unknown dtype code {o}"))),
+        }
+    }
+
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+
+    /// Rounds `x` as the wire would (identity for f32).
+    pub fn round_trip(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::F32 => x.clone(),
+            _ => x.to_dtype(self.dtype())?.to_dtype(x.dtype())?,
+        })
+    }
+}
+
+/// Error codes of [`Message::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    BadRequest = 1,
+    VersionMismatch = 2,
+    SplitMismatch = 3,
+    Unauthorized = 4,
+    Busy = 5,
+    ContextTooLong = 6,
+    Internal = 7,
+    IdleTimeout = 8,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Self {
+        match v {
+            2 => Self::VersionMismatch,
+            3 => Self::SplitMismatch,
+            4 => Self::Unauthorized,
+            5 => Self::Busy,
+            6 => Self::ContextTooLong,
+            7 => Self::Internal,
+            8 => Self::IdleTimeout,
+            _ => Self::BadRequest,
+        }
+    }
+}
+
+/// Hidden states of `count` consecutive positions starting at `start`, as bytes in a wire dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenBlock {
+    pub start: u32,
+    pub count: u32,
+    pub dtype: WireDtype,
+    /// `count * hidden * dtype.size()` bytes, little endian, row-major `(count, hidden)`.
+    pub data: Vec<u8>,
+}
+
+impl HiddenBlock {
+    /// Encodes `x`, `(1, count, hidden)`, for positions from `start`.
+    pub fn from_tensor(x: &Tensor, start: usize, dtype: WireDtype) -> Result<Self> {
+        let (_, count, _) = x.dims3()?;
+        let flat = x.flatten_all()?;
+        let data: Vec<u8> = match dtype {
+            WireDtype::F32 => flat.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            WireDtype::F16 => flat.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            WireDtype::BF16 => flat.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        Ok(Self { start: start as u32, count: count as u32, dtype, data })
+    }
+
+    /// Decodes to an f32 tensor `(1, count, hidden)`.
+    pub fn to_tensor(&self, hidden: usize, device: &Device) -> Result<Tensor> {
+        self.check(hidden, self.dtype)?;
+        let n = self.count as usize;
+        let d = &self.data;
+        let values: Vec<f32> = match self.dtype {
+            WireDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            WireDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            WireDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        };
+        Ok(Tensor::from_vec(values, (1, n, hidden), device)?)
+    }
+
+    /// Checks count, dtype and payload size against the session's settings.
+    pub fn check(&self, hidden: usize, dtype: WireDtype) -> Result<()> {
+        if self.count == 0 {
+            return Err(malformed("hidden block with no positions"));
+        }
+        if self.dtype != dtype {
+            return Err(malformed(format!("hidden block in {} but the session uses {}", self.dtype.name(), dtype.name())));
+        }
+        let want = self.count as usize * hidden * dtype.size();
+        if self.data.len() != want {
+            return Err(malformed(format!(
+                "hidden block of {} positions has {} bytes, expected {want} (hidden size {hidden})",
+                self.count,
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Edge → cloud, first frame of a session.
+    Hello { version: u16, split_id: String, token: String, hidden_size: u32, dtype: WireDtype },
+    /// Cloud → edge: the session is open.
+    Welcome { session: u64, max_context: u32, middle_start: u32, middle_end: u32 },
+    /// Edge → cloud: run the middle layers on these positions (after truncating to `start`).
+    Hidden(HiddenBlock),
+    /// Cloud → edge: the middle layers' output for a `Hidden` block, and the compute time.
+    Middle { block: HiddenBlock, compute_us: u64 },
+    /// Either way: the request failed.
+    Error { code: ErrorCode, message: String },
+    /// Edge → cloud: the session ends.
+    Close,
+}
+
+/// Kind bytes (public so tests can classify raw frames).
+pub mod kind {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const HIDDEN: u8 = 3;
+    pub const MIDDLE: u8 = 4;
+    pub const ERROR: u8 = 5;
+    pub const CLOSE: u8 = 6;
+}
+
+fn malformed(msg: impl std::fmt::Display) -> Error {
+    Error::InvalidInput(format!("malformed frame: {msg}"))
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let b = &s.as_bytes()[..s.len().min(MAX_STR)];
+    out.extend((b.len() as u16).to_le_bytes());
+    out.extend(b);
+}
+
+fn put_block(out: &mut Vec<u8>, b: &HiddenBlock) {
+    out.extend(b.start.to_le_bytes());
+    out.extend(b.count.to_le_bytes());
+    out.push(b.dtype.code());
+    out.extend(&b.data);
+}
+
+/// A cursor over a frame body that fails cleanly on short input.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.b.len() < n {
+            return Err(malformed("frame ends early"));
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| malformed("u64"))?))
+    }
+    fn str(&mut self) -> Result<String> {
+        let n = self.u16()? as usize;
+        if n > MAX_STR {
+            return Err(malformed("string too long"));
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| malformed("string is not UTF-8"))
+    }
+    fn block(&mut self) -> Result<HiddenBlock> {
+        let start = self.u32()?;
+        let count = self.u32()?;
+        let dtype = WireDtype::from_code(self.u8()?)?;
+        let data = self.take(self.b.len())?.to_vec();
+        Ok(HiddenBlock { start, count, dtype, data })
+    }
+    fn end(&self) -> Result<()> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(format!("{} trailing bytes", self.b.len())))
+        }
+    }
+}
+
+impl Message {
+    /// The frame body: kind byte and fields (without the length prefix).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Message::Hello { version, split_id, token, hidden_size, dtype } => {
+                out.push(kind::HELLO);
+                out.extend(version.to_le_bytes());
+                put_str(&mut out, split_id);
+                put_str(&mut out, token);
+                out.extend(hidden_size.to_le_bytes());
+                out.push(dtype.code());
+            }
+            Message::Welcome { session, max_context, middle_start, middle_end } => {
+                out.push(kind::WELCOME);
+                out.extend(session.to_le_bytes());
+                out.extend(max_context.to_le_bytes());
+                out.extend(middle_start.to_le_bytes());
+                out.extend(middle_end.to_le_bytes());
+            }
+            Message::Hidden(b) => {
+                out.push(kind::HIDDEN);
+                put_block(&mut out, b);
+            }
+            Message::Middle { block, compute_us } => {
+                out.push(kind::MIDDLE);
+                out.extend(compute_us.to_le_bytes());
+                put_block(&mut out, block);
+            }
+            Message::Error { code, message } => {
+                out.push(kind::ERROR);
+                out.extend((*code as u16).to_le_bytes());
+                put_str(&mut out, message);
+            }
+            Message::Close => out.push(kind::CLOSE),
+        }
+        out
+    }
+
+    /// Parses a frame body.
+    pub fn decode(body: &[u8]) -> Result<Self> {
+        let mut r = Reader { b: body };
+        let msg = match r.u8()? {
+            kind::HELLO => Message::Hello {
+                version: r.u16()?,
+                split_id: r.str()?,
+                token: r.str()?,
+                hidden_size: r.u32()?,
+                dtype: WireDtype::from_code(r.u8()?)?,
+            },
+            kind::WELCOME => Message::Welcome { session: r.u64()?, max_context: r.u32()?, middle_start: r.u32()?, middle_end: r.u32()? },
+            kind::HIDDEN => Message::Hidden(r.block()?),
+            kind::MIDDLE => {
+                let compute_us = r.u64()?;
+                Message::Middle { compute_us, block: r.block()? }
+            }
+            kind::ERROR => Message::Error { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
+            kind::CLOSE => Message::Close,
+            k => return Err(malformed(format!("unknown frame kind {k}"))),
+        };
+        r.end()?;
+        Ok(msg)
+    }
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<()> {
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend((body.len() as u32).to_le_bytes());
+    buf.extend(body);
+    send.write_all(&buf).await.map_err(|e| Error::invalid(format!("connection lost while sending: {e}")))
+}
+
+/// Reads one length-prefixed frame body; `Ok(None)` at a clean end of stream.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(Error::invalid(format!("connection lost while receiving: {e}"))),
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n == 0 || n > max {
+        return Err(malformed(format!("frame of {n} bytes (limit {max})")));
+    }
+    let mut body = vec![0u8; n];
+    recv.read_exact(&mut body).await.map_err(|e| Error::invalid(format!("connection lost mid-frame: {e}")))?;
+    Ok(Some(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let x = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((1, 3, 4)).unwrap();
+        for dtype in [WireDtype::F32, WireDtype::F16, WireDtype::BF16] {
+            let block = HiddenBlock::from_tensor(&x, 7, dtype).unwrap();
+            assert_eq!(block.data.len(), 12 * dtype.size());
+            let back = block.to_tensor(4, &Device::Cpu).unwrap();
+            assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert!(block.to_tensor(5, &Device::Cpu).is_err(), "hidden size is checked");
+            for m in [Message::Hidden(block.clone()), Message::Middle { block: block.clone(), compute_us: 9 }] {
+                assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+            }
+        }
+        let hello = Message::Hello { version: 1, split_id: "abc".into(), token: "t".into(), hidden_size: 576, dtype: WireDtype::F16 };
+        assert_eq!(Message::decode(&hello.encode()).unwrap(), hello);
+        let err = Message::Error { code: ErrorCode::Busy, message: "full".into() };
+        assert_eq!(Message::decode(&err.encode()).unwrap(), err);
+        assert!(Message::decode(&[]).is_err());
+        assert!(Message::decode(&[99]).is_err());
+        assert!(Message::decode(&[kind::HELLO, 1]).is_err());
+        let mut long = Message::Close.encode();
+        long.push(0);
+        assert!(Message::decode(&long).is_err());
+    }
+}
