@@ -6,6 +6,7 @@ mod pending;
 mod run_edge;
 mod serve_cloud;
 mod split;
+mod train_adapter;
 
 use clap::{Parser, Subcommand};
 
@@ -26,7 +27,7 @@ struct Cli {
 enum Command {
     Generate(generate::Args),
     Split(split::Args),
-    TrainAdapter(pending::TrainAdapterArgs),
+    TrainAdapter(train_adapter::Args),
     Profile(pending::ProfileArgs),
     ServeCloud(serve_cloud::Args),
     RunEdge(run_edge::Args),
@@ -39,7 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Split(a) => split::run(a),
         Command::Download(a) => download::run(a),
-        Command::TrainAdapter(a) => pending::run("train-adapter", &a.args),
+        Command::TrainAdapter(a) => train_adapter::run(a),
         Command::Profile(a) => pending::run("profile", &a.args),
         Command::ServeCloud(a) => serve_cloud::run(a),
         Command::RunEdge(a) => run_edge::run(a),

@@ -13,7 +13,6 @@ macro_rules! pending_args {
     };
 }
 
-pending_args!(TrainAdapterArgs, "Train the device's draft adapter by distillation (not implemented yet)");
 pending_args!(ProfileArgs, "Profile device, cloud and link to choose chunk sizes (not implemented yet)");
 
 pub fn run(name: &str, _args: &[String]) -> anyhow::Result<()> {

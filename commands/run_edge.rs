@@ -54,9 +54,10 @@ pub struct Args {
     #[arg(long, default_value = "hat", value_parser = ["hat", "u-shape"])]
     pub mode: String,
 
-    /// The draft adapter: a file from `hat train-adapter`, or `none` (untrained: the SLM skips
-    /// the middle; still lossless, fewer drafts accepted).
-    #[arg(long, default_value = "none")]
+    /// The draft adapter: a file from `hat train-adapter`; `none` (untrained: the SLM skips the
+    /// middle; still lossless, fewer drafts accepted); or `auto`: the adapter shipped for this
+    /// split in adapters/<split id>.safetensors ($HAT_ADAPTERS) if there is one, else none.
+    #[arg(long, default_value = "auto")]
     pub adapter: String,
 
     /// γ: most tokens drafted per round trip.
@@ -110,10 +111,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let device = candle_core::Device::Cpu;
     let bundle = DeviceBundle::load(&args.bundle, &device)?;
-    let adapter = match args.adapter.as_str() {
-        "none" => Adapter::none(bundle.rope.clone()),
-        path => Adapter::load(std::path::Path::new(path), &bundle.manifest, bundle.rope.clone(), &device)?,
+    let shipped = hat::adapter::default_adapter_path(&bundle.manifest);
+    let adapter_path = match args.adapter.as_str() {
+        "none" => None,
+        "auto" => shipped.exists().then_some(shipped),
+        path => Some(PathBuf::from(path)),
     };
+    let adapter = match &adapter_path {
+        None => Adapter::none(bundle.rope.clone()),
+        Some(path) => Adapter::load(path, &bundle.manifest, bundle.rope.clone(), &device)?,
+    };
+    let adapter_name = adapter_path.as_ref().map_or("none".to_string(), |p| p.display().to_string());
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
     let mut link = QuicLink::connect(ConnectOptions {
         addr,
@@ -143,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         v["wire_dtype"] = wire.name().into();
         v["draft_len"] = opts.draft_len.into();
         v["chunk_size"] = opts.chunk_size.into();
-        v["adapter"] = args.adapter.clone().into();
+        v["adapter"] = adapter_name.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         eprintln!(

@@ -18,6 +18,13 @@ use crate::split::Manifest;
 
 pub const FORMAT: &str = "hat-adapter/1";
 
+/// Where a shipped default adapter for a split lives: `adapters/<split id>.safetensors` in the
+/// repository (or `$HAT_ADAPTERS`).
+pub fn default_adapter_path(manifest: &Manifest) -> std::path::PathBuf {
+    let dir = std::env::var_os("HAT_ADAPTERS").map(std::path::PathBuf::from).unwrap_or_else(|| std::path::PathBuf::from("adapters"));
+    dir.join(format!("{}.safetensors", manifest.split_id))
+}
+
 /// A loaded adapter.
 #[derive(Debug, Clone)]
 pub struct Adapter {

@@ -43,6 +43,14 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Views of the cached keys and values, `(batch, kv_heads, len, head_dim)`, if any.
+    pub fn current(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match &self.storage {
+            Some((k, v)) if self.len > 0 => Ok(Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?))),
+            _ => Ok(None),
+        }
+    }
+
     /// Appends `k`, `v` of shape `(batch, kv_heads, new, head_dim)` and returns views of the whole
     /// cache, `(batch, kv_heads, len + new, head_dim)`.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -153,6 +153,73 @@ pub fn load_sharegpt(path: &Path) -> Result<LoadReport> {
     parse_sharegpt(&bytes, path)
 }
 
+/// Loads conversations from any supported file, by content:
+/// - ShareGPT JSON (a list; truncated files recovered, see [`parse_sharegpt`]);
+/// - JSONL, one object a line: a ShareGPT record (`conversations`), or `{"prompt", "response"?}`,
+///   or `{"text"}` (a prompt);
+/// - plain text: prompts separated by blank lines.
+pub fn load_conversations(path: &Path) -> Result<LoadReport> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
+    match first {
+        Some(b'[') => parse_sharegpt(&bytes, path),
+        Some(b'{') => parse_jsonl(&bytes, path),
+        Some(_) => {
+            let text = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "text data set is not UTF-8"))?;
+            let conversations = text
+                .split("\n\n")
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .enumerate()
+                .map(|(i, p)| Conversation { id: format!("#{i}"), turns: vec![Turn { role: "user".into(), text: p.to_string() }] })
+                .collect();
+            Ok(LoadReport { conversations, ..Default::default() })
+        }
+        None => Err(Error::bad_file(path, "the data set is empty")),
+    }
+}
+
+fn parse_jsonl(bytes: &[u8], path: &Path) -> Result<LoadReport> {
+    let text = std::str::from_utf8(bytes).map_err(|_| Error::bad_file(path, "JSONL data set is not UTF-8"))?;
+    let mut report = LoadReport::default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    for (i, line) in lines.iter().enumerate() {
+        let value: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // A cut-off last line is a truncated file, anything else malformed.
+            Err(e) if e.is_eof() && i + 1 == lines.len() => {
+                report.truncated = true;
+                continue;
+            }
+            Err(_) => {
+                report.skipped_malformed += 1;
+                continue;
+            }
+        };
+        let id = value.get("id").map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).unwrap_or_else(|| format!("#{i}"));
+        let conv = if value.get("conversations").is_some() {
+            serde_json::from_value::<RawRecord>(value).ok().map(|r| Conversation {
+                id: id.clone(),
+                turns: r.conversations.into_iter().map(|t| Turn { role: role_of(&t.from), text: t.value }).collect(),
+            })
+        } else {
+            let prompt = value.get("prompt").or_else(|| value.get("text")).and_then(|v| v.as_str());
+            prompt.map(|p| {
+                let mut turns = vec![Turn { role: "user".into(), text: p.to_string() }];
+                if let Some(r) = value.get("response").and_then(|v| v.as_str()) {
+                    turns.push(Turn { role: "assistant".into(), text: r.to_string() });
+                }
+                Conversation { id: id.clone(), turns }
+            })
+        };
+        match conv {
+            Some(c) => report.conversations.push(c),
+            None => report.skipped_malformed += 1,
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +246,30 @@ mod tests {
         assert_eq!(r.conversations[0].id, "7");
         assert!(parse_sharegpt(b"{}", Path::new("x")).is_err());
         assert!(parse_sharegpt(b"[{\"id\": 1,, }]", Path::new("x")).is_err());
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_and_text_data_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = dir.path().join("d.jsonl");
+        std::fs::write(&jl, "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"text\": \"c\"}\nnot json\n{\"conversations\": [{\"from\": \"human\", \"value\": \"d\"}]}\n{\"prompt\": \"cut").unwrap();
+        let r = load_conversations(&jl).unwrap();
+        assert_eq!(r.conversations.len(), 3);
+        assert_eq!(r.conversations[0].turns.len(), 2);
+        assert_eq!(r.conversations[2].first_prompt(), Some("d"));
+        assert_eq!((r.skipped_malformed, r.truncated), (1, true));
+        let txt = dir.path().join("d.txt");
+        std::fs::write(&txt, "first prompt\nstill first\n\n\nsecond").unwrap();
+        let r = load_conversations(&txt).unwrap();
+        assert_eq!(r.conversations.len(), 2);
+        assert_eq!(r.conversations[0].first_prompt(), Some("first prompt\nstill first"));
+        let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json");
+        let r = load_conversations(&sample).unwrap();
+        assert_eq!((r.conversations.len(), r.truncated), (3, true));
     }
 }

@@ -38,5 +38,6 @@ pub mod split;
 pub mod testing;
 pub mod tls;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -202,7 +202,19 @@ impl Attention {
         let v = heads(nh + nkv, nkv)?;
         let q = rope.apply(&q, pos, ops)?;
         let k = rope.apply(&k, pos, ops)?;
-        let (k, v) = cache.append(&k, &v)?; // (b, nkv, pos + seq, hd)
+        let (k, v) = match ops {
+            Ops::Fused => cache.append(&k, &v)?, // (b, nkv, pos + seq, hd)
+            // The cache writes in place (no gradient): attend to the new K/V themselves, after
+            // the (constant) cached prefix, and keep the cache in step.
+            Ops::Differentiable => {
+                let prefix = cache.current()?;
+                cache.append(&k, &v)?;
+                match prefix {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                }
+            }
+        };
 
         // Grouped-query attention without copying K/V: the n_rep query heads that share a K/V head
         // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
@@ -469,6 +481,16 @@ impl Head {
     pub fn with_ops(mut self, ops: Ops) -> Self {
         self.ops = ops;
         self
+    }
+
+    /// The final norm alone: `(batch, seq, hidden)` → same shape.
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(&self.norm, x, self.eps, self.ops)
+    }
+
+    /// The LM head's weight, `(vocab, hidden)`.
+    pub fn weight(&self) -> &Tensor {
+        self.lm_head.weight()
     }
 
     /// Logits at every position: `(batch, seq, hidden)` → `(batch, seq, vocab)`.

@@ -1,0 +1,211 @@
+//! `hat train-adapter`: distil the draft adapter against the unsplit model.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use hat::split::{CloudBundle, DeviceBundle};
+use hat::train::{split_conversations, AdapterInit, TrainConfig, TrainRun, Trainer};
+
+use crate::ModelArgs;
+
+/// Train the device's draft adapter so the SLM drafts what the cloud would say.
+///
+/// The SLM is input submodel → adapter → output submodel → head; only the adapter trains, by
+/// distilling the model's next-token distribution (soft cross-entropy against the teacher's
+/// top-k) through the frozen output submodel and head, plus an optional per-position-normalised
+/// regression onto the middle layers' output. Needs the whole model (--model, the teacher) and
+/// the split it trains for (--split DIR with device/ and cloud/). Writes ADAPTER (safetensors
+/// with metadata), ADAPTER.report.json (loss curve, evaluations) and ADAPTER.ckpt.* (checkpoint
+/// every --checkpoint-every steps and on Ctrl-C; continue with --resume).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The split to train for (a `hat split` output folder).
+    #[arg(long)]
+    pub split: PathBuf,
+
+    /// Training data: ShareGPT JSON (truncated files too), JSONL of prompts, or a text file of
+    /// prompts separated by blank lines.
+    #[arg(long)]
+    pub dataset: PathBuf,
+
+    /// The adapter file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Decoder layers in the adapter.
+    #[arg(long, default_value_t = 1)]
+    pub adapter_layers: usize,
+
+    /// Initial weights: middle (copies of middle layers, evenly spaced), layer:N, or identity.
+    #[arg(long, default_value = "middle")]
+    pub init: String,
+
+    /// Optimiser steps (also the length of the learning-rate schedule).
+    #[arg(long, default_value_t = 400)]
+    pub steps: usize,
+
+    /// Stop after this many minutes (checkpoint and adapter are written).
+    #[arg(long)]
+    pub time_budget: Option<f64>,
+
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+
+    /// Tokens per training sequence, at most.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+
+    /// Peak learning rate (AdamW; linear warm-up, cosine decay to a tenth).
+    #[arg(long, default_value_t = 3e-4)]
+    pub lr: f64,
+
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+
+    /// Clip gradients to this global norm.
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Evaluate on the held-out split every N steps (and at the start and end).
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+
+    /// Continue from ADAPTER's checkpoint (same settings; --steps and --time-budget may change).
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Conversations held out for evaluation, never trained on.
+    #[arg(long, default_value_t = 16)]
+    pub held_out: usize,
+
+    /// Training conversations used, at most.
+    #[arg(long, default_value_t = 600)]
+    pub max_conversations: usize,
+
+    /// Teacher tokens kept per position (its top-k distribution).
+    #[arg(long, default_value_t = 64)]
+    pub teacher_top_k: usize,
+
+    /// Negative tokens per step for the sampled softmax (0 = exact softmax over the whole
+    /// vocabulary: ~20× slower on the default model).
+    #[arg(long, default_value_t = 1024)]
+    pub negatives: usize,
+
+    /// Weight of the per-position-normalised feature regression onto the middle layers' output.
+    #[arg(long, default_value_t = 0.0)]
+    pub feature_weight: f64,
+
+    /// Replace the data set's replies by the model's own (greedy, this many tokens), cached in
+    /// ADAPTER.selfdistill.jsonl.
+    #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "128")]
+    pub self_distill: Option<usize>,
+
+    /// Held-out prompts and generated tokens per evaluation of the acceptance.
+    #[arg(long, default_value_t = 6)]
+    pub eval_prompts: usize,
+
+    #[arg(long, default_value_t = 48)]
+    pub eval_tokens: usize,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = TrainConfig {
+        adapter_layers: args.adapter_layers,
+        init: AdapterInit::parse(&args.init)?,
+        steps: args.steps,
+        time_budget_s: args.time_budget.map(|m| m * 60.0),
+        batch_size: args.batch_size,
+        seq_len: args.seq_len,
+        lr: args.lr,
+        warmup: args.warmup,
+        weight_decay: args.weight_decay,
+        clip: args.clip,
+        seed: args.seed,
+        eval_every: args.eval_every,
+        checkpoint_every: args.checkpoint_every,
+        held_out: args.held_out,
+        max_conversations: args.max_conversations,
+        teacher_top_k: args.teacher_top_k,
+        negatives: args.negatives,
+        feature_weight: args.feature_weight,
+        eval_prompts: args.eval_prompts,
+        eval_tokens: args.eval_tokens,
+        eval_draft_len: 4,
+        self_distill_tokens: args.self_distill.unwrap_or(0),
+    };
+    config.validate()?;
+    let cpu = candle_core::Device::Cpu;
+    let device = DeviceBundle::load(&args.split.join("device"), &cpu)?;
+    let cloud = CloudBundle::load(&args.split.join("cloud"), &cpu)?;
+    let loaded = args.model.load()?;
+    let hash = loaded.content_hash()?;
+    if hash != device.manifest.source.content_hash {
+        anyhow::bail!(
+            "--model {} is not the model split in {} (content hash {hash} vs {}); pass the model the split was made from",
+            loaded.name,
+            args.split.display(),
+            device.manifest.source.content_hash
+        );
+    }
+    let model = loaded.model(candle_core::DType::F32, &cpu)?;
+    let data = hat::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
+    eprintln!("hat: data set {}: {}", args.dataset.display(), data.summary());
+    let (mut train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
+    eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
+    let progress = hat::progress::bar(0, "preparing");
+    if config.self_distill_tokens > 0 {
+        let cache = args.out.with_extension("selfdistill.jsonl");
+        hat::train::self_distill(&model, &device, &mut train, config.self_distill_tokens, &cache, &progress)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\nhat: interrupted; saving a checkpoint (Ctrl-C again to abort)");
+                    flag.store(true, Ordering::Relaxed);
+                    let _ = tokio::signal::ctrl_c().await;
+                    std::process::exit(130);
+                }
+            });
+        }
+    });
+    let report = hat::train::train(TrainRun {
+        trainer: Trainer { model: &model, device: &device, cloud: &cloud, config },
+        weights: loaded.weights.var_builder(candle_core::DType::F32, &cpu)?,
+        train,
+        held_out,
+        out: args.out.clone(),
+        resume: args.resume,
+        stop,
+        stop_at_step: None,
+        progress,
+    })?;
+    let last = report.evals.last();
+    println!(
+        "adapter {} ({} steps, stopped by {}): top-1 agreement {:.1}%, mean accepted {:.2} tokens/round at γ=4; report {}",
+        args.out.display(),
+        report.steps_done,
+        report.stopped_by,
+        last.map_or(0.0, |e| e.top1_agreement * 100.0),
+        last.map_or(0.0, |e| e.mean_accepted),
+        args.out.with_extension("report.json").display()
+    );
+    Ok(())
+}
