@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     // A ~1000-token prompt: chunked prefill at 10 Mbit/s.
-    let long_text = PROMPTS.iter().cycle().take(60).cloned().collect::<Vec<_>>().join(" ");
+    let long_text = PROMPTS.iter().cycle().take(150).cloned().collect::<Vec<_>>().join(" ");
     let mut long = b.device.tokenizer.encode_prompt(&long_text, true)?;
     long.truncate(1000);
     let link = LinkEmulation { up_mbps: Some(10.0), down_mbps: Some(10.0), rtt_ms: 20.0 };

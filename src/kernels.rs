@@ -10,6 +10,16 @@
 //! from the (strided) cache views. Each row is computed the same way whatever the block size, so a
 //! token's result does not depend on how many tokens were fed with it.
 //!
+//! ## Matmuls with few rows (decode steps, draft and verification blocks)
+//!
+//! For `m <= 16` rows, gemm's packing and dispatch make a block of 5 tokens cost ~2× one token,
+//! although reading the weights (memory-bound) is the same work. [`small_m_matmul`] reads each
+//! weight row once and computes its dot products with all `m` rows (AVX2/FMA when the CPU has
+//! it), so verifying γ+1 drafted positions costs about as much as one. Each output element is
+//! computed in the same order whatever `m` is: a token's result does not depend on how many
+//! tokens were fed with it (greedy speculative decoding then reproduces one-by-one decoding
+//! exactly).
+//!
 //! ## SwiGLU on the fused gate/up projection
 //!
 //! The MLP's gate and up projections run as one matmul whose output is `[gate | up]` along the
@@ -103,6 +113,158 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, scale: f
     q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale })
 }
 
+/// Rows up to which [`small_m_matmul`] replaces gemm.
+pub const SMALL_M: usize = 12;
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+#[derive(Debug, Clone, Copy)]
+struct SmallMMatmul;
+
+/// Dot products of one weight row with `m` input rows (`x`: `m * k`), in a fixed order.
+#[inline(always)]
+fn dots_scalar(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let xi = &x[i * k..(i + 1) * k];
+        let mut acc = [0f32; 8];
+        let chunks = k / 8;
+        for c in 0..chunks {
+            for l in 0..8 {
+                acc[l] = w[c * 8 + l].mul_add(xi[c * 8 + l], acc[l]);
+            }
+        }
+        let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for j in chunks * 8..k {
+            sum = w[j].mul_add(xi[j], sum);
+        }
+        *o = sum;
+    }
+}
+
+/// Dot products of one weight row with `G` input rows starting at row `first`, two independent
+/// accumulators per row (chunks of 16). The arithmetic for a row never depends on `G`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_group<const G: usize>(w: &[f32], x: &[f32], k: usize, first: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let pairs = k / 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    let xp = x.as_ptr().add(first * k);
+    for c in 0..pairs {
+        let w0 = _mm256_loadu_ps(w.as_ptr().add(c * 16));
+        let w1 = _mm256_loadu_ps(w.as_ptr().add(c * 16 + 8));
+        for (g, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + c * 16)), a[0]);
+            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(g * k + c * 16 + 8)), a[1]);
+        }
+    }
+    let rest8 = (k - pairs * 16) / 8;
+    if rest8 == 1 {
+        let w0 = _mm256_loadu_ps(w.as_ptr().add(pairs * 16));
+        for (g, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + pairs * 16)), a[0]);
+        }
+    }
+    let tail = pairs * 16 + rest8 * 8;
+    for (g, a) in acc.iter().enumerate() {
+        let v = _mm256_add_ps(a[0], a[1]);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), s4);
+        let mut sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+        for j in tail..k {
+            sum = w[j].mul_add(x[(first + g) * k + j], sum);
+        }
+        out[first + g] = sum;
+    }
+}
+
+/// All `out.len()` rows, in groups of at most four.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+    let m = out.len();
+    let mut i = 0;
+    while i < m {
+        match m - i {
+            1 => dots_group::<1>(w, x, k, i, out),
+            2 => dots_group::<2>(w, x, k, i, out),
+            3 => dots_group::<3>(w, x, k, i, out),
+            _ => dots_group::<4>(w, x, k, i, out),
+        }
+        i += (m - i).min(4);
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl candle_core::CustomOp2 for SmallMMatmul {
+    fn name(&self) -> &'static str {
+        "hat-small-m-matmul"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, lx: &Layout, ws: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else { candle_core::bail!("hat-small-m-matmul: f32 only") };
+        if !lx.is_contiguous() || !lw.is_contiguous() {
+            candle_core::bail!("hat-small-m-matmul: inputs must be contiguous")
+        }
+        let (n, k) = lw.shape().dims2()?;
+        let dims = lx.dims();
+        let m = lx.shape().elem_count() / k;
+        if dims.last() != Some(&k) || m > SMALL_M {
+            candle_core::bail!("hat-small-m-matmul: bad shapes {dims:?} x ({n}, {k})")
+        }
+        let x = &x[lx.start_offset()..lx.start_offset() + m * k];
+        let w = &w[lw.start_offset()..lw.start_offset() + n * k];
+        // Output computed weight-row-major, (n, m), then transposed to (m, n).
+        let mut t = vec![0f32; n * m];
+        let avx = has_avx2_fma();
+        t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, block)| {
+            for (r, out) in block.chunks_mut(m).enumerate() {
+                let j = task * ROWS_PER_TASK + r;
+                let wr = &w[j * k..(j + 1) * k];
+                #[cfg(target_arch = "x86_64")]
+                if avx {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above); slices bound all reads.
+                    unsafe { dots_avx2(wr, x, k, out) };
+                    continue;
+                }
+                let _ = avx;
+                dots_scalar(wr, x, k, out);
+            }
+        });
+        let out = if m == 1 {
+            t
+        } else {
+            let mut o = vec![0f32; m * n];
+            for j in 0..n {
+                for i in 0..m {
+                    o[i * n + j] = t[j * m + i];
+                }
+            }
+            o
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `x · wᵀ` for `x` `(..., k)` with at most [`SMALL_M`] rows and `w` `(n, k)`: `(..., n)`.
+pub fn small_m_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(w, &SmallMMatmul)
+}
+
 /// Whether a tensor is f32 on the CPU (where these kernels run).
 pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
@@ -149,4 +311,33 @@ impl CustomOp1 for SwiGlu {
 /// `silu(x[..., :I]) * x[..., I:]` for `x` of shape `(..., 2I)` (contiguous, f32, CPU) → `(..., I)`.
 pub fn swiglu(x: &Tensor) -> Result<Tensor> {
     x.apply_op1_no_bwd(&SwiGlu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn small_m_matmul_matches_matmul_and_is_row_invariant() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (77, 45), &dev).unwrap(); // k not a multiple of 8
+        let x = Tensor::randn(0f32, 1.0, (1, 9, 45), &dev).unwrap();
+        let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let got = small_m_matmul(&x, &w).unwrap();
+        let d = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-4, "{d}");
+        // Row 4 alone gives bitwise the same result as row 4 inside the block.
+        let alone = small_m_matmul(&x.narrow(1, 4, 1).unwrap(), &w).unwrap();
+        let inside = got.narrow(1, 4, 1).unwrap();
+        assert_eq!(alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), inside.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // The scalar path agrees with the vector path to rounding.
+        let (xv, wv) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let mut out = vec![0f32; 9];
+        dots_scalar(&wv[..45], &xv, 45, &mut out);
+        let col0: Vec<f32> = got.squeeze(0).unwrap().narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in out.iter().zip(&col0) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
 }

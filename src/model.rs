@@ -107,6 +107,21 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
     })
 }
 
+/// A linear layer: the small-m kernel for short blocks on CPU (decode, drafts, verification),
+/// candle-nn's `Linear` (gemm) otherwise and whenever gradients are needed.
+fn project(lin: &Linear, x: &Tensor, ops: Ops) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    if ops == Ops::Fused && rows <= crate::kernels::SMALL_M && crate::kernels::is_cpu_f32(x) && crate::kernels::is_cpu_f32(lin.weight()) {
+        let y = crate::kernels::small_m_matmul(x, lin.weight())?;
+        return Ok(match lin.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    Ok(lin.forward(x)?)
+}
+
 fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm> {
     Ok(RmsNorm::new(vb.get(cfg.hidden_size, "weight")?, cfg.rms_norm_eps))
 }
@@ -192,7 +207,7 @@ impl Attention {
     fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = self.qkv_proj.forward(x)?; // (b, seq, (nh + 2 * nkv) * hd)
+        let qkv = project(&self.qkv_proj, x, ops)?; // (b, seq, (nh + 2 * nkv) * hd)
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -237,7 +252,7 @@ impl Attention {
             }
         };
         let y = y.reshape((b, nh, seq, hd))?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
-        Ok(self.o_proj.forward(&y)?)
+        project(&self.o_proj, &y, ops)
     }
 }
 
@@ -261,14 +276,14 @@ impl Mlp {
 
     /// `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
-        let gate_up = self.gate_up_proj.forward(x)?;
+        let gate_up = project(&self.gate_up_proj, x, ops)?;
         let h = if ops == Ops::Fused && crate::kernels::is_cpu_f32(&gate_up) {
             crate::kernels::swiglu(&gate_up)?
         } else {
             let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
             (gate * gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
         };
-        Ok(self.down_proj.forward(&h)?)
+        project(&self.down_proj, &h, ops)
     }
 }
 
@@ -496,7 +511,7 @@ impl Head {
     /// Logits at every position: `(batch, seq, hidden)` → `(batch, seq, vocab)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
-        Ok(self.lm_head.forward(&x)?)
+        project(&self.lm_head, &x, self.ops)
     }
 
     /// Logits of the last position only: `(batch, seq, hidden)` → `(batch, vocab)`.
