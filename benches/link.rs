@@ -29,6 +29,17 @@ const PROMPTS: [&str; 3] = [
     "What are the main differences between Python and Rust?",
 ];
 
+const WIRE_PROMPTS: [&str; 8] = [
+    "What is the capital of Australia, and why was it chosen?",
+    "Give me three tips for learning to play the guitar.",
+    "Summarise the plot of Romeo and Juliet in four sentences.",
+    "How do vaccines train the immune system?",
+    "Write a haiku about autumn leaves.",
+    "Explain recursion to a ten-year-old.",
+    "What should I pack for a week-long hiking trip?",
+    "Describe the water cycle.",
+];
+
 fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -74,6 +85,7 @@ fn main() -> anyhow::Result<()> {
     write_split(&loaded, &SplitPlan::new(30, 2, 2)?, &out, DType::F32, false, &indicatif::ProgressBar::hidden())?;
     let device = DeviceBundle::load(&out.join("device"), &Device::Cpu)?;
     let cloud = Arc::new(CloudBundle::load(&out.join("cloud"), &Device::Cpu)?);
+    let cloud_middle = cloud.clone();
     let adapter_path = std::env::var("HAT_BENCH_ADAPTER").ok().map(PathBuf::from).or_else(|| {
         let shipped = hat::adapter::default_adapter_path(&device.manifest);
         shipped.exists().then_some(shipped)
@@ -128,6 +140,28 @@ fn main() -> anyhow::Result<()> {
     }
     for (mbps, r) in tbt_ratio {
         println!("TBT hat / u-shape at {mbps:.0} Mbit/s: {r:.2}x");
+    }
+
+    // Half precision on the wire: how often does it change a greedy token? (In-process, u-shape.)
+    let wire_prompts: Vec<Vec<u32>> = WIRE_PROMPTS.iter().map(|p| b.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
+    println!();
+    println!("| wire dtype | prompts identical to f32 (64 tokens) | tokens before first divergence (mean) |");
+    println!("|---|---|---|");
+    let greedy = |dtype: WireDtype, ids: &[u32]| -> anyhow::Result<Vec<u32>> {
+        let mut link = hat::link::LocalMiddle::new(&cloud_middle.middle, dtype);
+        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunk_size: 0, sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192 };
+        Ok(hat::edge::generate(&b.device, &b.adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
+    };
+    let reference: Vec<Vec<u32>> = wire_prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;
+    for dtype in [WireDtype::F16, WireDtype::BF16] {
+        let (mut same, mut prefix) = (0usize, 0usize);
+        for (ids, want) in wire_prompts.iter().zip(&reference) {
+            let got = greedy(dtype, ids)?;
+            same += usize::from(&got == want);
+            prefix += want.iter().zip(&got).take_while(|(a, b)| a == b).count();
+        }
+        println!("| {} | {same}/{} | {:.1} of {:.1} |", dtype.name(), wire_prompts.len(), prefix as f64 / wire_prompts.len() as f64,
+            reference.iter().map(Vec::len).sum::<usize>() as f64 / wire_prompts.len() as f64);
     }
 
     // A ~1000-token prompt: chunked prefill at 10 Mbit/s.

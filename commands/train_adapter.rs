@@ -49,7 +49,8 @@ pub struct Args {
     #[arg(long, default_value_t = 400)]
     pub steps: usize,
 
-    /// Stop after this many minutes (checkpoint and adapter are written).
+    /// Stop after this many minutes (checkpoint and adapter are written); the learning-rate
+    /// schedule ends with the budget when that comes first.
     #[arg(long)]
     pub time_budget: Option<f64>,
 

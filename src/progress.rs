@@ -17,3 +17,12 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// Prints a line above the bar, or to stderr when the bar is hidden (logs, pipes).
+pub fn say(pb: &ProgressBar, line: impl AsRef<str>) {
+    if pb.is_hidden() {
+        eprintln!("{}", line.as_ref());
+    } else {
+        pb.println(line.as_ref());
+    }
+}

@@ -69,7 +69,8 @@ pub struct TrainConfig {
     pub init: AdapterInit,
     /// Length of the learning-rate schedule, and the most steps run.
     pub steps: usize,
-    /// Stop after this long (the schedule still follows `steps`).
+    /// Stop after this long; the learning-rate schedule then ends with the budget if it comes
+    /// before `steps`.
     pub time_budget_s: Option<f64>,
     /// Sequences per step.
     pub batch_size: usize,
@@ -153,13 +154,16 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Learning rate at `step` (0-based): linear warm-up, then cosine decay to a tenth.
-    pub fn lr_at(&self, step: usize) -> f64 {
+    /// Learning rate at `step` (0-based) after `elapsed_s` of training: linear warm-up, then
+    /// cosine decay to a tenth, paced by whichever ends first, `steps` or the time budget.
+    pub fn lr_at(&self, step: usize, elapsed_s: f64) -> f64 {
         if step < self.warmup {
             return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
         let span = (self.steps.saturating_sub(self.warmup)).max(1) as f64;
-        let t = ((step - self.warmup) as f64 / span).min(1.0);
+        let by_steps = (step - self.warmup) as f64 / span;
+        let by_time = self.time_budget_s.map_or(0.0, |b| elapsed_s / b.max(1e-9));
+        let t = by_steps.max(by_time).min(1.0);
         self.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
     }
 }
@@ -693,6 +697,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     let samples: Vec<Sample> = train_ids.iter().map(&mut teach).collect::<Result<_>>()?;
     let held: Vec<Sample> = held_ids.iter().map(&mut teach).collect::<Result<_>>()?;
     let teacher_seconds = started.elapsed().as_secs_f64();
+    crate::progress::say(pb, format!("teacher: {} training and {} held-out sequences in {teacher_seconds:.0} s", train_ids.len(), held_ids.len()));
     let prompts: Vec<Vec<u32>> = run
         .held_out
         .iter()
@@ -741,7 +746,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
         let batch: Vec<&Sample> = order.iter().skip(slot * cfg.batch_size).take(cfg.batch_size).map(|&i| &samples[i]).collect();
 
-        let lr = cfg.lr_at(state.step);
+        let lr = cfg.lr_at(state.step, elapsed(&state));
         let t0 = Instant::now();
         let mut neg_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(0x9e37).wrapping_add(state.step as u64));
         let negatives: Vec<u32> = rand::seq::index::sample(&mut neg_rng, mcfg.vocab_size, cfg.negatives.min(mcfg.vocab_size)).into_iter().map(|i| i as u32).collect();
@@ -769,10 +774,13 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         pb.set_message(format!("loss {loss_v:.3} lr {lr:.1e} {:.0} tok/s", timed_tokens as f64 / clock.elapsed().as_secs_f64().max(1e-9)));
         if state.step % cfg.eval_every == 0 && state.step < cfg.steps {
             let e = evaluate(t, &weights, &held, &prompts, state.step, elapsed(&state))?;
-            pb.println(format!("step {}: top-1 agreement {:.1}%, mean accepted {:.2} tokens/round", e.step, e.top1_agreement * 100.0, e.mean_accepted));
+            crate::progress::say(pb, format!("step {}: top-1 agreement {:.1}%, mean accepted {:.2} tokens/round", e.step, e.top1_agreement * 100.0, e.mean_accepted));
             state.evals.push(e);
         }
         if state.step % cfg.checkpoint_every == 0 {
+            let recent = &state.curve[state.curve.len().saturating_sub(cfg.checkpoint_every)..];
+            let mean = recent.iter().map(|p| p.loss).sum::<f64>() / recent.len().max(1) as f64;
+            crate::progress::say(pb, format!("step {}: mean loss {mean:.3} over the last {} steps, {:.0} s, checkpoint saved", state.step, recent.len(), elapsed(&state)));
             let s = CheckpointState { elapsed_s: elapsed(&state), ..state.clone() };
             save_checkpoint(&run.out, &weights, &opt, &s)?;
         }
