@@ -60,8 +60,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub adapter: String,
 
-    /// γ: most tokens drafted per round trip.
-    #[arg(long, default_value_t = 4)]
+    /// γ: most tokens drafted per round trip. The default, 1, gave the lowest TBT with the
+    /// shipped adapter (README, benchmarks); better adapters want longer drafts.
+    #[arg(long, default_value_t = 1)]
     pub draft_len: usize,
 
     /// Prompt positions per prefill chunk; 0 = the whole prompt at once. Default: 64 in hat
