@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real shaped link on one machine: `hat serve-cloud` and `hat run-edge` in two Linux network
 # namespaces joined by a veth pair, each direction shaped with `tc netem` (rate + delay).
-# Needs root, iproute2 and the sch_netem kernel module. Cleans up after itself.
+# Needs root and iproute2; shapes with the sch_netem kernel module where the kernel has it, else
+# (with a warning) with run-edge's own link emulation over the veth link. Cleans up after itself.
 #
 # Usage: recipes/netns-link.sh [MBIT [RTT_MS]] [-- extra run-edge flags]
 #   e.g. recipes/netns-link.sh 50 20 -- --mode u-shape --json
@@ -34,8 +35,16 @@ ip -n "$cloud_ns" addr add "$cloud_ip/24" dev "vc$$"; ip -n "$edge_ns" addr add 
 for ns in "$cloud_ns" "$edge_ns"; do ip -n "$ns" link set lo up; done
 ip -n "$cloud_ns" link set "vc$$" up; ip -n "$edge_ns" link set "ve$$" up
 # Each side shapes what it sends: the edge's egress is the uplink, the cloud's the downlink.
-ip netns exec "$edge_ns" tc qdisc add dev "ve$$" root netem rate "${mbit}mbit" delay "${half}ms" limit 100000
-ip netns exec "$cloud_ns" tc qdisc add dev "vc$$" root netem rate "${mbit}mbit" delay "${half}ms" limit 100000
+emulate=()
+if ip netns exec "$edge_ns" tc qdisc add dev "ve$$" root netem rate "${mbit}mbit" delay "${half}ms" limit 100000 2>/dev/null \
+  && ip netns exec "$cloud_ns" tc qdisc add dev "vc$$" root netem rate "${mbit}mbit" delay "${half}ms" limit 100000; then
+  shaping="tc netem"
+else
+  # No sch_netem in this kernel: keep the real veth link, shape with hat's own emulation.
+  echo "netns-link: tc netem is not available here; using run-edge's link emulation over the veth link" >&2
+  emulate=(--link-up-mbps "$mbit" --link-down-mbps "$mbit" --link-rtt-ms "$rtt")
+  shaping="run-edge emulation"
+fi
 
 log=$(mktemp)
 ip netns exec "$cloud_ns" "$hat" serve-cloud --bundle "$split/cloud" --listen "$cloud_ip:4433" \
@@ -43,6 +52,7 @@ ip netns exec "$cloud_ns" "$hat" serve-cloud --bundle "$split/cloud" --listen "$
 server=$!
 for _ in $(seq 1 300); do grep -q '^fingerprint ' "$log" && break; sleep 0.1; done
 fingerprint=$(awk '/^fingerprint /{print $2}' "$log")
-echo "netns link: ${mbit} Mbit/s each way, ${rtt} ms RTT (tc netem), cloud at $cloud_ip" >&2
+echo "netns link: ${mbit} Mbit/s each way, ${rtt} ms RTT ($shaping), cloud at $cloud_ip" >&2
 ip netns exec "$edge_ns" "$hat" run-edge --bundle "$split/device" --cloud "$cloud_ip:4433" \
-  --cloud-fingerprint "$fingerprint" --prompt "${HAT_PROMPT:-Explain in three sentences why the sky is blue.}" "$@"
+  --cloud-fingerprint "$fingerprint" --prompt "${HAT_PROMPT:-Explain in three sentences why the sky is blue.}" \
+  "${emulate[@]}" "$@"

@@ -142,3 +142,27 @@ fn corrupt_and_mismatched_adapters_are_refused() {
     assert!(err.contains("not a hat adapter"), "{err}");
     let _ = AdapterInit::parse("layer:x").unwrap_err();
 }
+
+#[test]
+fn self_distillation_replaces_replies_and_caches_them() {
+    let t = tiny();
+    let cpu = Device::Cpu;
+    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
+    let model = t.loaded.model(DType::F32, &cpu).unwrap();
+    let data = hat::dataset::load_conversations(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json")).unwrap();
+    let cache = t.dir.path().join("sd.jsonl");
+    let mut convs = data.conversations.clone();
+    hat::train::self_distill(&model, &device, &mut convs, 5, &cache, &indicatif::ProgressBar::hidden()).unwrap();
+    let lines = std::fs::read_to_string(&cache).unwrap().lines().count();
+    assert_eq!(lines, 3);
+    for (c, orig) in convs.iter().zip(&data.conversations) {
+        assert_eq!(c.first_prompt(), orig.first_prompt());
+        assert_eq!(c.turns.len(), 2);
+        assert_eq!(c.turns[1].role, "assistant");
+    }
+    // A second pass reuses the cache: same replies, nothing appended.
+    let mut again = data.conversations.clone();
+    hat::train::self_distill(&model, &device, &mut again, 5, &cache, &indicatif::ProgressBar::hidden()).unwrap();
+    assert_eq!(std::fs::read_to_string(&cache).unwrap().lines().count(), lines);
+    assert_eq!(again, convs);
+}
