@@ -88,10 +88,8 @@ impl ModelConfig {
             ("head_dim", c.head_dim),
             ("max_position_embeddings", c.max_position_embeddings),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(Error::invalid(format!("model config: {name} must be positive")));
-            }
+        if let Some(name) = crate::error::first_zero(&positive) {
+            return Err(Error::invalid(format!("model config: {name} must be positive")));
         }
         if c.num_attention_heads % c.num_key_value_heads != 0 {
             return Err(Error::invalid(format!(

@@ -63,6 +63,11 @@ impl Error {
     }
 }
 
+/// The name of the first of `fields` that is zero, if any (for "must be positive" checks).
+pub fn first_zero<'a>(fields: &[(&'a str, usize)]) -> Option<&'a str> {
+    fields.iter().find(|(_, v)| *v == 0).map(|(name, _)| *name)
+}
+
 /// Shorthand for `Err(Error::InvalidInput(format!(...)))`.
 #[macro_export]
 macro_rules! bail_input {

@@ -140,10 +140,8 @@ impl TrainConfig {
             ("--eval-every", self.eval_every),
             ("--checkpoint-every", self.checkpoint_every),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(Error::invalid(format!("{name} must be at least 1")));
-            }
+        if let Some(name) = crate::error::first_zero(&positive) {
+            return Err(Error::invalid(format!("{name} must be at least 1")));
         }
         if self.seq_len < 8 {
             return Err(Error::invalid("--seq-len must be at least 8"));
