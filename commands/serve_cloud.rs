@@ -66,10 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let server = CloudServer::bind(bundle.clone(), config)?;
         let r = m.plan.middle_range();
-        eprintln!(
-            "hat-cloud: serving split {} of {} (layers [{}, {})) with {} on the wire as the edge chooses",
-            m.split_id, m.source.name, r.start, r.end, "f16/bf16/f32"
-        );
+        eprintln!("hat-cloud: serving split {} of {} (layers [{}, {}))", m.split_id, m.source.name, r.start, r.end);
         // Machine-readable lines on stdout for scripts.
         println!("listening {}", server.local_addr()?);
         println!("fingerprint {}", server.fingerprint());

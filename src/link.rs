@@ -70,9 +70,9 @@ impl MiddleLink for LocalMiddle<'_> {
         let x = self.dtype.round_trip(hidden)?;
         self.cache.truncate(start);
         let y = self.dtype.round_trip(&self.middle.forward(&x, start, &mut self.cache)?)?;
-        let bytes = (hidden.elem_count() * self.dtype.size() + 18) as u64;
-        self.stats.bytes_up += bytes;
-        self.stats.bytes_down += bytes + 8;
+        let payload = hidden.elem_count() * self.dtype.size();
+        self.stats.bytes_up += (payload + crate::protocol::HIDDEN_FRAME_OVERHEAD) as u64;
+        self.stats.bytes_down += (payload + crate::protocol::MIDDLE_FRAME_OVERHEAD) as u64;
         self.ready.push_back(MiddleReply { start, hidden: y, cloud_compute: t.elapsed() });
         Ok(())
     }

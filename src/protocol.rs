@@ -22,6 +22,11 @@ pub const MAX_FRAME: usize = 256 << 20;
 /// Longest string field (split id, token, error message).
 const MAX_STR: usize = 4096;
 
+/// Bytes a `Hidden` frame adds to its payload: length prefix, kind, start, count, dtype.
+pub const HIDDEN_FRAME_OVERHEAD: usize = 4 + 1 + 4 + 4 + 1;
+/// Bytes a `Middle` frame adds to its payload (the same plus the compute time).
+pub const MIDDLE_FRAME_OVERHEAD: usize = HIDDEN_FRAME_OVERHEAD + 8;
+
 /// How hidden states are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireDtype {
@@ -370,6 +375,9 @@ mod tests {
         for dtype in [WireDtype::F32, WireDtype::F16, WireDtype::BF16] {
             let block = HiddenBlock::from_tensor(&x, 7, dtype).unwrap();
             assert_eq!(block.data.len(), 12 * dtype.size());
+            assert_eq!(Message::Hidden(block.clone()).encode().len() + 4, block.data.len() + HIDDEN_FRAME_OVERHEAD);
+            let m = Message::Middle { block: block.clone(), compute_us: 1 };
+            assert_eq!(m.encode().len() + 4, block.data.len() + MIDDLE_FRAME_OVERHEAD);
             let back = block.to_tensor(4, &Device::Cpu).unwrap();
             assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert!(block.to_tensor(5, &Device::Cpu).is_err(), "hidden size is checked");

@@ -32,11 +32,10 @@ struct World {
     partial: PathBuf,
 }
 
+/// An adapter made of the cloud bundle's own layers `layers`, saved as an adapter file.
 fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, path: &Path) {
-    let weights = cloud.manifest.weights_file.clone();
-    let _ = weights;
-    let dir = path.parent().unwrap().join("split/cloud/weights.safetensors");
-    let tensors = candle_core::safetensors::load(&dir, &Device::Cpu).unwrap();
+    let weights = path.parent().unwrap().join("split/cloud").join(&cloud.manifest.weights_file);
+    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
     let mut out = HashMap::new();
     for (j, i) in layers.clone().enumerate() {
         let prefix = format!("model.layers.{i}.");
