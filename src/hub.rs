@@ -77,18 +77,9 @@ pub fn snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
     if fetch(id, revision, "model.safetensors")?.is_none() {
         let index = fetch(id, revision, "model.safetensors.index.json")?
             .ok_or_else(|| missing("model.safetensors (or model.safetensors.index.json)"))?;
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(&index, format!("invalid JSON: {e}")))?;
-        let mut shards: Vec<&str> = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        shards.sort();
-        shards.dedup();
+        let shards = crate::source::shard_names(&index)?;
         for shard in shards {
-            fetch(id, revision, shard)?.ok_or_else(|| missing(shard))?;
+            fetch(id, revision, &shard)?.ok_or_else(|| missing(&shard))?;
         }
     }
     Ok(dir)

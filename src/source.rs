@@ -189,20 +189,26 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if !index.exists() {
         return Err(Error::bad_file(dir, "has neither model.safetensors nor model.safetensors.index.json"));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(&index, format!("invalid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::bad_file(&index, "no weight_map object"))?;
-    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
-    files.sort();
-    files.dedup();
+    let files = shard_names(&index)?;
     let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
         return Err(Error::bad_file(missing, "shard listed in model.safetensors.index.json is missing"));
     }
+    Ok(files)
+}
+
+/// The shard files named by a `model.safetensors.index.json`, sorted, each once.
+pub fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::bad_file(index, "no weight_map object"))?;
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    files.sort();
+    files.dedup();
     Ok(files)
 }
 
