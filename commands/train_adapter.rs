@@ -15,7 +15,8 @@ use crate::ModelArgs;
 /// The SLM is input submodel → adapter → output submodel → head; only the adapter trains, by
 /// distilling the model's next-token distribution (soft cross-entropy against the teacher's
 /// top-k) through the frozen output submodel and head, plus an optional per-position-normalised
-/// regression onto the middle layers' output. Needs the whole model (--model, the teacher) and
+/// regression onto the middle layers' output. With --conditioning features the adapter also reads
+/// the previous position's middle output (EAGLE-style). Needs the whole model (--model, the teacher) and
 /// the split it trains for (--split DIR with device/ and cloud/). Writes ADAPTER (safetensors
 /// with metadata), ADAPTER.report.json (loss curve, evaluations) and ADAPTER.ckpt.* (checkpoint
 /// every --checkpoint-every steps and on Ctrl-C; continue with --resume).
@@ -40,6 +41,13 @@ pub struct Args {
     /// Decoder layers in the adapter.
     #[arg(long, default_value_t = 1)]
     pub adapter_layers: usize,
+
+    /// What the adapter reads: `none` (the input submodel's hidden state alone: the adapter
+    /// stands in for the whole middle) or `features` (EAGLE-style: also the previous position's
+    /// middle output, which the device holds for verified positions and predicts for drafts; no
+    /// gain measured yet on the default model at the data sizes tried, see the README).
+    #[arg(long, default_value = "none", value_parser = ["features", "none"])]
+    pub conditioning: String,
 
     /// Initial weights: middle (copies of middle layers, evenly spaced), layer:N, or identity.
     #[arg(long, default_value = "middle")]
@@ -127,6 +135,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = TrainConfig {
         adapter_layers: args.adapter_layers,
+        conditioned: args.conditioning == "features",
         init: AdapterInit::parse(&args.init)?,
         steps: args.steps,
         time_budget_s: args.time_budget.map(|m| m * 60.0),

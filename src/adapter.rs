@@ -1,10 +1,20 @@
 //! The draft adapter: a few decoder layers at the model's hidden size that stand in for the
 //! cloud's middle layers on the device (input submodel → adapter → output submodel = the SLM).
 //!
-//! File format: safetensors with tensors `adapter.layers.{i}.*` (the names of a decoder layer)
-//! and metadata `format = hat-adapter/1`, `split_id`, `base_model_hash`, `layers`,
-//! `hidden_size`, `architecture` and `training` (JSON). An adapter is only valid for the split it
-//! was trained for.
+//! Two kinds:
+//! - **unconditioned**: the layers run on the input submodel's hidden states `h_in[t]` alone and
+//!   must stand in for the whole middle (layer skipping);
+//! - **feature-conditioned** (EAGLE-style): the layers' input at position t is
+//!   `fuse · [rms(m[t-1]) ; h_in[t]]`, where `m[t-1]` is the middle layers' output at the previous
+//!   position. The device holds `m` for every verified position anyway (it runs the output
+//!   submodel on it), so conditioning costs no extra traffic and reveals nothing new; for drafted
+//!   positions the adapter's own prediction stands in. The adapter's output at t predicts `m[t]`.
+//!
+//! File format: safetensors with tensors `adapter.layers.{i}.*` (the names of a decoder layer),
+//! `adapter.fuse.weight` `(hidden, 2·hidden)` for conditioned adapters, and metadata
+//! `format = hat-adapter/1`, `split_id`, `base_model_hash`, `layers`, `conditioning`
+//! (`middle-features` or `none`), `hidden_size`, `architecture` and `training` (JSON). An adapter
+//! is only valid for the split it was trained for.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,10 +23,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{DecoderLayer, LayerStack, Rope};
+use crate::model::{DecoderLayer, LayerStack, Rope, StackCache};
 use crate::split::Manifest;
 
 pub const FORMAT: &str = "hat-adapter/1";
+/// Name of the conditioning projection.
+pub const FUSE: &str = "adapter.fuse.weight";
 
 /// Where a shipped default adapter for a split lives: `adapters/<split id>.safetensors` in the
 /// repository (or `$HAT_ADAPTERS`).
@@ -28,6 +40,10 @@ pub fn default_adapter_path(manifest: &Manifest) -> std::path::PathBuf {
 /// A loaded adapter.
 #[derive(Debug, Clone)]
 pub struct Adapter {
+    /// Conditioned adapters: `(hidden, 2·hidden)`, maps `[rms(m[t-1]) ; h_in[t]]` to the layers'
+    /// input (`rms`: scaled to unit root mean square per position, without weights; position 0,
+    /// an attention sink, has ~40× the norm of the others).
+    pub fuse: Option<Tensor>,
     pub layers: LayerStack,
     /// The split it belongs to; `None` for the untrained default.
     pub split_id: Option<String>,
@@ -38,7 +54,7 @@ impl Adapter {
     /// The untrained default: no layers, the SLM runs the output submodel straight on the input
     /// submodel's hidden states (it "skips the middle"). Lossless, only fewer drafts accepted.
     pub fn none(rope: Arc<Rope>) -> Self {
-        Self { layers: LayerStack::from_layers(0..0, Vec::new(), rope), split_id: None, metadata: HashMap::new() }
+        Self { fuse: None, layers: LayerStack::from_layers(0..0, Vec::new(), rope), split_id: None, metadata: HashMap::new() }
     }
 
     /// Loads an adapter file and checks it belongs to the bundle's split.
@@ -61,21 +77,50 @@ impl Adapter {
         let n: usize = meta.get("layers").and_then(|v| v.parse().ok()).ok_or_else(|| bad("adapter metadata lacks layers".into()))?;
         let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes.clone(), DType::F32, device)
             .map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
+        let hidden = manifest.config.hidden_size;
+        let fuse = match meta.get("conditioning").map(String::as_str) {
+            None | Some("none") => None,
+            Some("middle-features") => Some(
+                vb.get((hidden, 2 * hidden), FUSE).map_err(|e| bad(format!("conditioned adapter without a fitting {FUSE}: {e}")))?,
+            ),
+            Some(other) => return Err(bad(format!("unknown adapter conditioning '{other}' (this hat knows none and middle-features)"))),
+        };
         let vb = vb.pp("adapter.layers");
         let layers = (0..n)
             .map(|i| DecoderLayer::load(vb.pp(i), &manifest.config))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| bad(format!("adapter tensors do not fit the model: {e}")))?;
-        Ok(Self { layers: LayerStack::from_layers(0..n, layers, rope), split_id: Some(split_id), metadata: meta })
+        Ok(Self { fuse, layers: LayerStack::from_layers(0..n, layers, rope), split_id: Some(split_id), metadata: meta })
     }
 
-    /// Writes an adapter file: `tensors` named `adapter.layers.{i}.*`, plus the metadata.
+    /// Whether the adapter reads the previous position's middle output (EAGLE-style).
+    pub fn is_conditioned(&self) -> bool {
+        self.fuse.is_some()
+    }
+
+    /// Runs the adapter on `h_in`, `(batch, n, hidden)`, the input submodel's hidden states of
+    /// positions `pos..pos + n`. Conditioned adapters also take `prev`, `(batch, n, hidden)`: the
+    /// middle output at positions `pos - 1..pos + n - 1` (zeros before position 0). Returns the
+    /// predicted middle output `(batch, n, hidden)`.
+    pub fn forward(&self, h_in: &Tensor, prev: Option<&Tensor>, pos: usize, cache: &mut StackCache) -> Result<Tensor> {
+        let x = match (&self.fuse, prev) {
+            (None, _) => h_in.clone(),
+            (Some(fuse), Some(prev)) => Tensor::cat(&[&rms_normalise(prev)?, h_in], 2)?.broadcast_matmul(&fuse.t()?)?,
+            (Some(_), None) => return Err(Error::invalid("a conditioned adapter needs the previous positions' middle output")),
+        };
+        self.layers.forward(&x, pos, cache)
+    }
+
+    /// Writes an adapter file: `tensors` named `adapter.layers.{i}.*` (and [`FUSE`] for a
+    /// conditioned adapter), plus the metadata.
     pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, training: &serde_json::Value) -> Result<()> {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("split_id".to_string(), manifest.split_id.clone());
         meta.insert("base_model_hash".to_string(), manifest.source.content_hash.clone());
         meta.insert("layers".to_string(), layers.to_string());
+        let conditioning = if tensors.contains_key(FUSE) { "middle-features" } else { "none" };
+        meta.insert("conditioning".to_string(), conditioning.to_string());
         meta.insert("hidden_size".to_string(), manifest.hidden_size.to_string());
         meta.insert("architecture".to_string(), serde_json::to_string(&manifest.config).unwrap_or_default());
         meta.insert("training".to_string(), training.to_string());
@@ -88,4 +133,10 @@ impl Adapter {
     pub fn num_layers(&self) -> usize {
         self.layers.num_layers()
     }
+}
+
+/// `x / sqrt(mean(x²) + ε)` over the last dimension, with differentiable ops.
+fn rms_normalise(x: &Tensor) -> Result<Tensor> {
+    let ms = (x.sqr()?.mean_keepdim(candle_core::D::Minus1)? + 1e-6)?;
+    Ok(x.broadcast_div(&ms.sqrt()?)?)
 }

@@ -7,7 +7,13 @@
 //! - input submodel (shared by the SLM and the LLM paths: same layers, same hidden states);
 //! - adapter and SLM output submodel (the draft path);
 //! - LLM output submodel (runs on the cloud's replies).
+//!
 //! The cloud's middle cache is truncated by the start position of the next block it receives.
+//!
+//! A feature-conditioned adapter (see [`crate::adapter`]) reads the middle output of the previous
+//! position: the cloud's, for verified positions, or its own prediction, for drafts. After each
+//! verification its cache is rolled back to the round's first position and the accepted drafts
+//! are run again with the cloud's middle outputs (the next round does that in one block).
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +90,9 @@ struct Edge<'a, L: MiddleLink> {
     /// Input-submodel hidden states of positions `[adapter_cache.len(), input.len())`, not yet
     /// run through the draft path.
     tail: Option<Tensor>,
+    /// Conditioned adapters: middle outputs (the cloud's, or drafted) of positions
+    /// `[adapter_cache.len() - 1, …)` (position -1 is a zero row), `(1, n, hidden)`.
+    features: Option<Tensor>,
     device_time: Duration,
     wait_time: Duration,
     cloud_time: Duration,
@@ -104,6 +113,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             adapter,
             link,
             tail: None,
+            features: None,
             device_time: Duration::ZERO,
             wait_time: Duration::ZERO,
             cloud_time: Duration::ZERO,
@@ -121,22 +131,50 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
 
     /// Queues input hidden states for the draft path.
     fn push_tail(&mut self, h: &Tensor) -> Result<()> {
-        self.tail = Some(match self.tail.take() {
-            Some(t) => Tensor::cat(&[&t, h], 1)?,
-            None => h.clone(),
-        });
+        append(&mut self.tail, h)
+    }
+
+    /// Queues middle outputs for a conditioned adapter (no-op for the others).
+    fn push_features(&mut self, m: &Tensor) -> Result<()> {
+        if self.adapter.is_conditioned() {
+            append(&mut self.features, m)?;
+        }
         Ok(())
     }
 
-    /// Runs the queued hidden states through adapter and SLM output submodel; with `logits`,
-    /// returns the SLM's logits at the last position `(vocab,)`.
-    fn run_draft_path(&mut self, logits: bool) -> Result<Option<Tensor>> {
-        let Some(x) = self.tail.take() else { return Ok(None) };
+    /// Runs the queued positions that can run (for a conditioned adapter, those whose previous
+    /// middle output is known) through adapter and SLM output submodel. With `logits`, every
+    /// queued position must run; returns the SLM's logits at the last one `(vocab,)`, and the
+    /// adapter's prediction of its middle output `(1, 1, hidden)`.
+    fn run_draft_path(&mut self, logits: bool) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(tail) = self.tail.take() else { return Ok(None) };
+        let queued = tail.dim(1)?;
+        let n = match &self.features {
+            _ if !self.adapter.is_conditioned() => queued,
+            Some(f) => queued.min(f.dim(1)?),
+            None => 0,
+        };
+        if logits && n < queued {
+            return Err(Error::invalid("internal: the draft path lacks the middle output of a drafted position"));
+        }
+        self.tail = split_front(&tail, n)?.1;
+        if n == 0 {
+            return Ok(None);
+        }
         let t = Instant::now();
+        let x = tail.narrow(1, 0, n)?;
+        let prev = match self.features.take() {
+            Some(f) => {
+                let (prev, rest) = split_front(&f, n)?;
+                self.features = rest;
+                prev
+            }
+            None => None,
+        };
         let pos = self.adapter_cache.len();
-        let y = self.adapter.layers.forward(&x, pos, &mut self.adapter_cache)?;
-        let y = self.dev.output.forward(&y, pos, &mut self.slm_output)?;
-        let out = if logits { Some(self.dev.head.forward_last(&y)?.squeeze(0)?) } else { None };
+        let m = self.adapter.forward(&x, prev.as_ref(), pos, &mut self.adapter_cache)?;
+        let y = self.dev.output.forward(&m, pos, &mut self.slm_output)?;
+        let out = if logits { Some((self.dev.head.forward_last(&y)?.squeeze(0)?, m.narrow(1, n - 1, 1)?)) } else { None };
         self.device_time += t.elapsed();
         Ok(out)
     }
@@ -166,8 +204,14 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         let chunk = if chunk == 0 { prompt.len() } else { chunk };
         let mut pending = 0usize;
         let mut last = None;
+        if drafting && self.adapter.is_conditioned() {
+            self.features = Some(Tensor::zeros((1, 1, self.dev.manifest.hidden_size), candle_core::DType::F32, &candle_core::Device::Cpu)?);
+        }
         let mut handle = |edge: &mut Self, r: MiddleReply| -> Result<()> {
             let is_last = r.start + r.hidden.dim(1)? == prompt.len();
+            if drafting {
+                edge.push_features(&r.hidden)?;
+            }
             let logits = edge.llm_logits(&r, false)?;
             if is_last {
                 last = Some(logits.squeeze(0)?);
@@ -188,15 +232,28 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
                 handle(self, r)?;
             }
         }
-        // The draft path's prefill overlaps with the cloud's work on the last chunks.
+        // The draft path's prefill overlaps with the cloud's work on the last chunks (for a
+        // conditioned adapter, chunk by chunk as the middle outputs it needs arrive).
         if drafting {
             self.run_draft_path(false)?;
         }
         for _ in 0..pending {
             let r = self.receive()?;
             handle(self, r)?;
+            if drafting {
+                self.run_draft_path(false)?;
+            }
         }
         last.ok_or_else(|| Error::invalid("the cloud never answered the last prompt chunk"))
+    }
+
+    /// Runs the draft path up to the last queued position and returns the SLM's logits there;
+    /// a conditioned adapter's prediction of that position's middle output is queued for the
+    /// next draft.
+    fn draft_logits(&mut self) -> Result<Tensor> {
+        let (logits, predicted) = self.run_draft_path(true)?.ok_or_else(|| Error::invalid("internal: the draft path had no input"))?;
+        self.push_features(&predicted)?;
+        Ok(logits)
     }
 
     fn rollback(&mut self, valid: usize) {
@@ -263,7 +320,7 @@ pub fn generate<L: MiddleLink>(
             edge.push_tail(&h)?;
         }
         if gamma > 0 {
-            let mut logits = edge.run_draft_path(true)?.ok_or_else(|| Error::invalid("draft path had no input"))?;
+            let mut logits = edge.draft_logits()?;
             for i in 1..=gamma {
                 let d = if sampler.is_greedy() {
                     sampler.select(&logits)?
@@ -280,12 +337,13 @@ pub fn generate<L: MiddleLink>(
                 if i == gamma || eos.contains(&d) {
                     break;
                 }
-                logits = edge.run_draft_path(true)?.ok_or_else(|| Error::invalid("draft path had no input"))?;
+                logits = edge.draft_logits()?;
             }
         }
 
         // Verify: the cloud runs positions base..=base+k in one round trip.
-        let x = if verify.len() == 1 { verify.remove(0) } else { Tensor::cat(&verify, 1)? };
+        let verify_inputs = verify;
+        let x = if verify_inputs.len() == 1 { verify_inputs[0].clone() } else { Tensor::cat(&verify_inputs, 1)? };
         edge.link.submit(base, &x)?;
         let reply = edge.receive()?;
         let logits = edge.llm_logits(&reply, true)?; // (k + 1, vocab)
@@ -324,7 +382,19 @@ pub fn generate<L: MiddleLink>(
         // Roll every device cache back to the accepted prefix; the cloud follows from the
         // start position of the next block.
         edge.rollback(base + a + 1);
-        if a < drafts.len() {
+        if edge.adapter.is_conditioned() {
+            // Drafts after the first were conditioned on predictions: run the accepted ones again
+            // on the cloud's middle outputs.
+            if edge.adapter_cache.len() > base {
+                edge.adapter_cache.truncate(base + 1);
+                edge.slm_output.truncate(base + 1);
+                edge.tail = if a > 0 { Some(Tensor::cat(&verify_inputs[1..=a], 1)?) } else { None };
+                edge.features = None;
+            }
+            if drafting {
+                edge.push_features(&reply.hidden.narrow(1, 0, a + 1)?)?;
+            }
+        } else if a < drafts.len() {
             edge.tail = None;
         }
         for &t in drafts[..a].iter().chain(std::iter::once(&new_token)) {
@@ -358,4 +428,20 @@ pub fn generate<L: MiddleLink>(
         stop_reason: stop,
         token_ids: tokens,
     })
+}
+
+/// Appends `x` to an optional `(1, n, hidden)` queue along the positions.
+fn append(queue: &mut Option<Tensor>, x: &Tensor) -> Result<()> {
+    *queue = Some(match queue.take() {
+        Some(q) => Tensor::cat(&[&q, x], 1)?,
+        None => x.clone(),
+    });
+    Ok(())
+}
+
+/// Splits a `(1, n, hidden)` queue after its first `k` positions (`None` for an empty part).
+fn split_front(q: &Tensor, k: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let n = q.dim(1)?;
+    let part = |start: usize, len: usize| -> Result<Option<Tensor>> { Ok((len > 0).then(|| q.narrow(1, start, len)).transpose()?) };
+    Ok((part(0, k.min(n))?, part(k.min(n), n - k.min(n))?))
 }

@@ -66,6 +66,10 @@ impl AdapterInit {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
     pub adapter_layers: usize,
+    /// Feature-conditioned (EAGLE-style) adapter: its input also has the previous position's
+    /// middle output (see [`crate::adapter`]).
+    #[serde(default)]
+    pub conditioned: bool,
     pub init: AdapterInit,
     /// Length of the learning-rate schedule, and the most steps run.
     pub steps: usize,
@@ -105,6 +109,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             adapter_layers: 1,
+            conditioned: false,
             init: AdapterInit::Middle,
             steps: 400,
             time_budget_s: None,
@@ -170,7 +175,7 @@ impl TrainConfig {
 struct Sample {
     /// Input submodel hidden states `(len, hidden)`.
     input_hidden: Tensor,
-    /// Middle layers' output `(len, hidden)` (only with the feature loss).
+    /// Middle layers' output `(len, hidden)` (conditioned adapters and the feature loss).
     middle_hidden: Option<Tensor>,
     /// Teacher top-k ids `(len, k)` u32 and probabilities `(len, k)` f32.
     top_ids: Tensor,
@@ -399,7 +404,7 @@ impl<'a> Trainer<'a> {
         let n = logits.len();
         Ok(Sample {
             input_hidden: h_in.squeeze(0)?,
-            middle_hidden: if self.config.feature_weight > 0.0 { Some(h_mid.squeeze(0)?) } else { None },
+            middle_hidden: (self.config.conditioned || self.config.feature_weight > 0.0).then(|| h_mid.squeeze(0)).transpose()?,
             top_ids: Tensor::from_vec(ids, (n, k), &Device::Cpu)?,
             top_probs: Tensor::from_vec(probs, (n, k), &Device::Cpu)?,
         })
@@ -407,7 +412,7 @@ impl<'a> Trainer<'a> {
 
     /// The student's loss on a batch, and the number of positions it covers. `negatives`: token
     /// ids shared by the batch for the sampled softmax (unused when `config.negatives` is 0).
-    fn batch_loss(&self, adapter: &LayerStack, batch: &[&Sample], negatives: &[u32]) -> Result<(Tensor, usize)> {
+    fn batch_loss(&self, adapter: &Adapter, batch: &[&Sample], negatives: &[u32]) -> Result<(Tensor, usize)> {
         let len = batch.iter().map(|s| s.input_hidden.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
         let max = len.iter().copied().max().unwrap_or(0);
         let dev = &Device::Cpu;
@@ -423,6 +428,10 @@ impl<'a> Trainer<'a> {
             Ok(Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), dev)?], 0)?)
         };
         let x = Tensor::stack(&batch.iter().map(|s| pad(&s.input_hidden, max)).collect::<Result<Vec<_>>>()?, 0)?;
+        let middle = || -> Result<Tensor> {
+            let m = batch.iter().map(|s| s.middle().and_then(|t| pad(t, max))).collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&m, 0)?)
+        };
         let ids = Tensor::stack(&batch.iter().map(|s| pad(&s.top_ids, max)).collect::<Result<Vec<_>>>()?, 0)?;
         let probs = Tensor::stack(&batch.iter().map(|s| pad(&s.top_probs, max)).collect::<Result<Vec<_>>>()?, 0)?;
         let mask: Vec<f32> = len.iter().flat_map(|&l| (0..max).map(move |i| if i < l { 1.0 } else { 0.0 })).collect();
@@ -431,7 +440,12 @@ impl<'a> Trainer<'a> {
 
         let output = self.device.output.clone().with_ops(Ops::Differentiable);
         let head = self.device.head.clone().with_ops(Ops::Differentiable);
-        let y = adapter.forward(&x, 0, &mut adapter.new_cache())?;
+        let target = if self.config.conditioned || self.config.feature_weight > 0.0 { Some(middle()?) } else { None };
+        let prev = match (&target, adapter.is_conditioned()) {
+            (Some(m), true) => Some(shift_right(m)?),
+            _ => None,
+        };
+        let y = adapter.forward(&x, prev.as_ref(), 0, &mut adapter.layers.new_cache())?;
         let h = output.forward(&y, 0, &mut output.new_cache())?;
         let logp = if self.config.negatives == 0 {
             // Exact: log-softmax over the whole vocabulary.
@@ -454,21 +468,28 @@ impl<'a> Trainer<'a> {
         };
         let ce = (logp * probs)?.sum(D::Minus1)?.neg()?; // (b, max)
         let mut loss = ((ce * &mask)?.sum_all()? / positions as f64)?;
-        if self.config.feature_weight > 0.0 {
-            let target = Tensor::stack(
-                &batch
-                    .iter()
-                    .map(|s| s.middle_hidden.as_ref().map(|t| pad(t, max)).unwrap_or_else(|| Err(Error::invalid("missing middle states"))))
-                    .collect::<Result<Vec<_>>>()?,
-                0,
-            )?;
+        if let (true, Some(target)) = (self.config.feature_weight > 0.0, &target) {
             // Per-position normalised squared error: |y - t|² / |t|².
-            let err = (&y - &target)?.sqr()?.sum(D::Minus1)?;
+            let err = (&y - target)?.sqr()?.sum(D::Minus1)?;
             let norm = (target.sqr()?.sum(D::Minus1)? + 1e-6)?;
             let feat = ((err / norm)? * &mask)?.sum_all()? / positions as f64;
             loss = (loss + (feat? * self.config.feature_weight)?)?;
         }
         Ok((loss, positions))
+    }
+}
+
+/// `(batch, len, hidden)` shifted one position later along `len`, zeros first: row t holds
+/// row t-1 (a conditioned adapter's "previous middle output" input).
+fn shift_right(m: &Tensor) -> Result<Tensor> {
+    let (b, n, h) = m.dims3()?;
+    let zeros = Tensor::zeros((b, 1, h), m.dtype(), m.device())?;
+    Ok(Tensor::cat(&[&zeros, &m.narrow(1, 0, n - 1)?], 1)?)
+}
+
+impl Sample {
+    fn middle(&self) -> Result<&Tensor> {
+        self.middle_hidden.as_ref().ok_or_else(|| Error::invalid("internal: the teacher kept no middle states"))
     }
 }
 
@@ -482,7 +503,7 @@ fn negative_mask(ids: &Tensor, negatives: &[u32]) -> Result<Tensor> {
     Ok(Tensor::from_vec(mask, (rows.len(), negatives.len()), &Device::Cpu)?)
 }
 
-/// The adapter's trainable weights, by checkpoint name (`adapter.layers.{i}.…`).
+/// The adapter's trainable weights, by checkpoint name (`adapter.layers.{i}.…`, `adapter.fuse.weight`).
 pub struct AdapterWeights {
     pub vars: Vec<(String, Var)>,
     num_layers: usize,
@@ -504,8 +525,14 @@ const LAYER_BIASES: [&str; 3] = ["self_attn.q_proj.bias", "self_attn.k_proj.bias
 
 impl AdapterWeights {
     /// Initial weights copied from the model's layers (`weights`: a VarBuilder of the whole model).
-    pub fn init(weights: &candle_nn::VarBuilder, cfg: &crate::config::ModelConfig, middle: std::ops::Range<usize>, n: usize, init: AdapterInit) -> Result<Self> {
+    /// A conditioned adapter's fuse projection starts as `[0 | I]`: the adapter starts as the
+    /// unconditioned one and learns how much of the previous middle output to mix in.
+    pub fn init(weights: &candle_nn::VarBuilder, cfg: &crate::config::ModelConfig, middle: std::ops::Range<usize>, n: usize, init: AdapterInit, conditioned: bool) -> Result<Self> {
         let mut vars = Vec::new();
+        if conditioned {
+            let eye = Tensor::eye(cfg.hidden_size, DType::F32, &Device::Cpu)?;
+            vars.push((crate::adapter::FUSE.to_string(), Var::from_tensor(&Tensor::cat(&[&eye.zeros_like()?, &eye], 1)?)?));
+        }
         let span = middle.end - middle.start;
         for j in 0..n {
             let src = match init {
@@ -532,13 +559,19 @@ impl AdapterWeights {
         self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
     }
 
-    /// The adapter as a layer stack over the current weights (gradients flow to the vars).
-    pub fn stack(&self, cfg: &crate::config::ModelConfig, rope: Arc<crate::model::Rope>, ops: Ops) -> Result<LayerStack> {
-        let vb = candle_nn::VarBuilder::from_tensors(self.map(), DType::F32, &Device::Cpu);
+    /// The adapter over the current weights (gradients flow to the vars).
+    pub fn adapter(&self, manifest: &crate::split::Manifest, rope: Arc<crate::model::Rope>, ops: Ops) -> Result<Adapter> {
+        let map = self.map();
+        let vb = candle_nn::VarBuilder::from_tensors(map.clone(), DType::F32, &Device::Cpu);
         let layers = (0..self.num_layers)
-            .map(|i| DecoderLayer::load(vb.pp("adapter.layers").pp(i), cfg))
+            .map(|i| DecoderLayer::load(vb.pp("adapter.layers").pp(i), &manifest.config))
             .collect::<Result<Vec<_>>>()?;
-        Ok(LayerStack::from_layers(0..self.num_layers, layers, rope).with_ops(ops))
+        Ok(Adapter {
+            fuse: map.get(crate::adapter::FUSE).cloned(),
+            layers: LayerStack::from_layers(0..self.num_layers, layers, rope).with_ops(ops),
+            split_id: Some(manifest.split_id.clone()),
+            metadata: HashMap::new(),
+        })
     }
 
     /// Saves the adapter file (f16 storage).
@@ -609,11 +642,15 @@ fn load_checkpoint(out: &Path, w: &AdapterWeights, opt: &mut AdamW, config: &Tra
 
 /// Evaluates on held-out data: top-1 agreement (teacher-forced) and acceptance (real decoding).
 fn evaluate(t: &Trainer, w: &AdapterWeights, held: &[Sample], prompts: &[Vec<u32>], step: usize, elapsed: f64) -> Result<Evaluation> {
-    let stack = w.stack(&t.device.manifest.config, t.device.rope.clone(), Ops::Fused)?;
+    let adapter = w.adapter(&t.device.manifest, t.device.rope.clone(), Ops::Fused)?;
     let (mut agree, mut total) = (0usize, 0usize);
     for s in held {
         let x = s.input_hidden.unsqueeze(0)?;
-        let y = stack.forward(&x, 0, &mut stack.new_cache())?;
+        let prev = match adapter.is_conditioned() {
+            true => Some(shift_right(&s.middle()?.unsqueeze(0)?)?),
+            false => None,
+        };
+        let y = adapter.forward(&x, prev.as_ref(), 0, &mut adapter.layers.new_cache())?;
         let y = t.device.output.forward(&y, 0, &mut t.device.output.new_cache())?;
         let logits = t.device.head.forward(&y)?.squeeze(0)?;
         let student: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
@@ -621,7 +658,6 @@ fn evaluate(t: &Trainer, w: &AdapterWeights, held: &[Sample], prompts: &[Vec<u32
         agree += student.iter().zip(&teacher).filter(|(a, b)| a == b).count();
         total += student.len();
     }
-    let adapter = Adapter { layers: stack, split_id: Some(t.device.manifest.split_id.clone()), metadata: HashMap::new() };
     let opts = EdgeOptions {
         mode: Mode::Hat,
         draft_len: t.config.eval_draft_len,
@@ -710,7 +746,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     let train_tokens: usize = train_ids.iter().map(Vec::len).sum();
 
     // Student and optimiser.
-    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init)?;
+    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init, cfg.conditioned)?;
     let mut opt = AdamW::new(weights.vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect())?;
     let mut state = CheckpointState { config: cfg.clone(), split_id: manifest.split_id.clone(), step: 0, elapsed_s: 0.0, curve: vec![], evals: vec![] };
     if run.resume {
@@ -748,8 +784,8 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         let t0 = Instant::now();
         let mut neg_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(0x9e37).wrapping_add(state.step as u64));
         let negatives: Vec<u32> = rand::seq::index::sample(&mut neg_rng, mcfg.vocab_size, cfg.negatives.min(mcfg.vocab_size)).into_iter().map(|i| i as u32).collect();
-        let stack = weights.stack(mcfg, t.device.rope.clone(), Ops::Differentiable)?;
-        let (loss, positions) = t.batch_loss(&stack, &batch, &negatives)?;
+        let adapter = weights.adapter(manifest, t.device.rope.clone(), Ops::Differentiable)?;
+        let (loss, positions) = t.batch_loss(&adapter, &batch, &negatives)?;
         let t1 = Instant::now();
         let mut grads = loss.backward()?;
         let t2 = Instant::now();

@@ -4,13 +4,15 @@
 //! made of the cloud bundle's own middle layers, written through the real adapter file format
 //! (all of them: the SLM equals the LLM, nearly every draft is accepted; a subset: partial
 //! acceptance). Together they exercise rejection, acceptance, bonus tokens and every rollback.
+//! Feature-conditioned variants of both run the EAGLE-style draft path (middle outputs fed back),
+//! whose drafts are also checked against a teacher-forced computation.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, D};
 use hat::adapter::Adapter;
 use hat::cloud::{BackgroundServer, CloudConfig};
 use hat::edge::{EdgeOptions, EdgeReport, Mode};
@@ -30,10 +32,13 @@ struct World {
     server: BackgroundServer,
     oracle: PathBuf,
     partial: PathBuf,
+    conditioned_oracle: PathBuf,
+    conditioned: PathBuf,
 }
 
-/// An adapter made of the cloud bundle's own layers `layers`, saved as an adapter file.
-fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, path: &Path) {
+/// An adapter made of the cloud bundle's own layers `layers`, saved as an adapter file; with
+/// `fuse`, a conditioned one.
+fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, fuse: Option<Tensor>, path: &Path) {
     let weights = path.parent().unwrap().join("split/cloud").join(&cloud.manifest.weights_file);
     let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
     let mut out = HashMap::new();
@@ -44,6 +49,9 @@ fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, path: &Pa
                 out.insert(format!("adapter.layers.{j}.{rest}"), t.clone());
             }
         }
+    }
+    if let Some(f) = fuse {
+        out.insert(hat::adapter::FUSE.to_string(), f);
     }
     Adapter::save(path, &out, &cloud.manifest, layers.len(), &serde_json::json!({"kind": "test oracle"})).unwrap();
 }
@@ -60,11 +68,18 @@ fn world() -> &'static World {
         let device = DeviceBundle::load(&out.join("device"), &Device::Cpu).unwrap();
         let cloud = Arc::new(CloudBundle::load(&out.join("cloud"), &Device::Cpu).unwrap());
         let oracle = dir.path().join("oracle.safetensors");
-        oracle_adapter(&cloud, 2..28, &oracle);
+        oracle_adapter(&cloud, 2..28, None, &oracle);
         let partial = dir.path().join("partial.safetensors");
-        oracle_adapter(&cloud, 2..16, &partial);
+        oracle_adapter(&cloud, 2..16, None, &partial);
+        // Conditioned: all middle layers with a little of the features mixed in (most drafts
+        // accepted, not all); half the layers with an even mix (few accepted).
+        let eye = Tensor::eye(576, DType::F32, &Device::Cpu).unwrap();
+        let conditioned_oracle = dir.path().join("conditioned-oracle.safetensors");
+        oracle_adapter(&cloud, 2..28, Some(Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap()), &conditioned_oracle);
+        let conditioned = dir.path().join("conditioned.safetensors");
+        oracle_adapter(&cloud, 2..16, Some((Tensor::cat(&[&eye, &eye], 1).unwrap() * 0.5).unwrap()), &conditioned);
         let server = BackgroundServer::start(cloud.clone(), config(dir.path().join("state"), None, 8)).unwrap();
-        World { model: loaded.model(DType::F32, &Device::Cpu).unwrap(), _dir: dir, device, cloud, server, oracle, partial }
+        World { model: loaded.model(DType::F32, &Device::Cpu).unwrap(), _dir: dir, device, cloud, server, oracle, partial, conditioned_oracle, conditioned }
     })
 }
 
@@ -99,6 +114,8 @@ fn adapter(w: &World, which: &str) -> Adapter {
         "none" => Adapter::none(rope),
         "oracle" => Adapter::load(&w.oracle, &w.device.manifest, rope, &Device::Cpu).unwrap(),
         "partial" => Adapter::load(&w.partial, &w.device.manifest, rope, &Device::Cpu).unwrap(),
+        "conditioned-oracle" => Adapter::load(&w.conditioned_oracle, &w.device.manifest, rope, &Device::Cpu).unwrap(),
+        "conditioned" => Adapter::load(&w.conditioned, &w.device.manifest, rope, &Device::Cpu).unwrap(),
         _ => unreachable!(),
     }
 }
@@ -141,7 +158,7 @@ fn greedy_hat_with_f32_on_the_wire_equals_hat_generate() {
     let max = 24;
     for (p, ids) in prompts(w).iter().enumerate() {
         let want = reference(w, ids, max);
-        for (which, gamma) in [("partial", 1), ("oracle", 4), ("none", 8), ("partial", 8)] {
+        for (which, gamma) in [("partial", 1), ("oracle", 4), ("none", 8), ("conditioned", 8), ("conditioned-oracle", 4)] {
             let a = adapter(w, which);
             for chunk in [0, 1, 16] {
                 let r = run(w, &a, ids, options(Mode::Hat, gamma, chunk, SamplingParams::greedy(), max), WireDtype::F32);
@@ -321,4 +338,44 @@ fn half_precision_wire_rarely_changes_tokens() {
         }
     }
     eprintln!("half-precision wire: {same}/{total} tokens before the first divergence");
+}
+
+/// With γ = 1, every draft of a conditioned adapter is made from the cloud's middle outputs of
+/// all earlier positions, so the drafts must be exactly the teacher-forced SLM's argmax on the
+/// final sequence: the number of accepted drafts is predicted from one teacher-forced pass. (A
+/// feature off by one position, or a drafted feature where the cloud's is known, breaks this.)
+#[test]
+fn conditioned_drafts_use_the_clouds_middle_outputs() {
+    let w = world();
+    let a = adapter(w, "conditioned-oracle");
+    assert!(a.is_conditioned());
+    let (mut all_accepted, mut all_rounds) = (0, 0);
+    for ids in prompts(w).iter().take(2) {
+        let r = run(w, &a, ids, options(Mode::Hat, 1, 16, SamplingParams::greedy(), 32), WireDtype::F32);
+        let seq: Vec<u32> = ids.iter().chain(&r.token_ids).copied().collect();
+        // Teacher-forced: middle outputs of the whole sequence, shifted by one, into the adapter.
+        let x = w.device.embedder.embed_ids(&seq).unwrap();
+        let h_in = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
+        let mid = w.cloud.middle.forward(&h_in, 0, &mut w.cloud.middle.new_cache()).unwrap();
+        let n = seq.len();
+        let prev = Tensor::cat(&[&mid.narrow(1, 0, 1).unwrap().zeros_like().unwrap(), &mid.narrow(1, 0, n - 1).unwrap()], 1).unwrap();
+        let m = a.forward(&h_in, Some(&prev), 0, &mut a.layers.new_cache()).unwrap();
+        let y = w.device.output.forward(&m, 0, &mut w.device.output.new_cache()).unwrap();
+        let slm: Vec<u32> = w.device.head.forward(&y).unwrap().squeeze(0).unwrap().argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        // Replay the rounds: the draft at position `base` is accepted iff it is the next token.
+        let (mut base, mut accepted, mut rounds) = (ids.len(), 0, 0);
+        while base + 1 < n {
+            rounds += 1;
+            if slm[base] == seq[base + 1] && base + 2 < n {
+                accepted += 1;
+                base += 2;
+            } else {
+                base += 1;
+            }
+        }
+        assert_eq!((r.drafts_accepted, r.rounds), (accepted, rounds), "{r:?}");
+        eprintln!("conditioned adapter, γ=1: {accepted}/{rounds} drafts accepted");
+        (all_accepted, all_rounds) = (all_accepted + accepted, all_rounds + rounds);
+    }
+    assert!(all_accepted > 0 && all_accepted < all_rounds, "the features must matter: {all_accepted}/{all_rounds} accepted");
 }

@@ -70,9 +70,15 @@ fn train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<u
 
 #[test]
 fn a_few_steps_lower_the_loss_and_write_a_loadable_adapter() {
+    for conditioned in [false, true] {
+        lower_the_loss(conditioned);
+    }
+}
+
+fn lower_the_loss(conditioned: bool) {
     let t = tiny();
     let out = t.dir.path().join("a.safetensors");
-    let r = train(&t, config(12), &out, false, None);
+    let r = train(&t, TrainConfig { conditioned, ..config(12) }, &out, false, None);
     let first: f64 = r.curve[..3].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     let last: f64 = r.curve[r.curve.len() - 3..].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     assert!(last < first * 0.9, "loss {first} -> {last}");
@@ -81,7 +87,7 @@ fn a_few_steps_lower_the_loss_and_write_a_loadable_adapter() {
     assert!(out.with_extension("report.json").exists());
     let device = DeviceBundle::load(&t.dir.path().join("split/device"), &Device::Cpu).unwrap();
     let a = Adapter::load(&out, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap();
-    assert_eq!((a.num_layers(), a.split_id.as_deref()), (1, Some(device.manifest.split_id.as_str())));
+    assert_eq!((a.num_layers(), a.split_id.as_deref(), a.is_conditioned()), (1, Some(device.manifest.split_id.as_str()), conditioned));
 }
 
 #[test]
