@@ -111,6 +111,17 @@ impl Adapter {
         self.layers.forward(&x, pos, cache)
     }
 
+    /// Teacher-forced run from position 0 over a whole sequence: `h_in` and `middle` (the middle
+    /// layers' output at the same positions, required when conditioned) are `(batch, len,
+    /// hidden)`; each position is conditioned on the previous position's middle output.
+    pub fn forward_teacher_forced(&self, h_in: &Tensor, middle: Option<&Tensor>) -> Result<Tensor> {
+        let prev = match (self.is_conditioned(), middle) {
+            (true, Some(m)) => Some(shift_right(m)?),
+            _ => None,
+        };
+        self.forward(h_in, prev.as_ref(), 0, &mut self.layers.new_cache())
+    }
+
     /// Writes an adapter file: `tensors` named `adapter.layers.{i}.*` (and [`FUSE`] for a
     /// conditioned adapter), plus the metadata.
     pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, training: &serde_json::Value) -> Result<()> {
@@ -133,6 +144,14 @@ impl Adapter {
     pub fn num_layers(&self) -> usize {
         self.layers.num_layers()
     }
+}
+
+/// `(batch, len, hidden)` shifted one position later along `len`, zeros first: row t holds
+/// row t-1.
+fn shift_right(m: &Tensor) -> Result<Tensor> {
+    let (b, n, h) = m.dims3()?;
+    let zeros = Tensor::zeros((b, 1, h), m.dtype(), m.device())?;
+    Ok(Tensor::cat(&[&zeros, &m.narrow(1, 0, n - 1)?], 1)?)
 }
 
 /// `x / sqrt(mean(x²) + ε)` over the last dimension, with differentiable ops.

@@ -157,12 +157,10 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         if logits && n < queued {
             return Err(Error::invalid("internal: the draft path lacks the middle output of a drafted position"));
         }
-        self.tail = split_front(&tail, n)?.1;
-        if n == 0 {
-            return Ok(None);
-        }
+        let (x, rest) = split_front(&tail, n)?;
+        self.tail = rest;
+        let Some(x) = x else { return Ok(None) };
         let t = Instant::now();
-        let x = tail.narrow(1, 0, n)?;
         let prev = match self.features.take() {
             Some(f) => {
                 let (prev, rest) = split_front(&f, n)?;
@@ -342,8 +340,7 @@ pub fn generate<L: MiddleLink>(
         }
 
         // Verify: the cloud runs positions base..=base+k in one round trip.
-        let verify_inputs = verify;
-        let x = if verify_inputs.len() == 1 { verify_inputs[0].clone() } else { Tensor::cat(&verify_inputs, 1)? };
+        let x = if verify.len() == 1 { verify[0].clone() } else { Tensor::cat(&verify, 1)? };
         edge.link.submit(base, &x)?;
         let reply = edge.receive()?;
         let logits = edge.llm_logits(&reply, true)?; // (k + 1, vocab)
@@ -388,7 +385,7 @@ pub fn generate<L: MiddleLink>(
             if edge.adapter_cache.len() > base {
                 edge.adapter_cache.truncate(base + 1);
                 edge.slm_output.truncate(base + 1);
-                edge.tail = if a > 0 { Some(Tensor::cat(&verify_inputs[1..=a], 1)?) } else { None };
+                edge.tail = if a > 0 { Some(Tensor::cat(&verify[1..=a], 1)?) } else { None };
                 edge.features = None;
             }
             if drafting {

@@ -157,6 +157,11 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Whether the teacher's middle outputs are kept (conditioning input, feature loss).
+    fn keeps_middle(&self) -> bool {
+        self.conditioned || self.feature_weight > 0.0
+    }
+
     /// Learning rate at `step` (0-based) after `elapsed_s` of training: linear warm-up, then
     /// cosine decay to a tenth, paced by whichever ends first, `steps` or the time budget.
     pub fn lr_at(&self, step: usize, elapsed_s: f64) -> f64 {
@@ -404,7 +409,7 @@ impl<'a> Trainer<'a> {
         let n = logits.len();
         Ok(Sample {
             input_hidden: h_in.squeeze(0)?,
-            middle_hidden: (self.config.conditioned || self.config.feature_weight > 0.0).then(|| h_mid.squeeze(0)).transpose()?,
+            middle_hidden: self.config.keeps_middle().then(|| h_mid.squeeze(0)).transpose()?,
             top_ids: Tensor::from_vec(ids, (n, k), &Device::Cpu)?,
             top_probs: Tensor::from_vec(probs, (n, k), &Device::Cpu)?,
         })
@@ -440,12 +445,8 @@ impl<'a> Trainer<'a> {
 
         let output = self.device.output.clone().with_ops(Ops::Differentiable);
         let head = self.device.head.clone().with_ops(Ops::Differentiable);
-        let target = if self.config.conditioned || self.config.feature_weight > 0.0 { Some(middle()?) } else { None };
-        let prev = match (&target, adapter.is_conditioned()) {
-            (Some(m), true) => Some(shift_right(m)?),
-            _ => None,
-        };
-        let y = adapter.forward(&x, prev.as_ref(), 0, &mut adapter.layers.new_cache())?;
+        let target = if self.config.keeps_middle() { Some(middle()?) } else { None };
+        let y = adapter.forward_teacher_forced(&x, target.as_ref())?;
         let h = output.forward(&y, 0, &mut output.new_cache())?;
         let logp = if self.config.negatives == 0 {
             // Exact: log-softmax over the whole vocabulary.
@@ -477,14 +478,6 @@ impl<'a> Trainer<'a> {
         }
         Ok((loss, positions))
     }
-}
-
-/// `(batch, len, hidden)` shifted one position later along `len`, zeros first: row t holds
-/// row t-1 (a conditioned adapter's "previous middle output" input).
-fn shift_right(m: &Tensor) -> Result<Tensor> {
-    let (b, n, h) = m.dims3()?;
-    let zeros = Tensor::zeros((b, 1, h), m.dtype(), m.device())?;
-    Ok(Tensor::cat(&[&zeros, &m.narrow(1, 0, n - 1)?], 1)?)
 }
 
 impl Sample {
@@ -646,11 +639,8 @@ fn evaluate(t: &Trainer, w: &AdapterWeights, held: &[Sample], prompts: &[Vec<u32
     let (mut agree, mut total) = (0usize, 0usize);
     for s in held {
         let x = s.input_hidden.unsqueeze(0)?;
-        let prev = match adapter.is_conditioned() {
-            true => Some(shift_right(&s.middle()?.unsqueeze(0)?)?),
-            false => None,
-        };
-        let y = adapter.forward(&x, prev.as_ref(), 0, &mut adapter.layers.new_cache())?;
+        let middle = s.middle_hidden.as_ref().map(|m| m.unsqueeze(0)).transpose()?;
+        let y = adapter.forward_teacher_forced(&x, middle.as_ref())?;
         let y = t.device.output.forward(&y, 0, &mut t.device.output.new_cache())?;
         let logits = t.device.head.forward(&y)?.squeeze(0)?;
         let student: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;

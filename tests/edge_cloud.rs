@@ -358,8 +358,7 @@ fn conditioned_drafts_use_the_clouds_middle_outputs() {
         let h_in = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
         let mid = w.cloud.middle.forward(&h_in, 0, &mut w.cloud.middle.new_cache()).unwrap();
         let n = seq.len();
-        let prev = Tensor::cat(&[&mid.narrow(1, 0, 1).unwrap().zeros_like().unwrap(), &mid.narrow(1, 0, n - 1).unwrap()], 1).unwrap();
-        let m = a.forward(&h_in, Some(&prev), 0, &mut a.layers.new_cache()).unwrap();
+        let m = a.forward_teacher_forced(&h_in, Some(&mid)).unwrap();
         let y = w.device.output.forward(&m, 0, &mut w.device.output.new_cache()).unwrap();
         let slm: Vec<u32> = w.device.head.forward(&y).unwrap().squeeze(0).unwrap().argmax(D::Minus1).unwrap().to_vec1().unwrap();
         // Replay the rounds: the draft at position `base` is accepted iff it is the next token.
