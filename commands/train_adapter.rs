@@ -35,8 +35,14 @@ pub struct Args {
     pub dataset: PathBuf,
 
     /// The adapter file to write.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "evaluate")]
+    pub out: Option<PathBuf>,
+
+    /// Do not train: evaluate this adapter on the held-out split (the same conversations, prompts
+    /// and measures as a training run with these --dataset, --held-out, --seed, --eval-* and
+    /// --seq-len settings) and print the evaluation as JSON.
+    #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["out", "resume"])]
+    pub evaluate: Option<PathBuf>,
 
     /// Decoder layers in the adapter.
     #[arg(long, default_value_t = 1)]
@@ -119,10 +125,16 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub feature_weight: f64,
 
-    /// Replace the data set's replies by the model's own (greedy, this many tokens), cached in
-    /// ADAPTER.selfdistill.jsonl.
-    #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "128")]
+    /// Train on the model's own replies instead of the data set's: greedy, up to this many
+    /// tokens, generated for the data set's prompts (cut to fit --seq-len, chat template kept)
+    /// in batches, with the teacher's outputs recorded on the way. Kept in
+    /// ADAPTER.selfdistill.safetensors, which --resume and later runs with the same data reuse.
+    #[arg(long, value_name = "TOKENS", num_args = 0..=1, default_missing_value = "96")]
     pub self_distill: Option<usize>,
+
+    /// Prompts generated for together in --self-distill (more: faster, more memory).
+    #[arg(long, default_value_t = 64)]
+    pub self_distill_batch: usize,
 
     /// Held-out prompts and generated tokens per evaluation of the acceptance.
     #[arg(long, default_value_t = 6)]
@@ -157,6 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eval_tokens: args.eval_tokens,
         eval_draft_len: 4,
         self_distill_tokens: args.self_distill.unwrap_or(0),
+        self_distill_batch: args.self_distill_batch,
     };
     config.validate()?;
     let cpu = candle_core::Device::Cpu;
@@ -175,13 +188,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = loaded.model(candle_core::DType::F32, &cpu)?;
     let data = hat::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
     eprintln!("hat: data set {}: {}", args.dataset.display(), data.summary());
-    let (mut train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
+    let (train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
-    let progress = hat::progress::bar(0, "preparing");
-    if config.self_distill_tokens > 0 {
-        let cache = args.out.with_extension("selfdistill.jsonl");
-        hat::train::self_distill(&model, &device, &mut train, config.self_distill_tokens, &cache, &progress)?;
+    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
+    if let Some(path) = &args.evaluate {
+        let adapter = hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
+        let held = hat::train::HeldOut::new(&trainer, &held_out)?;
+        let e = hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0)?;
+        println!("{}", serde_json::to_string_pretty(&e)?);
+        return Ok(());
     }
+    let Some(out) = args.out else { anyhow::bail!("--out is required to train") };
+    let progress = hat::progress::bar(0, "preparing");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
@@ -197,11 +215,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     let report = hat::train::train(TrainRun {
-        trainer: Trainer { model: &model, device: &device, cloud: &cloud, config },
+        trainer,
         weights: loaded.weights.var_builder(candle_core::DType::F32, &cpu)?,
         train,
         held_out,
-        out: args.out.clone(),
+        self_distill_cache: Some(out.with_extension("selfdistill.safetensors")),
+        out: out.clone(),
         resume: args.resume,
         stop,
         stop_at_step: None,
@@ -210,12 +229,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let last = report.evals.last();
     println!(
         "adapter {} ({} steps, stopped by {}): top-1 agreement {:.1}%, mean accepted {:.2} tokens/round at γ=4; report {}",
-        args.out.display(),
+        out.display(),
         report.steps_done,
         report.stopped_by,
         last.map_or(0.0, |e| e.top1_agreement * 100.0),
         last.map_or(0.0, |e| e.mean_accepted),
-        args.out.with_extension("report.json").display()
+        out.with_extension("report.json").display()
     );
     Ok(())
 }

@@ -331,6 +331,26 @@ impl HatTokenizer {
         }
     }
 
+    /// [`Self::encode_prompt`] cut to at most `max_tokens` ids by dropping the end of the prompt's
+    /// own text, so that the chat template's opening and closing (e.g. the assistant header the
+    /// reply follows) stay intact. Errors when the template alone takes more than `max_tokens`.
+    pub fn encode_prompt_within(&self, prompt: &str, use_chat_template: bool, max_tokens: usize) -> Result<Vec<u32>> {
+        let ids = self.encode_prompt(prompt, use_chat_template)?;
+        if ids.len() <= max_tokens {
+            return Ok(ids);
+        }
+        // The template around an empty prompt: the common prefix and suffix of the two encodings.
+        let frame = self.encode_prompt("", use_chat_template)?;
+        let head = ids.iter().zip(&frame).take_while(|(a, b)| a == b).count();
+        let tail = ids.iter().rev().zip(frame.iter().rev()).take_while(|(a, b)| a == b).count().min(frame.len() - head.min(frame.len()));
+        if head + tail >= max_tokens {
+            return Err(Error::invalid(format!("a prompt cannot fit in {max_tokens} tokens: the chat template alone takes {}", head + tail)));
+        }
+        let mut cut = ids[..max_tokens - tail].to_vec();
+        cut.extend_from_slice(&ids[ids.len() - tail..]);
+        Ok(cut)
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_token_ids.contains(&id)
     }

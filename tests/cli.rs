@@ -61,6 +61,22 @@ fn generate_json_and_split_on_a_tiny_model() {
     let o = hat(&["split", "--model", m, "--out", out.to_str().unwrap()], &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    // Train a tiny adapter from the command line, self-distilled, then evaluate the file alone.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json");
+    let adapter = dir.path().join("a.safetensors");
+    let common = ["--model", m, "--split", out.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--held-out", "1", "--seq-len", "48", "--eval-tokens", "6"];
+    let train: Vec<&str> = [&["train-adapter"][..], &common, &["--out", adapter.to_str().unwrap(), "--steps", "2", "--self-distill", "8"]].concat();
+    let o = hat(&train, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(adapter.with_extension("selfdistill.safetensors").exists() && adapter.with_extension("report.json").exists());
+    let eval: Vec<&str> = [&["train-adapter"][..], &common, &["--evaluate", adapter.to_str().unwrap()]].concat();
+    let o = hat(&eval, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert!(v["mean_accepted"].as_f64().unwrap() >= 1.0 && v["top1_agreement"].as_f64().is_some(), "{v}");
+    let o = hat(&[&["train-adapter"][..], &common].concat(), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--out"), "{}", stderr(&o));
+
     for (k1, k2) in [("0", "1"), ("1", "0"), ("3", "3")] {
         let o = hat(&["split", "--model", m, "--input-layers", k1, "--output-layers", k2, "--out", dir.path().join("x").to_str().unwrap()], &[]);
         assert!(!o.status.success() && stderr(&o).contains("error: "), "{k1}/{k2}: {}", stderr(&o));

@@ -117,6 +117,15 @@ fn chat_template_renders_like_the_model_expects() {
     assert_eq!(ids[0], 1);
     assert_eq!(tok.decode(&ids, false).unwrap(), text);
     assert_eq!(tok.encode_prompt("What is 2+2?", false).unwrap(), tok.encode("What is 2+2?").unwrap());
+    // A prompt cut to fit keeps the template around it: the reply still follows the assistant header.
+    let long = "Tell me about the history of the Roman Empire, its emperors, wars and roads. ".repeat(20);
+    let cut = tok.encode_prompt_within(&long, true, 64).unwrap();
+    assert_eq!(cut.len(), 64);
+    let cut_text = tok.decode(&cut, false).unwrap();
+    assert!(cut_text.starts_with("<|im_start|>system\nYou are a helpful AI assistant") && cut_text.contains("user\nTell me about"), "{cut_text}");
+    assert!(cut_text.ends_with("<|im_end|>\n<|im_start|>assistant\n"), "{cut_text}");
+    assert_eq!(tok.encode_prompt_within("What is 2+2?", true, 64).unwrap(), ids, "a prompt that fits is left alone");
+    assert!(tok.encode_prompt_within(&long, true, 10).unwrap_err().to_string().contains("chat template alone"));
 }
 
 #[test]

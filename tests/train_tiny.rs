@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, IndexOp};
 use hat::adapter::Adapter;
 use hat::source::{LoadedModel, ModelSpec};
 use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
@@ -46,6 +46,10 @@ fn config(steps: usize) -> TrainConfig {
 }
 
 fn train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<usize>) -> TrainReport {
+    train_with(t, cfg, out, resume, stop_at, None)
+}
+
+fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<usize>, cache: Option<&Path>) -> TrainReport {
     let cpu = Device::Cpu;
     let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
     let cloud = CloudBundle::load(&t.dir.path().join("split/cloud"), &cpu).unwrap();
@@ -59,6 +63,7 @@ fn train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<u
         weights: t.loaded.weights.var_builder(DType::F32, &cpu).unwrap(),
         train,
         held_out,
+        self_distill_cache: cache.map(Path::to_path_buf),
         out: out.to_path_buf(),
         resume,
         stop: Arc::new(AtomicBool::new(false)),
@@ -113,6 +118,7 @@ fn resume_continues_the_same_run() {
         weights: t.loaded.weights.var_builder(DType::F32, &cpu).unwrap(),
         train: train_c,
         held_out: held,
+        self_distill_cache: None,
         out,
         resume: true,
         stop: Arc::new(AtomicBool::new(false)),
@@ -150,25 +156,57 @@ fn corrupt_and_mismatched_adapters_are_refused() {
 }
 
 #[test]
-fn self_distillation_replaces_replies_and_caches_them() {
+fn self_distillation_generates_the_models_greedy_replies_in_batches() {
     let t = tiny();
     let cpu = Device::Cpu;
     let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
+    let cloud = CloudBundle::load(&t.dir.path().join("split/cloud"), &cpu).unwrap();
     let model = t.loaded.model(DType::F32, &cpu).unwrap();
-    let data = hat::dataset::load_conversations(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json")).unwrap();
-    let cache = t.dir.path().join("sd.jsonl");
-    let mut convs = data.conversations.clone();
-    hat::train::self_distill(&model, &device, &mut convs, 5, &cache, &indicatif::ProgressBar::hidden()).unwrap();
-    let lines = std::fs::read_to_string(&cache).unwrap().lines().count();
-    assert_eq!(lines, 3);
-    for (c, orig) in convs.iter().zip(&data.conversations) {
-        assert_eq!(c.first_prompt(), orig.first_prompt());
-        assert_eq!(c.turns.len(), 2);
-        assert_eq!(c.turns[1].role, "assistant");
+    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config: config(1) };
+    // Prompts of two lengths, three of one (a batch of two and a batch of one), different contents.
+    let base: Vec<u32> = (1..12).map(|i| i * 7 % 60 + 3).collect();
+    let mut prompts = vec![base.clone(), base[..7].to_vec()];
+    for (i, v) in [(2, 40u32), (5, 41)] {
+        let mut p = base.clone();
+        p[i] = v;
+        prompts.push(p);
     }
-    // A second pass reuses the cache: same replies, nothing appended.
-    let mut again = data.conversations.clone();
-    hat::train::self_distill(&model, &device, &mut again, 5, &cache, &indicatif::ProgressBar::hidden()).unwrap();
-    assert_eq!(std::fs::read_to_string(&cache).unwrap().lines().count(), lines);
-    assert_eq!(again, convs);
+    let tokens = 9;
+    let samples = trainer.self_distill(&prompts, tokens, 2, &indicatif::ProgressBar::hidden()).unwrap();
+    assert_eq!(samples.len(), prompts.len());
+    for (prompt, s) in prompts.iter().zip(&samples) {
+        let reply = hat::generate::generate(&mut hat::generate::ModelDecoder::new(&model), prompt, tokens, &hat::generate::SamplingParams::greedy(), &device.tokenizer.eos_token_ids, |_| Ok(()))
+            .unwrap()
+            .token_ids;
+        // Fed: the prompt and every reply token but the last (a target only).
+        let fed: Vec<u32> = prompt.iter().chain(&reply[..reply.len() - 1]).copied().collect();
+        assert_eq!(s.ids, fed, "the batched reply is the model's own greedy reply");
+        let top1: Vec<u32> = s.top_ids.i((.., 0)).unwrap().to_vec1().unwrap();
+        assert_eq!(&top1[prompt.len() - 1..], &reply[..], "the recorded teacher argmax is the reply");
+        // The recorded teacher outputs are those of one teacher-forced pass over the sequence.
+        let taught = trainer.teach(&s.ids).unwrap();
+        let close = |a: &candle_core::Tensor, b: &candle_core::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(s.top_ids.to_vec2::<u32>().unwrap(), taught.top_ids.to_vec2::<u32>().unwrap());
+        assert!(close(&s.top_probs, &taught.top_probs) < 1e-4);
+        assert!(close(&s.input_hidden, &taught.input_hidden) < 1e-4);
+        assert!(close(s.middle_hidden.as_ref().unwrap(), taught.middle_hidden.as_ref().unwrap()) < 1e-3);
+    }
+}
+
+#[test]
+fn self_distilled_data_is_cached_and_reused() {
+    let t = tiny();
+    let cfg = TrainConfig { self_distill_tokens: 6, self_distill_batch: 2, ..config(3) };
+    let out = t.dir.path().join("sd.safetensors");
+    let cache = out.with_extension("selfdistill.safetensors");
+    let first = train_with(&t, cfg.clone(), &out, false, None, Some(&cache));
+    let made = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    let again = train_with(&t, cfg.clone(), &t.dir.path().join("sd2.safetensors"), false, None, Some(&cache));
+    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), made, "the cache was reused, not rewritten");
+    let losses = |r: &TrainReport| r.curve.iter().map(|p| (p.step, p.loss)).collect::<Vec<_>>();
+    assert_eq!(losses(&first), losses(&again));
+    assert!(first.train_tokens > 0);
+    // Other settings make other data: the cache is replaced, not misused.
+    train_with(&t, TrainConfig { self_distill_tokens: 5, ..cfg }, &out, false, None, Some(&cache));
+    assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), made);
 }
