@@ -190,14 +190,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("hat: data set {}: {}", args.dataset.display(), data.summary());
     let (train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
-    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
     if let Some(path) = &args.evaluate {
         let adapter = hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
+        // The file says how it is conditioned, whatever --conditioning says.
+        let config = TrainConfig { conditioned: adapter.is_conditioned(), ..config };
+        let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
         let held = hat::train::HeldOut::new(&trainer, &held_out)?;
         let e = hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0)?;
         println!("{}", serde_json::to_string_pretty(&e)?);
         return Ok(());
     }
+    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
     let Some(out) = args.out else { anyhow::bail!("--out is required to train") };
     let progress = hat::progress::bar(0, "preparing");
     let stop = Arc::new(AtomicBool::new(false));

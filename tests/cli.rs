@@ -61,11 +61,12 @@ fn generate_json_and_split_on_a_tiny_model() {
     let o = hat(&["split", "--model", m, "--out", out.to_str().unwrap()], &[]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
-    // Train a tiny adapter from the command line, self-distilled, then evaluate the file alone.
+    // Train a tiny conditioned adapter from the command line, self-distilled, then evaluate the
+    // file alone (its conditioning comes from the file).
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json");
     let adapter = dir.path().join("a.safetensors");
     let common = ["--model", m, "--split", out.to_str().unwrap(), "--dataset", data.to_str().unwrap(), "--held-out", "1", "--seq-len", "48", "--eval-tokens", "6"];
-    let train: Vec<&str> = [&["train-adapter"][..], &common, &["--out", adapter.to_str().unwrap(), "--steps", "2", "--self-distill", "8"]].concat();
+    let train: Vec<&str> = [&["train-adapter"][..], &common, &["--out", adapter.to_str().unwrap(), "--steps", "2", "--self-distill", "8", "--conditioning", "features"]].concat();
     let o = hat(&train, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(adapter.with_extension("selfdistill.safetensors").exists() && adapter.with_extension("report.json").exists());
