@@ -313,10 +313,74 @@ pub fn swiglu(x: &Tensor) -> Result<Tensor> {
     x.apply_op1_no_bwd(&SwiGlu)
 }
 
+/// `x @ w_t` for a weight that does not train, `x`: `(..., m, k)`, `w_t`: `(k, n)` or one per
+/// batch row `(batch, k, n)` → `(..., m, n)`. candle's matmul backward always computes both
+/// operands' gradients; this op's backward gives only `x`'s (`grad @ w_tᵀ`), which halves the
+/// backward cost of the frozen layers that gradients flow through in adapter training (the
+/// output submodel, the head).
+pub fn frozen_matmul(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(w_t, FrozenMatmul)
+}
+
+struct FrozenMatmul;
+
+impl candle_core::CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (xd, wd) = (lx.dims(), lw.dims());
+        let (k, n) = (wd[wd.len() - 2], wd[wd.len() - 1]);
+        if !lx.is_contiguous() || xd.last() != Some(&k) {
+            candle_core::bail!("frozen-matmul: x {xd:?} (contiguous) against w_t {wd:?}");
+        }
+        let mut out_dims = xd.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        let y = match wd.len() {
+            // One weight for every row: x as one (rows, k) matrix.
+            2 => {
+                let rows = lx.shape().elem_count() / k.max(1);
+                x.matmul(w, (1, rows, n, k), &Layout::contiguous_with_offset((rows, k), lx.start_offset()), lw)?
+            }
+            3 if xd.len() == 3 && xd[0] == wd[0] => x.matmul(w, (xd[0], xd[1], n, k), lx, lw)?,
+            _ => candle_core::bail!("frozen-matmul: x {xd:?} against w_t {wd:?}"),
+        };
+        Ok((y, Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, w_t: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.broadcast_matmul(&w_t.t()?)?), None))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn frozen_matmul_gives_the_inputs_gradient_only() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (13, 7), &dev).unwrap(); // (n, k), frozen
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (2, 5, 13), &dev).unwrap();
+        let loss = |y: Tensor| (y - &target).unwrap().sqr().unwrap().sum_all().unwrap();
+        let want_y = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let got_y = frozen_matmul(x.as_tensor(), &w.t().unwrap()).unwrap();
+        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_diff(&got_y, &want_y) < 1e-5);
+        let want = loss(want_y).backward().unwrap();
+        let got = loss(got_y).backward().unwrap();
+        assert!(max_diff(got.get(x.as_tensor()).unwrap(), want.get(x.as_tensor()).unwrap()) < 1e-4);
+        // Batched weights (one per row), as for the head's candidate tokens.
+        let wb = Tensor::randn(0f32, 1.0, (2, 7, 13), &dev).unwrap();
+        let y = frozen_matmul(x.as_tensor(), &wb).unwrap();
+        assert!(max_diff(&y, &x.as_tensor().matmul(&wb).unwrap()) < 1e-5);
+    }
 
     #[test]
     fn small_m_matmul_matches_matmul_and_is_row_invariant() {
@@ -341,3 +405,4 @@ mod tests {
         }
     }
 }
+

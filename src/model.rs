@@ -107,19 +107,25 @@ fn rms_norm(norm: &RmsNorm, x: &Tensor, eps: f64, ops: Ops) -> Result<Tensor> {
     })
 }
 
-/// A linear layer: the small-m kernel for short blocks on CPU (decode, drafts, verification),
-/// candle-nn's `Linear` (gemm) otherwise and whenever gradients are needed.
+/// A linear layer: the small-m kernel for short blocks on CPU (decode, drafts, verification), a
+/// matmul whose backward skips the weight's gradient for frozen layers in training, candle-nn's
+/// `Linear` (gemm) otherwise.
 fn project(lin: &Linear, x: &Tensor, ops: Ops) -> Result<Tensor> {
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
-    if ops == Ops::Fused && rows <= crate::kernels::SMALL_M && crate::kernels::is_cpu_f32(x) && crate::kernels::is_cpu_f32(lin.weight()) {
-        let y = crate::kernels::small_m_matmul(x, lin.weight())?;
-        return Ok(match lin.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
-    }
-    Ok(lin.forward(x)?)
+    let cpu_f32 = crate::kernels::is_cpu_f32(x) && crate::kernels::is_cpu_f32(lin.weight());
+    let y = if ops == Ops::Fused && rows <= crate::kernels::SMALL_M && cpu_f32 {
+        crate::kernels::small_m_matmul(x, lin.weight())?
+    } else if ops == Ops::Differentiable && !lin.weight().track_op() && cpu_f32 {
+        // A frozen layer in training: gradients flow to the input only.
+        crate::kernels::frozen_matmul(x, &lin.weight().t()?)?
+    } else {
+        return Ok(lin.forward(x)?);
+    };
+    Ok(match lin.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
 }
 
 fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm> {

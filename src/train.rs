@@ -528,9 +528,11 @@ impl<'a> Trainer<'a> {
             let hn = head.norm(&h)?.reshape((b * s, 1, ()))?; // (bs, 1, hidden)
             let w = head.weight();
             let cand = w.index_select(&ids.flatten_all()?, 0)?.reshape((b * s, k, ()))?; // (bs, k, hidden)
-            let pos_logits = hn.broadcast_mul(&cand)?.sum(D::Minus1)?; // (bs, k)
+            // The head is frozen: no gradient for its rows.
+            let frozen = crate::kernels::frozen_matmul;
+            let pos_logits = frozen(&hn, &cand.transpose(1, 2)?)?.squeeze(1)?; // (bs, k)
             let neg_ids = Tensor::new(negatives, dev)?;
-            let neg_logits = hn.squeeze(1)?.matmul(&w.index_select(&neg_ids, 0)?.t()?)?; // (bs, n)
+            let neg_logits = frozen(&hn.squeeze(1)?, &w.index_select(&neg_ids, 0)?.t()?)?; // (bs, n)
             let neg_logits = neg_logits.broadcast_add(&negative_mask(&ids, negatives)?)?;
             let all = Tensor::cat(&[&pos_logits, &neg_logits], 1)?;
             let logp = candle_nn::ops::log_softmax(&all, D::Minus1)?.narrow(1, 0, k)?;
