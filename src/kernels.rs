@@ -332,7 +332,7 @@ impl candle_core::CustomOp2 for FrozenMatmul {
     fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (xd, wd) = (lx.dims(), lw.dims());
-        let (k, n) = (wd[wd.len() - 2], wd[wd.len() - 1]);
+        let [.., k, n] = *wd else { candle_core::bail!("frozen-matmul: w_t {wd:?} is not a matrix") };
         if !lx.is_contiguous() || xd.last() != Some(&k) {
             candle_core::bail!("frozen-matmul: x {xd:?} (contiguous) against w_t {wd:?}");
         }

@@ -852,8 +852,9 @@ fn save_samples(path: &Path, key: &str, samples: &[Sample]) -> Result<()> {
     t.insert("input_hidden".to_string(), cat(&|s| s.input_hidden.clone())?);
     t.insert("top_ids".to_string(), cat(&|s| s.top_ids.clone())?);
     t.insert("top_probs".to_string(), cat(&|s| s.top_probs.clone())?);
-    if samples.iter().all(|s| s.middle_hidden.is_some()) {
-        t.insert("middle_hidden".to_string(), cat(&|s| s.middle_hidden.clone().unwrap_or_else(|| s.input_hidden.clone()))?);
+    let middle: Option<Vec<Tensor>> = samples.iter().map(|s| s.middle_hidden.clone()).collect();
+    if let Some(m) = middle {
+        t.insert("middle_hidden".to_string(), Tensor::cat(&m, 0)?);
     }
     let tmp = path.with_extension("partial");
     candle_core::safetensors::save(&t, &tmp)?;
