@@ -55,6 +55,20 @@ pub struct Args {
     #[arg(long, default_value = "none", value_parser = ["features", "none"])]
     pub conditioning: String,
 
+    /// What the SLM's output submodel attends to at earlier positions when it drafts, in
+    /// training as at run time: `verified` (the exact states the device computes over the
+    /// cloud's middle outputs to verify: only drafted positions are the SLM's own) or `drafted`
+    /// (its own states over the adapter's predictions at every position).
+    #[arg(long, default_value = "verified", value_parser = ["verified", "drafted"])]
+    pub draft_context: String,
+
+    /// Drafts of a round to train at every position: draft k ≥ 2 reads the adapter's own
+    /// prediction of the previous position's middle output, as at run time (training-time test;
+    /// needs --conditioning features). Each step beyond the first costs about one more student
+    /// pass.
+    #[arg(long, default_value_t = 1)]
+    pub draft_steps: usize,
+
     /// Initial weights: middle (copies of middle layers, evenly spaced), layer:N, or identity.
     #[arg(long, default_value = "middle")]
     pub init: String,
@@ -148,6 +162,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let config = TrainConfig {
         adapter_layers: args.adapter_layers,
         conditioned: args.conditioning == "features",
+        draft_context: hat::adapter::DraftContext::parse(&args.draft_context)?,
+        draft_steps: args.draft_steps,
         init: AdapterInit::parse(&args.init)?,
         steps: args.steps,
         time_budget_s: args.time_budget.map(|m| m * 60.0),
@@ -192,8 +208,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
     if let Some(path) = &args.evaluate {
         let adapter = hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
-        // The file says how it is conditioned, whatever --conditioning says.
-        let config = TrainConfig { conditioned: adapter.is_conditioned(), ..config };
+        // The file says how it is conditioned and drafts, whatever the flags say.
+        let config = TrainConfig { conditioned: adapter.is_conditioned(), draft_context: adapter.draft_context, ..config };
         let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
         let held = hat::train::HeldOut::new(&trainer, &held_out)?;
         let e = hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0)?;

@@ -10,11 +10,15 @@
 //!   submodel on it), so conditioning costs no extra traffic and reveals nothing new; for drafted
 //!   positions the adapter's own prediction stands in. The adapter's output at t predicts `m[t]`.
 //!
+//! What the SLM's output submodel attends to at earlier positions ([`DraftContext`]) is part of
+//! an adapter too: it is trained for one of the two.
+//!
 //! File format: safetensors with tensors `adapter.layers.{i}.*` (the names of a decoder layer),
 //! `adapter.fuse.weight` `(hidden, 2·hidden)` for conditioned adapters, and metadata
 //! `format = hat-adapter/1`, `split_id`, `base_model_hash`, `layers`, `conditioning`
-//! (`middle-features` or `none`), `hidden_size`, `architecture` and `training` (JSON). An adapter
-//! is only valid for the split it was trained for.
+//! (`middle-features` or `none`), `draft_context` (`drafted` or `verified`; `drafted` when
+//! absent), `hidden_size`, `architecture` and `training` (JSON). An adapter is only valid for the
+//! split it was trained for.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -37,6 +41,37 @@ pub fn default_adapter_path(manifest: &Manifest) -> std::path::PathBuf {
     dir.join(format!("{}.safetensors", manifest.split_id))
 }
 
+/// What the SLM's output submodel attends to at the positions before the one it drafts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftContext {
+    /// Its own states, computed over the adapter's predicted middle outputs: the SLM is a model
+    /// of its own, with an output-submodel cache of its own.
+    #[default]
+    Drafted,
+    /// The LLM's output-submodel states over the cloud's middle outputs (exact) for every
+    /// verified position, and the drafts of the current round: the device computes those states
+    /// anyway to verify, so the SLM only adds the drafted positions.
+    Verified,
+}
+
+impl DraftContext {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "drafted" => Ok(Self::Drafted),
+            "verified" => Ok(Self::Verified),
+            _ => Err(Error::invalid(format!("unknown draft context '{s}' (this hat knows drafted and verified)"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drafted => "drafted",
+            Self::Verified => "verified",
+        }
+    }
+}
+
 /// A loaded adapter.
 #[derive(Debug, Clone)]
 pub struct Adapter {
@@ -45,6 +80,7 @@ pub struct Adapter {
     /// an attention sink, has ~40× the norm of the others).
     pub fuse: Option<Tensor>,
     pub layers: LayerStack,
+    pub draft_context: DraftContext,
     /// The split it belongs to; `None` for the untrained default.
     pub split_id: Option<String>,
     pub metadata: HashMap<String, String>,
@@ -54,7 +90,13 @@ impl Adapter {
     /// The untrained default: no layers, the SLM runs the output submodel straight on the input
     /// submodel's hidden states (it "skips the middle"). Lossless, only fewer drafts accepted.
     pub fn none(rope: Arc<Rope>) -> Self {
-        Self { fuse: None, layers: LayerStack::from_layers(0..0, Vec::new(), rope), split_id: None, metadata: HashMap::new() }
+        Self {
+            fuse: None,
+            layers: LayerStack::from_layers(0..0, Vec::new(), rope),
+            draft_context: DraftContext::Drafted,
+            split_id: None,
+            metadata: HashMap::new(),
+        }
     }
 
     /// Loads an adapter file and checks it belongs to the bundle's split.
@@ -85,12 +127,16 @@ impl Adapter {
             ),
             Some(other) => return Err(bad(format!("unknown adapter conditioning '{other}' (this hat knows none and middle-features)"))),
         };
+        let draft_context = match meta.get("draft_context") {
+            None => DraftContext::Drafted,
+            Some(c) => DraftContext::parse(c).map_err(|e| bad(e.to_string()))?,
+        };
         let vb = vb.pp("adapter.layers");
         let layers = (0..n)
             .map(|i| DecoderLayer::load(vb.pp(i), &manifest.config))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| bad(format!("adapter tensors do not fit the model: {e}")))?;
-        Ok(Self { fuse, layers: LayerStack::from_layers(0..n, layers, rope), split_id: Some(split_id), metadata: meta })
+        Ok(Self { fuse, layers: LayerStack::from_layers(0..n, layers, rope), draft_context, split_id: Some(split_id), metadata: meta })
     }
 
     /// Whether the adapter reads the previous position's middle output (EAGLE-style).
@@ -103,12 +149,16 @@ impl Adapter {
     /// middle output at positions `pos - 1..pos + n - 1` (zeros before position 0). Returns the
     /// predicted middle output `(batch, n, hidden)`.
     pub fn forward(&self, h_in: &Tensor, prev: Option<&Tensor>, pos: usize, cache: &mut StackCache) -> Result<Tensor> {
-        let x = match (&self.fuse, prev) {
+        self.layers.forward(&self.layer_input(h_in, prev)?, pos, cache)
+    }
+
+    /// The layers' input: `h_in`, or for conditioned adapters `fuse · [rms(prev) ; h_in]`.
+    fn layer_input(&self, h_in: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+        Ok(match (&self.fuse, prev) {
             (None, _) => h_in.clone(),
             (Some(fuse), Some(prev)) => Tensor::cat(&[&rms_normalise(prev)?, h_in], 2)?.broadcast_matmul(&fuse.t()?)?,
             (Some(_), None) => return Err(Error::invalid("a conditioned adapter needs the previous positions' middle output")),
-        };
-        self.layers.forward(&x, pos, cache)
+        })
     }
 
     /// Teacher-forced run from position 0 over a whole sequence: `h_in` and `middle` (the middle
@@ -122,9 +172,47 @@ impl Adapter {
         self.forward(h_in, prev.as_ref(), 0, &mut self.layers.new_cache())
     }
 
+    /// Teacher-forced draft path from position 0 up to the output submodel: `h_in` and `middle`
+    /// (the middle layers' true output at the same positions; required when conditioned or when
+    /// the draft context is `verified`) are `(batch, len, hidden)`. Every position runs as the
+    /// first draft of a round runs: behind verified positions. Returns the output submodel's
+    /// hidden states (the head turns them into the drafts' logits) and the adapter's predicted
+    /// middle outputs, both `(batch, len, hidden)`.
+    pub fn draft_hidden(&self, output: &LayerStack, h_in: &Tensor, middle: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let predicted = self.forward_teacher_forced(h_in, middle)?;
+        Ok((self.output_hidden(output, &predicted, middle)?, predicted))
+    }
+
+    /// The next draft of a round, teacher-forced like [`Adapter::draft_hidden`] (conditioned
+    /// adapters): position t reads `drafted[t-1]`, the previous draft step's prediction of the
+    /// middle output at t-1, where the first draft read the true one; like at run time it attends
+    /// to the adapter states of earlier positions made from true middle outputs. (The output
+    /// submodel's context is taken as verified at every earlier position, though at run time the
+    /// previous position's state is a draft's.) Returns the output submodel's hidden states and
+    /// the new predictions, `(batch, len, hidden)`.
+    pub fn next_draft_hidden(&self, output: &LayerStack, h_in: &Tensor, middle: &Tensor, drafted: &Tensor) -> Result<(Tensor, Tensor)> {
+        if !self.is_conditioned() {
+            return Err(Error::invalid("only a conditioned adapter reads its own drafts"));
+        }
+        let truth = self.layer_input(h_in, Some(&shift_right(middle)?))?;
+        let from_drafts = self.layer_input(h_in, Some(&shift_right(drafted)?))?;
+        let predicted = self.layers.forward_beside(&from_drafts, &truth)?;
+        Ok((self.output_hidden(output, &predicted, Some(middle))?, predicted))
+    }
+
+    /// The output submodel over predicted middle outputs `(batch, len, hidden)` from position 0,
+    /// in this adapter's draft context.
+    fn output_hidden(&self, output: &LayerStack, predicted: &Tensor, middle: Option<&Tensor>) -> Result<Tensor> {
+        match (self.draft_context, middle) {
+            (DraftContext::Drafted, _) => output.forward(predicted, 0, &mut output.new_cache()),
+            (DraftContext::Verified, Some(m)) => output.forward_beside(predicted, m),
+            (DraftContext::Verified, None) => Err(Error::invalid("internal: drafts behind verified positions need the true middle outputs")),
+        }
+    }
+
     /// Writes an adapter file: `tensors` named `adapter.layers.{i}.*` (and [`FUSE`] for a
     /// conditioned adapter), plus the metadata.
-    pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, training: &serde_json::Value) -> Result<()> {
+    pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, draft_context: DraftContext, training: &serde_json::Value) -> Result<()> {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("split_id".to_string(), manifest.split_id.clone());
@@ -132,6 +220,7 @@ impl Adapter {
         meta.insert("layers".to_string(), layers.to_string());
         let conditioning = if tensors.contains_key(FUSE) { "middle-features" } else { "none" };
         meta.insert("conditioning".to_string(), conditioning.to_string());
+        meta.insert("draft_context".to_string(), draft_context.as_str().to_string());
         meta.insert("hidden_size".to_string(), manifest.hidden_size.to_string());
         meta.insert("architecture".to_string(), serde_json::to_string(&manifest.config).unwrap_or_default());
         meta.insert("training".to_string(), training.to_string());

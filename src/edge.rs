@@ -6,7 +6,10 @@
 //! Caches on the device, all indexed by position:
 //! - input submodel (shared by the SLM and the LLM paths: same layers, same hidden states);
 //! - adapter and SLM output submodel (the draft path);
-//! - LLM output submodel (runs on the cloud's replies).
+//! - LLM output submodel (runs on the cloud's replies). With an adapter whose draft context is
+//!   [`DraftContext::Verified`] the SLM drafts behind these exact states instead of keeping an
+//!   output cache of its own: each draft appends one position, and the next verification
+//!   truncates the cache back to the round's start.
 //!
 //! The cloud's middle cache is truncated by the start position of the next block it receives.
 //!
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, DraftContext};
 use crate::error::{Error, Result};
 use crate::generate::{SamplingParams, StopReason};
 use crate::link::{MiddleLink, MiddleReply};
@@ -171,8 +174,27 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         };
         let pos = self.adapter_cache.len();
         let m = self.adapter.forward(&x, prev.as_ref(), pos, &mut self.adapter_cache)?;
-        let y = self.dev.output.forward(&m, pos, &mut self.slm_output)?;
-        let out = if logits { Some((self.dev.head.forward_last(&y)?.squeeze(0)?, m.narrow(1, n - 1, 1)?)) } else { None };
+        let out = match self.adapter.draft_context {
+            DraftContext::Drafted => {
+                let y = self.dev.output.forward(&m, pos, &mut self.slm_output)?;
+                logits.then(|| Ok::<_, Error>((self.dev.head.forward_last(&y)?.squeeze(0)?, m.narrow(1, n - 1, 1)?))).transpose()?
+            }
+            // The LLM's output cache holds every verified position (and this round's drafts):
+            // only the drafted position runs, behind them; verification truncates it back.
+            DraftContext::Verified if logits => {
+                let last = pos + n - 1;
+                if self.llm_output.len() != last {
+                    return Err(Error::invalid(format!(
+                        "internal: drafting at position {last} behind {} verified positions",
+                        self.llm_output.len()
+                    )));
+                }
+                let m = m.narrow(1, n - 1, 1)?;
+                let y = self.dev.output.forward(&m, last, &mut self.llm_output)?;
+                Some((self.dev.head.forward_last(&y)?.squeeze(0)?, m))
+            }
+            DraftContext::Verified => None,
+        };
         self.device_time += t.elapsed();
         Ok(out)
     }

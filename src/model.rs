@@ -171,6 +171,13 @@ fn causal_mask(seq: usize, pos: usize, n_rep: usize, dtype: DType, device: &Devi
     Ok(Tensor::from_vec(all, (n_rep * seq, kv), device)?.to_dtype(dtype)?)
 }
 
+/// Like [`causal_mask`] from position 0, but a query does not see its own position:
+/// `(n_rep * seq, seq)`, 0 where `j < i`, -inf elsewhere.
+fn strictly_earlier_mask(seq: usize, n_rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let row: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j < i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Ok(Tensor::from_vec(row.repeat(n_rep), (n_rep * seq, seq), device)?.to_dtype(dtype)?)
+}
+
 /// Loads several linear layers that read the same input as one: their weights (and biases)
 /// concatenated along the output axis, so one matmul serves them all (fewer, larger gemm calls).
 fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> Result<Linear> {
@@ -209,8 +216,9 @@ impl Attention {
         })
     }
 
-    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
-    fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+    /// Queries `(batch, heads, seq, head_dim)` and keys, values `(batch, kv_heads, seq,
+    /// head_dim)` of `x`, `(batch, seq, hidden)` at positions `pos..pos + seq`, rotated.
+    fn qkv(&self, x: &Tensor, pos: usize, rope: &Rope, ops: Ops) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = project(&self.qkv_proj, x, ops)?; // (b, seq, (nh + 2 * nkv) * hd)
@@ -218,11 +226,22 @@ impl Attention {
             let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = heads(0, nh)?;
-        let k = heads(nh, nkv)?;
-        let v = heads(nh + nkv, nkv)?;
-        let q = rope.apply(&q, pos, ops)?;
-        let k = rope.apply(&k, pos, ops)?;
+        let q = rope.apply(&heads(0, nh)?, pos, ops)?;
+        let k = rope.apply(&heads(nh, nkv)?, pos, ops)?;
+        Ok((q, k, heads(nh + nkv, nkv)?))
+    }
+
+    /// Heads `(batch, heads, seq, head_dim)` → `(batch, seq, hidden)` through `o_proj`.
+    fn merge_heads(&self, y: &Tensor, ops: Ops) -> Result<Tensor> {
+        let (b, nh, seq, hd) = y.dims4()?;
+        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, seq, nh * hd))?, ops)
+    }
+
+    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
+    fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = self.qkv(x, pos, rope, ops)?;
         let (k, v) = match ops {
             Ops::Fused => cache.append(&k, &v)?, // (b, nkv, pos + seq, hd)
             // The cache writes in place (no gradient): attend to the new K/V themselves, after
@@ -257,8 +276,40 @@ impl Attention {
                 att.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
             }
         };
-        let y = y.reshape((b, nh, seq, hd))?.transpose(1, 2)?.reshape((b, seq, nh * hd))?;
-        project(&self.o_proj, &y, ops)
+        self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops)
+    }
+
+    /// Attention of a drafted stream beside the true one, both `(batch, seq, hidden)` from
+    /// position 0: query t of `drafted` sees the true stream's keys and values at positions
+    /// before t and its own at t, which is what a draft sees at run time, when every earlier
+    /// position is verified. Returns both streams' attention outputs `(batch, seq, hidden)`; the
+    /// true one is plain causal attention, run with `truth_ops`.
+    fn forward_beside(&self, drafted: &Tensor, truth: &Tensor, rope: &Rope, ops: Ops, truth_ops: Ops) -> Result<(Tensor, Tensor)> {
+        let (b, seq, _) = drafted.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n_rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (qt, kt, vt) = self.qkv(truth, 0, rope, truth_ops)?;
+        let (qd, kd, vd) = self.qkv(drafted, 0, rope, ops)?;
+        let (qt, qd) = (qt.reshape((b, nkv, n_rep * seq, hd))?, qd.reshape((b, nkv, n_rep * seq, hd))?);
+        let softmax = |att: &Tensor, ops: Ops| -> Result<Tensor> {
+            Ok(match ops {
+                Ops::Fused => candle_nn::ops::softmax_last_dim(att)?,
+                Ops::Differentiable => candle_nn::ops::softmax(att, D::Minus1)?,
+            })
+        };
+        let kt_t = kt.t()?;
+        let att = (qt.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, truth.dtype(), truth.device())?)?;
+        let yt = softmax(&att, truth_ops)?.matmul(&vt)?;
+        // Earlier true positions, then the drafted position itself (its key and value repeated
+        // for the query heads that share them).
+        let earlier = (qd.matmul(&kt_t)? * scale)?.broadcast_add(&strictly_earlier_mask(seq, n_rep, truth.dtype(), truth.device())?)?;
+        let repeat = |t: &Tensor| Tensor::cat(&vec![t; n_rep], 2);
+        let own = ((&qd * repeat(&kd)?)?.sum_keepdim(D::Minus1)? * scale)?;
+        let att = softmax(&Tensor::cat(&[&earlier, &own], D::Minus1)?, ops)?;
+        let yd = (att.narrow(D::Minus1, 0, seq)?.matmul(&vt)? + att.narrow(D::Minus1, seq, 1)?.broadcast_mul(&repeat(&vd)?)?)?;
+        let merge = |y: Tensor, ops: Ops| self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops);
+        Ok((merge(yd, ops)?, merge(yt, truth_ops)?))
     }
 }
 
@@ -321,6 +372,22 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops, mask)?)?;
         let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
         Ok((&x + self.mlp.forward(&h, ops)?)?)
+    }
+}
+
+impl DecoderLayer {
+    /// [`DecoderLayer::forward`] of a drafted stream beside the true one (see
+    /// [`Attention::forward_beside`]): `(drafted, truth)` `(batch, seq, hidden)` from position 0
+    /// → both outputs; the true one only when `need_truth` (the last layer's is not needed).
+    fn forward_beside(&self, drafted: &Tensor, truth: &Tensor, rope: &Rope, ops: Ops, need_truth: bool) -> Result<(Tensor, Option<Tensor>)> {
+        // A true stream that needs no gradient (constant input, frozen layer) runs the fused kernels.
+        let constant = !truth.track_op() && !self.self_attn.qkv_proj.weight().track_op();
+        let truth_ops = if constant { Ops::Fused } else { ops };
+        let norm = |n: &RmsNorm, x: &Tensor, ops: Ops| rms_norm(n, x, self.eps, ops);
+        let (ad, at) = self.self_attn.forward_beside(&norm(&self.input_layernorm, drafted, ops)?, &norm(&self.input_layernorm, truth, truth_ops)?, rope, ops, truth_ops)?;
+        let mlp = |x: Tensor, ops: Ops| -> Result<Tensor> { Ok((&x + self.mlp.forward(&norm(&self.post_attention_layernorm, &x, ops)?, ops)?)?) };
+        let truth = if need_truth { Some(mlp((truth + at)?, truth_ops)?) } else { None };
+        Ok((mlp((drafted + ad)?, ops)?, truth))
     }
 }
 
@@ -443,6 +510,31 @@ impl LayerStack {
         }
         cache.len = needed;
         Ok(h)
+    }
+}
+
+impl LayerStack {
+    /// Runs a drafted sequence `(batch, seq, hidden)` from position 0 as a draft runs at run
+    /// time: position t attends to the true sequence's states (`truth`, same shape) at earlier
+    /// positions, where the cache holds verified states, and to its own drafted state. Returns
+    /// the drafted stream's output `(batch, seq, hidden)`. For training and evaluation (no cache).
+    pub fn forward_beside(&self, drafted: &Tensor, truth: &Tensor) -> Result<Tensor> {
+        if drafted.dims() != truth.dims() {
+            return Err(Error::invalid(format!("drafted states {:?} and true states {:?} differ in shape", drafted.dims(), truth.dims())));
+        }
+        let needed = drafted.dim(1)?;
+        if needed > self.rope.max_positions() {
+            return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
+        }
+        let (mut d, mut t) = (drafted.clone(), truth.clone());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (nd, nt) = layer.forward_beside(&d, &t, &self.rope, self.ops, i + 1 < self.layers.len())?;
+            d = nd;
+            if let Some(nt) = nt {
+                t = nt;
+            }
+        }
+        Ok(d)
     }
 }
 
@@ -651,6 +743,33 @@ mod tests {
         let err = model.layers.forward(&x, 2, &mut cache).unwrap_err().to_string();
         assert!(err.contains("does not follow the cache"), "{err}");
         assert!(model.embedder.embed_ids(&[100_000]).is_err());
+    }
+
+    #[test]
+    fn a_draft_beside_the_truth_sees_what_it_sees_behind_a_verified_cache() {
+        let (_d, model) = load(TinySpec::default());
+        let truth = model.embedder.embed_ids(&IDS[..12]).unwrap();
+        let drafted = model.embedder.embed_ids(&IDS[20..32]).unwrap();
+        for ops in [Ops::Fused, Ops::Differentiable] {
+            let stack = model.layers.clone().with_ops(ops);
+            let beside = stack.forward_beside(&drafted, &truth).unwrap();
+            for t in 0..12 {
+                // At run time: the cache holds the verified (true) positions before t, then the
+                // draft at t runs as one query.
+                let mut cache = model.layers.new_cache();
+                if t > 0 {
+                    model.layers.forward(&truth.narrow(1, 0, t).unwrap(), 0, &mut cache).unwrap();
+                }
+                let want = model.layers.forward(&drafted.narrow(1, t, 1).unwrap(), t, &mut cache).unwrap();
+                let d = max_abs_diff(&beside.narrow(1, t, 1).unwrap(), &want);
+                assert!(d < 5e-5, "{ops:?} position {t}: {d}");
+            }
+        }
+        // Drafted = truth: the plain causal pass.
+        let same = model.layers.forward_beside(&truth, &truth).unwrap();
+        let plain = model.layers.forward(&truth, 0, &mut model.layers.new_cache()).unwrap();
+        assert!(max_abs_diff(&same, &plain) < 5e-5);
+        assert!(model.layers.forward_beside(&drafted.narrow(1, 0, 5).unwrap(), &truth).is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, DraftContext};
 use crate::dataset::Conversation;
 use crate::edge::{EdgeOptions, Mode};
 use crate::error::{Error, Result};
@@ -70,6 +70,13 @@ pub struct TrainConfig {
     /// middle output (see [`crate::adapter`]).
     #[serde(default)]
     pub conditioned: bool,
+    /// What the SLM's output submodel attends to at earlier positions, in training as at run time.
+    #[serde(default)]
+    pub draft_context: DraftContext,
+    /// Drafts of a round trained per position: draft k ≥ 2 reads the adapter's own prediction
+    /// for the position before it (conditioned adapters; 1 = the first draft only).
+    #[serde(default = "one")]
+    pub draft_steps: usize,
     pub init: AdapterInit,
     /// Length of the learning-rate schedule, and the most steps run.
     pub steps: usize,
@@ -108,6 +115,10 @@ pub struct TrainConfig {
     pub self_distill_batch: usize,
 }
 
+fn one() -> usize {
+    1
+}
+
 fn default_self_distill_batch() -> usize {
     64
 }
@@ -117,6 +128,8 @@ impl Default for TrainConfig {
         Self {
             adapter_layers: 1,
             conditioned: false,
+            draft_context: DraftContext::Drafted,
+            draft_steps: 1,
             init: AdapterInit::Middle,
             steps: 400,
             time_budget_s: None,
@@ -153,9 +166,13 @@ impl TrainConfig {
             ("--eval-every", self.eval_every),
             ("--checkpoint-every", self.checkpoint_every),
             ("--self-distill-batch", self.self_distill_batch),
+            ("--draft-steps", self.draft_steps),
         ];
         if let Some(name) = crate::error::first_zero(&positive) {
             return Err(Error::invalid(format!("{name} must be at least 1")));
+        }
+        if self.draft_steps > 1 && !self.conditioned {
+            return Err(Error::invalid("--draft-steps above 1 needs --conditioning features (an unconditioned adapter never reads its own drafts)"));
         }
         if self.seq_len < 8 {
             return Err(Error::invalid("--seq-len must be at least 8"));
@@ -169,9 +186,10 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Whether the teacher's middle outputs are kept (conditioning input, feature loss).
+    /// Whether the teacher's middle outputs are kept (conditioning input, verified draft
+    /// context, feature loss).
     fn keeps_middle(&self) -> bool {
-        self.conditioned || self.feature_weight > 0.0
+        self.conditioned || self.draft_context == DraftContext::Verified || self.feature_weight > 0.0
     }
 
     /// Learning rate at `step` (0-based) after `elapsed_s` of training: linear warm-up, then
@@ -515,31 +533,45 @@ impl<'a> Trainer<'a> {
         let output = self.device.output.clone().with_ops(Ops::Differentiable);
         let head = self.device.head.clone().with_ops(Ops::Differentiable);
         let target = if self.config.keeps_middle() { Some(middle()?) } else { None };
-        let y = adapter.forward_teacher_forced(&x, target.as_ref())?;
-        let h = output.forward(&y, 0, &mut output.new_cache())?;
-        let logp = if self.config.negatives == 0 {
-            // Exact: log-softmax over the whole vocabulary.
-            let logp = candle_nn::ops::log_softmax(&head.forward(&h)?, D::Minus1)?; // (b, max, vocab)
-            logp.gather(&ids, D::Minus1)? // (b, max, k)
-        } else {
-            // Sampled softmax: the teacher's top-k candidates of each position plus negatives
-            // shared by the batch; no (positions × vocab) tensor is ever built.
-            let (b, s, k) = ids.dims3()?;
-            let hn = head.norm(&h)?.reshape((b * s, 1, ()))?; // (bs, 1, hidden)
-            let w = head.weight();
-            let cand = w.index_select(&ids.flatten_all()?, 0)?.reshape((b * s, k, ()))?; // (bs, k, hidden)
-            // The head is frozen: no gradient for its rows.
-            let frozen = crate::kernels::frozen_matmul;
-            let pos_logits = frozen(&hn, &cand.transpose(1, 2)?)?.squeeze(1)?; // (bs, k)
-            let neg_ids = Tensor::new(negatives, dev)?;
-            let neg_logits = frozen(&hn.squeeze(1)?, &w.index_select(&neg_ids, 0)?.t()?)?; // (bs, n)
-            let neg_logits = neg_logits.broadcast_add(&negative_mask(&ids, negatives)?)?;
-            let all = Tensor::cat(&[&pos_logits, &neg_logits], 1)?;
-            let logp = candle_nn::ops::log_softmax(&all, D::Minus1)?.narrow(1, 0, k)?;
-            logp.reshape((b, s, k))?
+        // Soft cross-entropy of the drafts made from output-submodel states `h` against the
+        // teacher, averaged over the real positions.
+        let neg_mask = if self.config.negatives == 0 { None } else { Some(negative_mask(&ids, negatives)?) };
+        let token_loss = |h: &Tensor| -> Result<Tensor> {
+            let logp = if self.config.negatives == 0 {
+                // Exact: log-softmax over the whole vocabulary.
+                let logp = candle_nn::ops::log_softmax(&head.forward(h)?, D::Minus1)?; // (b, max, vocab)
+                logp.gather(&ids, D::Minus1)? // (b, max, k)
+            } else {
+                // Sampled softmax: the teacher's top-k candidates of each position plus negatives
+                // shared by the batch; no (positions × vocab) tensor is ever built.
+                let (b, s, k) = ids.dims3()?;
+                let hn = head.norm(h)?.reshape((b * s, 1, ()))?; // (bs, 1, hidden)
+                let w = head.weight();
+                let cand = w.index_select(&ids.flatten_all()?, 0)?.reshape((b * s, k, ()))?; // (bs, k, hidden)
+                // The head is frozen: no gradient for its rows.
+                let frozen = crate::kernels::frozen_matmul;
+                let pos_logits = frozen(&hn, &cand.transpose(1, 2)?)?.squeeze(1)?; // (bs, k)
+                let neg_ids = Tensor::new(negatives, dev)?;
+                let neg_logits = frozen(&hn.squeeze(1)?, &w.index_select(&neg_ids, 0)?.t()?)?; // (bs, n)
+                let neg_logits = neg_logits.broadcast_add(neg_mask.as_ref().ok_or_else(|| Error::invalid("internal: no negatives"))?)?;
+                let all = Tensor::cat(&[&pos_logits, &neg_logits], 1)?;
+                let logp = candle_nn::ops::log_softmax(&all, D::Minus1)?.narrow(1, 0, k)?;
+                logp.reshape((b, s, k))?
+            };
+            let ce = (&logp * &probs)?.sum(D::Minus1)?.neg()?; // (b, max)
+            Ok(((ce * &mask)?.sum_all()? / positions as f64)?)
         };
-        let ce = (logp * probs)?.sum(D::Minus1)?.neg()?; // (b, max)
-        let mut loss = ((ce * &mask)?.sum_all()? / positions as f64)?;
+        let (h, y) = adapter.draft_hidden(&output, &x, target.as_ref())?;
+        let mut loss = token_loss(&h)?;
+        // Later drafts of a round read the adapter's own predictions (training-time test).
+        let mut drafted = y.clone();
+        for _ in 1..self.config.draft_steps {
+            let truth = target.as_ref().ok_or_else(|| Error::invalid("internal: later drafts need the true middle outputs"))?;
+            let (h, next) = adapter.next_draft_hidden(&output, &x, truth, &drafted)?;
+            loss = (loss + token_loss(&h)?)?;
+            drafted = next;
+        }
+        let mut loss = (loss / self.config.draft_steps as f64)?;
         if let (true, Some(target)) = (self.config.feature_weight > 0.0, &target) {
             // Per-position normalised squared error: |y - t|² / |t|².
             let err = (&y - target)?.sqr()?.sum(D::Minus1)?;
@@ -593,6 +625,7 @@ fn negative_mask(ids: &Tensor, negatives: &[u32]) -> Result<Tensor> {
 pub struct AdapterWeights {
     pub vars: Vec<(String, Var)>,
     num_layers: usize,
+    draft_context: DraftContext,
 }
 
 /// Decoder-layer tensor names (relative to the layer).
@@ -638,7 +671,13 @@ impl AdapterWeights {
                 vars.push((format!("adapter.layers.{j}.{name}"), Var::from_tensor(&t)?));
             }
         }
-        Ok(Self { vars, num_layers: n })
+        Ok(Self { vars, num_layers: n, draft_context: DraftContext::Drafted })
+    }
+
+    /// Sets what the output submodel attends to when the adapter drafts.
+    pub fn with_draft_context(mut self, c: DraftContext) -> Self {
+        self.draft_context = c;
+        self
     }
 
     fn map(&self) -> HashMap<String, Tensor> {
@@ -655,6 +694,7 @@ impl AdapterWeights {
         Ok(Adapter {
             fuse: map.get(crate::adapter::FUSE).cloned(),
             layers: LayerStack::from_layers(0..self.num_layers, layers, rope).with_ops(ops),
+            draft_context: self.draft_context,
             split_id: Some(manifest.split_id.clone()),
             metadata: HashMap::new(),
         })
@@ -667,7 +707,7 @@ impl AdapterWeights {
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F16)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Adapter::save(path, &tensors, manifest, self.num_layers, training)
+        Adapter::save(path, &tensors, manifest, self.num_layers, self.draft_context, training)
     }
 }
 
@@ -759,8 +799,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
     for s in &held.samples {
         let x = s.input_hidden.unsqueeze(0)?;
         let middle = s.middle_hidden.as_ref().map(|m| m.unsqueeze(0)).transpose()?;
-        let y = adapter.forward_teacher_forced(&x, middle.as_ref())?;
-        let y = t.device.output.forward(&y, 0, &mut t.device.output.new_cache())?;
+        let (y, _) = adapter.draft_hidden(&t.device.output, &x, middle.as_ref())?;
         let logits = t.device.head.forward(&y)?.squeeze(0)?;
         let student: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         let teacher: Vec<u32> = s.top_ids.i((.., 0))?.to_vec1()?;
@@ -947,7 +986,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         format!("teacher: {} training sequences ({train_tokens} tokens) and {} held-out in {teacher_seconds:.0} s", samples.len(), held.samples.len()),
     );
     // Student and optimiser.
-    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init, cfg.conditioned)?;
+    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init, cfg.conditioned)?.with_draft_context(cfg.draft_context);
     let eval_at = |step: usize, elapsed: f64| evaluate(t, &weights.adapter(manifest, t.device.rope.clone(), Ops::Fused)?, &held, step, elapsed);
     let mut opt = AdamW::new(weights.vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect())?;
     let mut state = CheckpointState { config: cfg.clone(), split_id: manifest.split_id.clone(), step: 0, elapsed_s: 0.0, curve: vec![], evals: vec![] };

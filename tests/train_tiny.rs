@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp};
-use hat::adapter::Adapter;
+use candle_core::{DType, Device, IndexOp, Tensor};
+use hat::adapter::{Adapter, DraftContext};
 use hat::source::{LoadedModel, ModelSpec};
 use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
 use hat::testing::{tiny_model, TinySpec};
@@ -75,15 +75,16 @@ fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Opt
 
 #[test]
 fn a_few_steps_lower_the_loss_and_write_a_loadable_adapter() {
-    for conditioned in [false, true] {
-        lower_the_loss(conditioned);
-    }
+    lower_the_loss(false, DraftContext::Drafted, 1);
+    lower_the_loss(true, DraftContext::Verified, 1);
+    let a = lower_the_loss(true, DraftContext::Verified, 2);
+    later_drafts_read_their_own_predictions_behind_verified_states(&a);
 }
 
-fn lower_the_loss(conditioned: bool) {
+fn lower_the_loss(conditioned: bool, draft_context: DraftContext, draft_steps: usize) -> (Tiny, Adapter) {
     let t = tiny();
     let out = t.dir.path().join("a.safetensors");
-    let r = train(&t, TrainConfig { conditioned, ..config(12) }, &out, false, None);
+    let r = train(&t, TrainConfig { conditioned, draft_context, draft_steps, ..config(12) }, &out, false, None);
     let first: f64 = r.curve[..3].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     let last: f64 = r.curve[r.curve.len() - 3..].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     assert!(last < first * 0.9, "loss {first} -> {last}");
@@ -93,6 +94,37 @@ fn lower_the_loss(conditioned: bool) {
     let device = DeviceBundle::load(&t.dir.path().join("split/device"), &Device::Cpu).unwrap();
     let a = Adapter::load(&out, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap();
     assert_eq!((a.num_layers(), a.split_id.as_deref(), a.is_conditioned()), (1, Some(device.manifest.split_id.as_str()), conditioned));
+    assert_eq!(a.draft_context, draft_context);
+    (t, a)
+}
+
+/// The training-time test's second draft at position t reads the adapter's own prediction for
+/// t-1 while attending to adapter states made from true middle outputs at earlier positions:
+/// what the edge's cache holds when it drafts the second token of a round.
+fn later_drafts_read_their_own_predictions_behind_verified_states((t, a): &(Tiny, Adapter)) {
+    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &Device::Cpu).unwrap();
+    let hidden = device.manifest.hidden_size;
+    let randn = |seed: f64| (Tensor::arange(0f32, (10 * hidden) as f32, &Device::Cpu).unwrap() * seed).unwrap().sin().unwrap().reshape((1, 10, hidden)).unwrap();
+    let (h_in, middle, drafted) = (randn(0.37), randn(1.3), randn(2.1));
+    let (_, predicted) = a.next_draft_hidden(&device.output, &h_in, &middle, &drafted).unwrap();
+    let zero = Tensor::zeros((1, 1, hidden), DType::F32, &Device::Cpu).unwrap();
+    let mut mismatch = 0f32;
+    for p in 0..10 {
+        let mut cache = a.layers.new_cache();
+        if p > 0 {
+            let prev = Tensor::cat(&[&zero, &middle.narrow(1, 0, p - 1).unwrap()], 1).unwrap();
+            a.forward(&h_in.narrow(1, 0, p).unwrap(), Some(&prev), 0, &mut cache).unwrap();
+        }
+        let prev = if p > 0 { drafted.narrow(1, p - 1, 1).unwrap() } else { zero.clone() };
+        let want = a.forward(&h_in.narrow(1, p, 1).unwrap(), Some(&prev), p, &mut cache).unwrap();
+        let d = (predicted.narrow(1, p, 1).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        mismatch = mismatch.max(d);
+    }
+    assert!(mismatch < 1e-4, "{mismatch}");
+    // The drafts matter: reading the true outputs instead gives other predictions.
+    let (_, first) = a.draft_hidden(&device.output, &h_in, Some(&middle)).unwrap();
+    let d = (first - &predicted).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d > 1e-3, "{d}");
 }
 
 #[test]
