@@ -50,8 +50,8 @@ pub struct Args {
 
     /// What the adapter reads: `none` (the input submodel's hidden state alone: the adapter
     /// stands in for the whole middle) or `features` (EAGLE-style: also the previous position's
-    /// middle output, which the device holds for verified positions and predicts for drafts; no
-    /// gain measured yet on the default model at the data sizes tried, see the README).
+    /// middle output, which the device holds for verified positions and predicts for drafts; the
+    /// shipped default adapter is conditioned, trained on self-distilled data, see the README).
     #[arg(long, default_value = "none", value_parser = ["features", "none"])]
     pub conditioning: String,
 
