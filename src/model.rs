@@ -152,30 +152,21 @@ impl AttentionMask {
         } else if seq == 1 {
             Ok(Self::None)
         } else {
-            Ok(Self::Additive(causal_mask(seq, pos, n_rep, x.dtype(), x.device())?))
+            Ok(Self::Additive(causal_mask(seq, pos, n_rep, true, x.dtype(), x.device())?))
         }
     }
 }
 
 /// Causal mask for `seq` new positions after `pos` cached ones, repeated for the `n_rep` query
 /// heads that share a key/value head: `(n_rep * seq, pos + seq)`, 0 where visible, -inf elsewhere.
-fn causal_mask(seq: usize, pos: usize, n_rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+/// With `sees_itself` false a query sees only the positions before its own.
+fn causal_mask(seq: usize, pos: usize, n_rep: usize, sees_itself: bool, dtype: DType, device: &Device) -> Result<Tensor> {
     let kv = pos + seq;
+    let last_seen = |i: usize| if sees_itself { pos + i + 1 } else { pos + i };
     let row: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| (0..kv).map(move |j| if j >= last_seen(i) { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    let mut all = Vec::with_capacity(n_rep * row.len());
-    for _ in 0..n_rep {
-        all.extend_from_slice(&row);
-    }
-    Ok(Tensor::from_vec(all, (n_rep * seq, kv), device)?.to_dtype(dtype)?)
-}
-
-/// Like [`causal_mask`] from position 0, but a query does not see its own position:
-/// `(n_rep * seq, seq)`, 0 where `j < i`, -inf elsewhere.
-fn strictly_earlier_mask(seq: usize, n_rep: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let row: Vec<f32> = (0..seq).flat_map(|i| (0..seq).map(move |j| if j < i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(row.repeat(n_rep), (n_rep * seq, seq), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(row.repeat(n_rep), (n_rep * seq, kv), device)?.to_dtype(dtype)?)
 }
 
 /// Loads several linear layers that read the same input as one: their weights (and biases)
@@ -299,11 +290,11 @@ impl Attention {
             })
         };
         let kt_t = kt.t()?;
-        let att = (qt.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, truth.dtype(), truth.device())?)?;
+        let att = (qt.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, true, truth.dtype(), truth.device())?)?;
         let yt = softmax(&att, truth_ops)?.matmul(&vt)?;
         // Earlier true positions, then the drafted position itself (its key and value repeated
         // for the query heads that share them).
-        let earlier = (qd.matmul(&kt_t)? * scale)?.broadcast_add(&strictly_earlier_mask(seq, n_rep, truth.dtype(), truth.device())?)?;
+        let earlier = (qd.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, false, truth.dtype(), truth.device())?)?;
         let repeat = |t: &Tensor| Tensor::cat(&vec![t; n_rep], 2);
         let own = ((&qd * repeat(&kd)?)?.sum_keepdim(D::Minus1)? * scale)?;
         let att = softmax(&Tensor::cat(&[&earlier, &own], D::Minus1)?, ops)?;
