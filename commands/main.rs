@@ -36,6 +36,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    hat::memory::keep_freed_memory();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Split(a) => split::run(a),

@@ -14,7 +14,8 @@
 //! - [`kernels`]: fused CPU kernels for short-block attention and SwiGLU;
 //! - [`split`]: plans, manifests and the device/cloud bundles;
 //! - [`generate`]: sampling and the decoding loop;
-//! - [`dataset`]: conversation data sets (ShareGPT, truncated files included).
+//! - [`dataset`]: conversation data sets (ShareGPT, truncated files included);
+//! - [`memory`]: process-wide allocator settings.
 
 pub mod adapter;
 pub mod cache;
@@ -28,6 +29,7 @@ pub mod generate;
 pub mod hub;
 pub mod kernels;
 pub mod link;
+pub mod memory;
 pub mod model;
 pub mod progress;
 pub mod protocol;

@@ -832,6 +832,27 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
     })
 }
 
+/// Batches drawn together into a pool whose sequences are sorted by length (see [`epoch_batches`]).
+const LENGTH_POOL: usize = 32;
+
+/// The batches of one epoch, as indices into the samples (of `lengths` tokens each): a shuffle
+/// seeded by `(seed, epoch)`, cut into pools of [`LENGTH_POOL`] batches, each pool sorted by length
+/// and cut into batches (so a batch's sequences have about the same length and little padding),
+/// and the batches shuffled. `lengths.len().div_ceil(batch)` batches; every sample once.
+pub fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    let batch = batch.max(1);
+    let mut batches = Vec::with_capacity(lengths.len().div_ceil(batch));
+    for pool in order.chunks_mut(batch * LENGTH_POOL) {
+        pool.sort_by_key(|&i| lengths[i]);
+        batches.extend(pool.chunks(batch).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
 /// Prompts below this many tokens are not cut to a shorter length bucket.
 const PROMPT_BUCKET: usize = 16;
 
@@ -999,6 +1020,8 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     let mut times = StepTimes::default();
     let (mut timed_steps, mut timed_tokens) = (0usize, 0usize);
     let per_epoch = samples.len().div_ceil(cfg.batch_size);
+    let lengths: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
+    let mut batches: Option<(usize, Vec<Vec<usize>>)> = None;
     pb.set_length(cfg.steps as u64);
     pb.set_position(state.step as u64);
     pb.set_message("training");
@@ -1015,11 +1038,11 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
             stopped_by = "time budget".into();
             break;
         }
-        // Deterministic order: epoch e is a shuffle seeded by (seed, e).
         let (epoch, slot) = (state.step / per_epoch, state.step % per_epoch);
-        let mut order: Vec<usize> = (0..samples.len()).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64)));
-        let batch: Vec<&Sample> = order.iter().skip(slot * cfg.batch_size).take(cfg.batch_size).map(|&i| &samples[i]).collect();
+        if batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            batches = Some((epoch, epoch_batches(&lengths, cfg.batch_size, cfg.seed, epoch)));
+        }
+        let batch: Vec<&Sample> = batches.as_ref().map_or(&[][..], |(_, b)| b[slot].as_slice()).iter().map(|&i| &samples[i]).collect();
 
         let lr = cfg.lr_at(state.step, elapsed(&state));
         let t0 = Instant::now();

@@ -242,3 +242,25 @@ fn self_distilled_data_is_cached_and_reused() {
     train_with(&t, TrainConfig { self_distill_tokens: 5, ..cfg }, &out, false, None, Some(&cache));
     assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), made);
 }
+
+#[test]
+fn batches_take_every_sample_once_and_group_similar_lengths() {
+    use hat::train::epoch_batches;
+    // 1,000 sequences of 8..=263 tokens in a random-looking order.
+    let lengths: Vec<usize> = (0..1000).map(|i| 8 + (i * 7919) % 256).collect();
+    let padded = |batches: &[Vec<usize>]| -> usize { batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum() };
+    let real: usize = lengths.iter().sum();
+    for epoch in 0..3 {
+        let batches = epoch_batches(&lengths, 8, 7, epoch);
+        assert_eq!(batches.len(), lengths.len().div_ceil(8));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>(), "every sample exactly once");
+        assert_eq!(batches, epoch_batches(&lengths, 8, 7, epoch), "seeded");
+        // Random batches of lengths spread over 8..263 pad ~75 %; length-sorted pools pad little.
+        assert!((padded(&batches) as f64) < 1.1 * real as f64, "padding: {} for {real} tokens", padded(&batches));
+    }
+    assert_ne!(epoch_batches(&lengths, 8, 7, 0), epoch_batches(&lengths, 8, 7, 1), "each epoch its own order");
+    // A last, partial batch.
+    assert_eq!(epoch_batches(&lengths[..13], 4, 0, 0).iter().map(Vec::len).sum::<usize>(), 13);
+}
