@@ -77,8 +77,9 @@ pub struct Args {
     #[arg(long, default_value_t = 400)]
     pub steps: usize,
 
-    /// Stop after this many minutes (checkpoint and adapter are written); the learning-rate
-    /// schedule ends with the budget when that comes first.
+    /// Stop after this many minutes of training steps (evaluations and checkpoints are not
+    /// counted; the checkpoint and adapter are written); the learning-rate schedule ends with the
+    /// budget when that comes first.
     #[arg(long)]
     pub time_budget: Option<f64>,
 
@@ -139,6 +140,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0)]
     pub feature_weight: f64,
 
+    /// Conditioned adapters: Gaussian noise added in training to the middle outputs the adapter
+    /// reads, this many times each position's RMS (0 = off): drafts after the first read the
+    /// adapter's own, imperfect predictions.
+    #[arg(long, default_value_t = 0.0)]
+    pub feature_noise: f64,
+
     /// Train on the model's own replies instead of the data set's: greedy, up to this many
     /// tokens, generated for the data set's prompts (cut to fit --seq-len, chat template kept)
     /// in batches, with the teacher's outputs recorded on the way. Kept in
@@ -181,6 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         teacher_top_k: args.teacher_top_k,
         negatives: args.negatives,
         feature_weight: args.feature_weight,
+        feature_noise: args.feature_noise,
         eval_prompts: args.eval_prompts,
         eval_tokens: args.eval_tokens,
         eval_draft_len: 4,

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::{DecoderLayer, LayerStack, Rope, StackCache};
+use crate::model::{DecoderLayer, LayerStack, Rope, StackCache, Truth};
 use crate::split::Manifest;
 
 pub const FORMAT: &str = "hat-adapter/1";
@@ -179,8 +179,14 @@ impl Adapter {
     /// hidden states (the head turns them into the drafts' logits) and the adapter's predicted
     /// middle outputs, both `(batch, len, hidden)`.
     pub fn draft_hidden(&self, output: &LayerStack, h_in: &Tensor, middle: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        self.draft_hidden_with(output, h_in, middle, None)
+    }
+
+    /// [`Adapter::draft_hidden`], with the output submodel's keys and values over `middle` given
+    /// when they are already known (training computes them once per sequence).
+    pub fn draft_hidden_with(&self, output: &LayerStack, h_in: &Tensor, middle: Option<&Tensor>, output_kv: Option<&[(Tensor, Tensor)]>) -> Result<(Tensor, Tensor)> {
         let predicted = self.forward_teacher_forced(h_in, middle)?;
-        Ok((self.output_hidden(output, &predicted, middle)?, predicted))
+        Ok((self.output_hidden(output, &predicted, middle, output_kv)?, predicted))
     }
 
     /// The next draft of a round, teacher-forced like [`Adapter::draft_hidden`] (conditioned
@@ -190,23 +196,25 @@ impl Adapter {
     /// submodel's context is taken as verified at every earlier position, though at run time the
     /// previous position's state is a draft's.) Returns the output submodel's hidden states and
     /// the new predictions, `(batch, len, hidden)`.
-    pub fn next_draft_hidden(&self, output: &LayerStack, h_in: &Tensor, middle: &Tensor, drafted: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn next_draft_hidden(&self, output: &LayerStack, h_in: &Tensor, middle: &Tensor, drafted: &Tensor, output_kv: Option<&[(Tensor, Tensor)]>) -> Result<(Tensor, Tensor)> {
         if !self.is_conditioned() {
             return Err(Error::invalid("only a conditioned adapter reads its own drafts"));
         }
         let truth = self.layer_input(h_in, Some(&shift_right(middle)?))?;
         let from_drafts = self.layer_input(h_in, Some(&shift_right(drafted)?))?;
-        let predicted = self.layers.forward_beside(&from_drafts, &truth)?;
-        Ok((self.output_hidden(output, &predicted, Some(middle))?, predicted))
+        let predicted = self.layers.forward_beside(&from_drafts, Truth::States(&truth))?;
+        Ok((self.output_hidden(output, &predicted, Some(middle), output_kv)?, predicted))
     }
 
     /// The output submodel over predicted middle outputs `(batch, len, hidden)` from position 0,
-    /// in this adapter's draft context.
-    fn output_hidden(&self, output: &LayerStack, predicted: &Tensor, middle: Option<&Tensor>) -> Result<Tensor> {
-        match (self.draft_context, middle) {
-            (DraftContext::Drafted, _) => output.forward(predicted, 0, &mut output.new_cache()),
-            (DraftContext::Verified, Some(m)) => output.forward_beside(predicted, m),
-            (DraftContext::Verified, None) => Err(Error::invalid("internal: drafts behind verified positions need the true middle outputs")),
+    /// in this adapter's draft context (behind verified positions: the true `middle` outputs, or
+    /// the output submodel's keys and values over them when given).
+    fn output_hidden(&self, output: &LayerStack, predicted: &Tensor, middle: Option<&Tensor>, output_kv: Option<&[(Tensor, Tensor)]>) -> Result<Tensor> {
+        match (self.draft_context, output_kv, middle) {
+            (DraftContext::Drafted, _, _) => output.forward(predicted, 0, &mut output.new_cache()),
+            (DraftContext::Verified, Some(kv), _) => output.forward_beside(predicted, Truth::KeysValues(kv)),
+            (DraftContext::Verified, None, Some(m)) => output.forward_beside(predicted, Truth::States(m)),
+            (DraftContext::Verified, None, None) => Err(Error::invalid("internal: drafts behind verified positions need the true middle outputs")),
         }
     }
 

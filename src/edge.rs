@@ -72,6 +72,11 @@ pub struct EdgeReport {
     pub acceptance_rate: f64,
     pub drafts_sent: usize,
     pub drafts_accepted: usize,
+    /// Per draft position of a round (0 = the first draft): how often it was checked (every
+    /// draft before it accepted) and how often accepted. Their ratio is the acceptance rate of
+    /// position i given the ones before it.
+    pub draft_checks: Vec<usize>,
+    pub draft_hits: Vec<usize>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub device_compute_ms: f64,
@@ -313,6 +318,7 @@ pub fn generate<L: MiddleLink>(
     let mut tokens = vec![next];
     on_token(next)?;
     let (mut rounds, mut sent, mut accepted) = (0usize, 0usize, 0usize);
+    let (mut draft_checks, mut draft_hits) = (vec![0usize; opts.draft_len], vec![0usize; opts.draft_len]);
     let mut stop = StopReason::MaxTokens;
 
     let done = |tokens: &[u32], stop: &mut StopReason| {
@@ -398,6 +404,10 @@ pub fn generate<L: MiddleLink>(
             None => sampler.select(&logits.get(a)?)?,
         };
         accepted += a;
+        for i in 0..drafts.len().min(a + 1) {
+            draft_checks[i] += 1;
+            draft_hits[i] += usize::from(i < a);
+        }
         // Roll every device cache back to the accepted prefix; the cloud follows from the
         // start position of the next block.
         edge.rollback(base + a + 1);
@@ -439,6 +449,8 @@ pub fn generate<L: MiddleLink>(
         acceptance_rate: if sent > 0 { accepted as f64 / sent as f64 } else { 0.0 },
         drafts_sent: sent,
         drafts_accepted: accepted,
+        draft_checks,
+        draft_hits,
         bytes_up: stats.bytes_up,
         bytes_down: stats.bytes_down,
         device_compute_ms: ms(edge.device_time),

@@ -230,8 +230,6 @@ impl Attention {
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
     fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
-        let (b, seq, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let (q, k, v) = self.qkv(x, pos, rope, ops)?;
         let (k, v) = match ops {
             Ops::Fused => cache.append(&k, &v)?, // (b, nkv, pos + seq, hd)
@@ -246,62 +244,60 @@ impl Attention {
                 }
             }
         };
+        self.attend(&q, &k, &v, ops, mask)
+    }
 
+    /// `softmax(q kᵀ / √d + mask) v` through `o_proj`: queries `(batch, heads, seq, head_dim)`,
+    /// keys and values `(batch, kv_heads, kv_len, head_dim)` → `(batch, seq, hidden)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        let (b, nh, seq, hd) = q.dims4()?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a K/V head
         // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
-        let n_rep = nh / nkv;
-        let q = q.reshape((b, nkv, n_rep * seq, hd))?;
+        let n_rep = nh / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, n_rep * seq, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let y = match mask {
-            AttentionMask::FusedCausal => crate::kernels::causal_attention(&q, &k, &v, seq, scale as f32)?,
+            AttentionMask::FusedCausal => crate::kernels::causal_attention(&q, k, v, seq, scale as f32)?,
             AttentionMask::None | AttentionMask::Additive(_) => {
                 let att = (q.matmul(&k.t()?)? * scale)?;
                 let att = match mask {
                     AttentionMask::Additive(m) => att.broadcast_add(m)?,
                     _ => att,
                 };
-                let att = match ops {
-                    Ops::Fused => candle_nn::ops::softmax_last_dim(&att)?,
-                    Ops::Differentiable => candle_nn::ops::softmax(&att, D::Minus1)?,
-                };
-                att.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
+                softmax(&att, ops)?.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
             }
         };
         self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops)
     }
 
-    /// Attention of a drafted stream beside the true one, both `(batch, seq, hidden)` from
-    /// position 0: query t of `drafted` sees the true stream's keys and values at positions
-    /// before t and its own at t, which is what a draft sees at run time, when every earlier
-    /// position is verified. Returns both streams' attention outputs `(batch, seq, hidden)`; the
-    /// true one is plain causal attention, run with `truth_ops`.
-    fn forward_beside(&self, drafted: &Tensor, truth: &Tensor, rope: &Rope, ops: Ops, truth_ops: Ops) -> Result<(Tensor, Tensor)> {
+    /// Attention of a drafted stream `(batch, seq, hidden)` from position 0 beside the true one,
+    /// given the true stream's rotated keys and values `(batch, kv_heads, seq, head_dim)`: query t
+    /// sees the true keys and values at positions before t and its own at t, which is what a
+    /// draft sees at run time, when every earlier position is verified → `(batch, seq, hidden)`.
+    fn attend_beside(&self, drafted: &Tensor, kt: &Tensor, vt: &Tensor, rope: &Rope, ops: Ops) -> Result<Tensor> {
         let (b, seq, _) = drafted.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (qt, kt, vt) = self.qkv(truth, 0, rope, truth_ops)?;
         let (qd, kd, vd) = self.qkv(drafted, 0, rope, ops)?;
-        let (qt, qd) = (qt.reshape((b, nkv, n_rep * seq, hd))?, qd.reshape((b, nkv, n_rep * seq, hd))?);
-        let softmax = |att: &Tensor, ops: Ops| -> Result<Tensor> {
-            Ok(match ops {
-                Ops::Fused => candle_nn::ops::softmax_last_dim(att)?,
-                Ops::Differentiable => candle_nn::ops::softmax(att, D::Minus1)?,
-            })
-        };
-        let kt_t = kt.t()?;
-        let att = (qt.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, true, truth.dtype(), truth.device())?)?;
-        let yt = softmax(&att, truth_ops)?.matmul(&vt)?;
+        let qd = qd.reshape((b, nkv, n_rep * seq, hd))?;
         // Earlier true positions, then the drafted position itself (its key and value repeated
         // for the query heads that share them).
-        let earlier = (qd.matmul(&kt_t)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, false, truth.dtype(), truth.device())?)?;
+        let earlier = (qd.matmul(&kt.t()?)? * scale)?.broadcast_add(&causal_mask(seq, 0, n_rep, false, drafted.dtype(), drafted.device())?)?;
         let repeat = |t: &Tensor| Tensor::cat(&vec![t; n_rep], 2);
         let own = ((&qd * repeat(&kd)?)?.sum_keepdim(D::Minus1)? * scale)?;
         let att = softmax(&Tensor::cat(&[&earlier, &own], D::Minus1)?, ops)?;
-        let yd = (att.narrow(D::Minus1, 0, seq)?.matmul(&vt)? + att.narrow(D::Minus1, seq, 1)?.broadcast_mul(&repeat(&vd)?)?)?;
-        let merge = |y: Tensor, ops: Ops| self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops);
-        Ok((merge(yd, ops)?, merge(yt, truth_ops)?))
+        let yd = (att.narrow(D::Minus1, 0, seq)?.matmul(&vt.contiguous()?)? + att.narrow(D::Minus1, seq, 1)?.broadcast_mul(&repeat(&vd)?)?)?;
+        self.merge_heads(&yd.reshape((b, nh, seq, hd))?, ops)
     }
+}
+
+/// Softmax over the last axis: candle-nn's fused kernel, or its differentiable composition.
+fn softmax(x: &Tensor, ops: Ops) -> Result<Tensor> {
+    Ok(match ops {
+        Ops::Fused => candle_nn::ops::softmax_last_dim(x)?,
+        Ops::Differentiable => candle_nn::ops::softmax(x, D::Minus1)?,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -367,19 +363,51 @@ impl DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// [`DecoderLayer::forward`] of a drafted stream beside the true one (see
-    /// [`Attention::forward_beside`]): `(drafted, truth)` `(batch, seq, hidden)` from position 0
-    /// → both outputs; the true one only when `need_truth` (the last layer's is not needed).
-    fn forward_beside(&self, drafted: &Tensor, truth: &Tensor, rope: &Rope, ops: Ops, need_truth: bool) -> Result<(Tensor, Option<Tensor>)> {
-        // A true stream that needs no gradient (constant input, frozen layer) runs the fused kernels.
-        let constant = !truth.track_op() && !self.self_attn.qkv_proj.weight().track_op();
-        let truth_ops = if constant { Ops::Fused } else { ops };
+    /// [`DecoderLayer::forward`] of a drafted stream `(batch, seq, hidden)` from position 0 beside
+    /// the true one (see [`Attention::attend_beside`]) → the drafted output and, for
+    /// [`Truth::States`] when `need_truth`, the true stream's output (the next layer's true input).
+    fn forward_beside(&self, drafted: &Tensor, truth: LayerTruth, rope: &Rope, ops: Ops, need_truth: bool) -> Result<(Tensor, Option<Tensor>)> {
         let norm = |n: &RmsNorm, x: &Tensor, ops: Ops| rms_norm(n, x, self.eps, ops);
-        let (ad, at) = self.self_attn.forward_beside(&norm(&self.input_layernorm, drafted, ops)?, &norm(&self.input_layernorm, truth, truth_ops)?, rope, ops, truth_ops)?;
         let mlp = |x: Tensor, ops: Ops| -> Result<Tensor> { Ok((&x + self.mlp.forward(&norm(&self.post_attention_layernorm, &x, ops)?, ops)?)?) };
-        let truth = if need_truth { Some(mlp((truth + at)?, truth_ops)?) } else { None };
-        Ok((mlp((drafted + ad)?, ops)?, truth))
+        let (kt, vt, truth_out) = match truth {
+            LayerTruth::KeysValues(kt, vt) => (kt.clone(), vt.clone(), None),
+            LayerTruth::States(truth) => {
+                // A true stream that needs no gradient (constant input, frozen layer) runs the fused kernels.
+                let constant = !truth.track_op() && !self.self_attn.qkv_proj.weight().track_op();
+                let truth_ops = if constant { Ops::Fused } else { ops };
+                let (qt, kt, vt) = self.self_attn.qkv(&norm(&self.input_layernorm, truth, truth_ops)?, 0, rope, truth_ops)?;
+                let out = if need_truth {
+                    let seq = truth.dim(1)?;
+                    let n_rep = self.self_attn.num_heads / self.self_attn.num_kv_heads;
+                    let mask = AttentionMask::causal(truth, seq, 0, n_rep, truth_ops)?;
+                    Some(mlp((truth + self.self_attn.attend(&qt, &kt, &vt, truth_ops, &mask)?)?, truth_ops)?)
+                } else {
+                    None
+                };
+                (kt, vt, out)
+            }
+        };
+        let ad = self.self_attn.attend_beside(&norm(&self.input_layernorm, drafted, ops)?, &kt, &vt, rope, ops)?;
+        Ok((mlp((drafted + ad)?, ops)?, truth_out))
     }
+}
+
+/// The true stream beside which [`LayerStack::forward_beside`] runs a drafted one.
+#[derive(Debug, Clone, Copy)]
+pub enum Truth<'a> {
+    /// The true states `(batch, seq, hidden)` entering the stack: each layer's keys and values
+    /// are computed on the way (with gradients where the states or the layers have them).
+    States(&'a Tensor),
+    /// Each layer's rotated keys and values over the true states, `(batch, kv_heads, seq,
+    /// head_dim)` each, computed once by [`LayerStack::keys_values`] (a frozen stack over
+    /// constant states: the output submodel over the middle layers' outputs, in training).
+    KeysValues(&'a [(Tensor, Tensor)]),
+}
+
+/// One layer's share of a [`Truth`].
+enum LayerTruth<'a> {
+    States(&'a Tensor),
+    KeysValues(&'a Tensor, &'a Tensor),
 }
 
 /// The KV caches of a [`LayerStack`], one per layer; all hold the same number of positions.
@@ -506,26 +534,57 @@ impl LayerStack {
 
 impl LayerStack {
     /// Runs a drafted sequence `(batch, seq, hidden)` from position 0 as a draft runs at run
-    /// time: position t attends to the true sequence's states (`truth`, same shape) at earlier
-    /// positions, where the cache holds verified states, and to its own drafted state. Returns
-    /// the drafted stream's output `(batch, seq, hidden)`. For training and evaluation (no cache).
-    pub fn forward_beside(&self, drafted: &Tensor, truth: &Tensor) -> Result<Tensor> {
-        if drafted.dims() != truth.dims() {
-            return Err(Error::invalid(format!("drafted states {:?} and true states {:?} differ in shape", drafted.dims(), truth.dims())));
+    /// time: position t attends to the true sequence's keys and values at earlier positions, where
+    /// the cache holds verified states, and to its own drafted state. Returns the drafted
+    /// stream's output `(batch, seq, hidden)`. For training and evaluation (no cache).
+    pub fn forward_beside(&self, drafted: &Tensor, truth: Truth) -> Result<Tensor> {
+        let (b, seq, _) = drafted.dims3()?;
+        match truth {
+            Truth::States(t) if t.dims() != drafted.dims() => {
+                return Err(Error::invalid(format!("drafted states {:?} and true states {:?} differ in shape", drafted.dims(), t.dims())));
+            }
+            Truth::KeysValues(kv) if kv.len() != self.layers.len() || kv.iter().any(|(k, _)| k.dims().first() != Some(&b) || k.dims().get(2) != Some(&seq)) => {
+                return Err(Error::invalid(format!("true keys and values do not fit {} layers over {b} × {seq} drafted positions", self.layers.len())));
+            }
+            _ => {}
         }
-        let needed = drafted.dim(1)?;
-        if needed > self.rope.max_positions() {
-            return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
+        if seq > self.rope.max_positions() {
+            return Err(Error::ContextTooLong { needed: seq, limit: self.rope.max_positions() });
         }
-        let (mut d, mut t) = (drafted.clone(), truth.clone());
+        let mut d = drafted.clone();
+        let mut t = match truth {
+            Truth::States(t) => Some(t.clone()),
+            Truth::KeysValues(_) => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let (nd, nt) = layer.forward_beside(&d, &t, &self.rope, self.ops, i + 1 < self.layers.len())?;
+            let layer_truth = match (truth, &t) {
+                (Truth::KeysValues(kv), _) => LayerTruth::KeysValues(&kv[i].0, &kv[i].1),
+                (Truth::States(_), Some(t)) => LayerTruth::States(t),
+                (Truth::States(_), None) => return Err(Error::invalid("internal: the true stream ended early")),
+            };
+            let (nd, nt) = layer.forward_beside(&d, layer_truth, &self.rope, self.ops, i + 1 < self.layers.len())?;
             d = nd;
-            if let Some(nt) = nt {
+            if nt.is_some() {
                 t = nt;
             }
         }
         Ok(d)
+    }
+
+    /// Each layer's rotated keys and values over `x`, `(batch, seq, hidden)` from position 0:
+    /// `(batch, kv_heads, seq, head_dim)` each, what a cache filled with `x` holds (fused ops, no
+    /// gradient). Feeds [`Truth::KeysValues`].
+    pub fn keys_values(&self, x: &Tensor) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut cache = self.new_cache();
+        self.clone().with_ops(Ops::Fused).forward(&x.detach(), 0, &mut cache)?;
+        cache
+            .layers
+            .iter()
+            .map(|c| match c.current()? {
+                Some((k, v)) => Ok((k.contiguous()?, v.contiguous()?)),
+                None => Err(Error::invalid("internal: an empty cache after a forward pass")),
+            })
+            .collect()
     }
 }
 
@@ -741,9 +800,12 @@ mod tests {
         let (_d, model) = load(TinySpec::default());
         let truth = model.embedder.embed_ids(&IDS[..12]).unwrap();
         let drafted = model.embedder.embed_ids(&IDS[20..32]).unwrap();
-        for ops in [Ops::Fused, Ops::Differentiable] {
+        let truth_kv = model.layers.keys_values(&truth).unwrap();
+        for (ops, given) in [(Ops::Fused, false), (Ops::Differentiable, false), (Ops::Differentiable, true)] {
             let stack = model.layers.clone().with_ops(ops);
-            let beside = stack.forward_beside(&drafted, &truth).unwrap();
+            // The true stream run alongside, or its keys and values computed beforehand.
+            let given_truth = if given { Truth::KeysValues(&truth_kv) } else { Truth::States(&truth) };
+            let beside = stack.forward_beside(&drafted, given_truth).unwrap();
             for t in 0..12 {
                 // At run time: the cache holds the verified (true) positions before t, then the
                 // draft at t runs as one query.
@@ -753,14 +815,17 @@ mod tests {
                 }
                 let want = model.layers.forward(&drafted.narrow(1, t, 1).unwrap(), t, &mut cache).unwrap();
                 let d = max_abs_diff(&beside.narrow(1, t, 1).unwrap(), &want);
-                assert!(d < 5e-5, "{ops:?} position {t}: {d}");
+                assert!(d < 5e-5, "{ops:?}, keys and values given: {given}, position {t}: {d}");
             }
         }
         // Drafted = truth: the plain causal pass.
-        let same = model.layers.forward_beside(&truth, &truth).unwrap();
+        let same = model.layers.forward_beside(&truth, Truth::States(&truth)).unwrap();
         let plain = model.layers.forward(&truth, 0, &mut model.layers.new_cache()).unwrap();
         assert!(max_abs_diff(&same, &plain) < 5e-5);
-        assert!(model.layers.forward_beside(&drafted.narrow(1, 0, 5).unwrap(), &truth).is_err());
+        let short = drafted.narrow(1, 0, 5).unwrap();
+        assert!(model.layers.forward_beside(&short, Truth::States(&truth)).is_err());
+        assert!(model.layers.forward_beside(&short, Truth::KeysValues(&truth_kv)).is_err());
+        assert!(model.layers.forward_beside(&drafted, Truth::KeysValues(&truth_kv[1..])).is_err());
     }
 
     #[test]

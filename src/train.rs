@@ -80,8 +80,8 @@ pub struct TrainConfig {
     pub init: AdapterInit,
     /// Length of the learning-rate schedule, and the most steps run.
     pub steps: usize,
-    /// Stop after this long; the learning-rate schedule then ends with the budget if it comes
-    /// before `steps`.
+    /// Stop after this many seconds of training steps (evaluations and checkpoints not
+    /// counted); the learning-rate schedule then ends with the budget if it comes before `steps`.
     pub time_budget_s: Option<f64>,
     /// Sequences per step.
     pub batch_size: usize,
@@ -104,6 +104,11 @@ pub struct TrainConfig {
     pub negatives: usize,
     /// Weight of the normalised feature regression (0 = off).
     pub feature_weight: f64,
+    /// Conditioned adapters: Gaussian noise added in training to the middle outputs they read,
+    /// this many times each position's root mean square (0 = off), so that drafts after the first,
+    /// which read the adapter's own predictions, are less far from what it was trained on.
+    #[serde(default)]
+    pub feature_noise: f64,
     /// Held-out prompts and tokens for the acceptance evaluation.
     pub eval_prompts: usize,
     pub eval_tokens: usize,
@@ -147,6 +152,7 @@ impl Default for TrainConfig {
             teacher_top_k: 64,
             negatives: 1024,
             feature_weight: 0.0,
+            feature_noise: 0.0,
             eval_prompts: 6,
             eval_tokens: 48,
             eval_draft_len: 4,
@@ -180,7 +186,7 @@ impl TrainConfig {
         if self.self_distill_tokens > 0 && self.self_distill_tokens + 8 > self.seq_len {
             return Err(Error::invalid(format!("--self-distill {} leaves no room for a prompt in --seq-len {}", self.self_distill_tokens, self.seq_len)));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.clip > 0.0) || self.weight_decay < 0.0 || self.feature_weight < 0.0 {
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.clip > 0.0) || self.weight_decay < 0.0 || self.feature_weight < 0.0 || !(self.feature_noise >= 0.0) {
             return Err(Error::invalid("--lr and --clip must be positive, --weight-decay and --feature-weight >= 0"));
         }
         Ok(())
@@ -220,12 +226,16 @@ pub struct Sample {
     /// position.
     pub top_ids: Tensor,
     pub top_probs: Tensor,
+    /// The output submodel's keys and values over `middle_hidden`, `(1, kv_heads, len, head_dim)`
+    /// per layer: computed once per run for adapters that draft behind verified positions.
+    pub output_kv: Option<Vec<(Tensor, Tensor)>>,
 }
 
 /// A point of the loss curve.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CurvePoint {
     pub step: usize,
+    /// Seconds of training so far (evaluations and checkpoints not counted).
     pub elapsed_s: f64,
     pub loss: f64,
     pub lr: f64,
@@ -236,12 +246,16 @@ pub struct CurvePoint {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Evaluation {
     pub step: usize,
+    /// Seconds of training before it (evaluations and checkpoints not counted).
     pub elapsed_s: f64,
     /// Positions where the SLM's most likely token is the model's, teacher-forced.
     pub top1_agreement: f64,
     /// Generated tokens per round at γ = `eval_draft_len`, greedy, with the real decoding loop.
     pub mean_accepted: f64,
     pub acceptance_rate: f64,
+    /// Acceptance of each draft position of a round given the ones before it (first draft first).
+    #[serde(default)]
+    pub acceptance_by_position: Vec<f64>,
 }
 
 /// What a training run writes next to the adapter (`ADAPTER.report.json`).
@@ -384,6 +398,7 @@ impl<'a> Trainer<'a> {
             middle_hidden: self.config.keeps_middle().then(|| h_mid.squeeze(0)).transpose()?,
             top_ids: Tensor::from_vec(top_ids, (n, k), &Device::Cpu)?,
             top_probs: Tensor::from_vec(top_probs, (n, k), &Device::Cpu)?,
+            output_kv: None,
         })
     }
 
@@ -496,6 +511,7 @@ impl<'a> Trainer<'a> {
                     middle_hidden: middle,
                     top_ids: Tensor::from_vec(top, (n, k), dev)?,
                     top_probs: Tensor::from_vec(probs, (n, k), dev)?,
+                    output_kv: None,
                     ids,
                 })
             })
@@ -504,7 +520,7 @@ impl<'a> Trainer<'a> {
 
     /// The student's loss on a batch, and the number of positions it covers. `negatives`: token
     /// ids shared by the batch for the sampled softmax (unused when `config.negatives` is 0).
-    fn batch_loss(&self, adapter: &Adapter, batch: &[&Sample], negatives: &[u32]) -> Result<(Tensor, usize)> {
+    fn batch_loss(&self, adapter: &Adapter, batch: &[&Sample], negatives: &[u32], noise_seed: u64) -> Result<(Tensor, usize)> {
         let len = batch.iter().map(|s| s.input_hidden.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
         let max = len.iter().copied().max().unwrap_or(0);
         let dev = &Device::Cpu;
@@ -533,6 +549,26 @@ impl<'a> Trainer<'a> {
         let output = self.device.output.clone().with_ops(Ops::Differentiable);
         let head = self.device.head.clone().with_ops(Ops::Differentiable);
         let target = if self.config.keeps_middle() { Some(middle()?) } else { None };
+        // The output submodel's keys and values over the true middle outputs, padded like the
+        // states (the causal masks never let real positions see the pads).
+        let output_kv = match batch.iter().map(|s| s.output_kv.as_ref()).collect::<Option<Vec<_>>>() {
+            Some(kv) if !kv.is_empty() => {
+                let pad_seq = |t: &Tensor| -> Result<Tensor> {
+                    let mut shape = t.dims().to_vec();
+                    let l = shape[2];
+                    if l == max {
+                        return Ok(t.clone());
+                    }
+                    shape[2] = max - l;
+                    Ok(Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), dev)?], 2)?)
+                };
+                let layer = |i: usize, which: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
+                    Ok(Tensor::cat(&kv.iter().map(|s| pad_seq(which(&s[i]))).collect::<Result<Vec<_>>>()?, 0)?)
+                };
+                Some((0..kv[0].len()).map(|i| Ok((layer(i, |p| &p.0)?, layer(i, |p| &p.1)?))).collect::<Result<Vec<_>>>()?)
+            }
+            _ => None,
+        };
         // Soft cross-entropy of the drafts made from output-submodel states `h` against the
         // teacher, averaged over the real positions.
         let neg_mask = if self.config.negatives == 0 { None } else { Some(negative_mask(&ids, negatives)?) };
@@ -561,13 +597,19 @@ impl<'a> Trainer<'a> {
             let ce = (&logp * &probs)?.sum(D::Minus1)?.neg()?; // (b, max)
             Ok(((ce * &mask)?.sum_all()? / positions as f64)?)
         };
-        let (h, y) = adapter.draft_hidden(&output, &x, target.as_ref())?;
+        // What a conditioned adapter reads: the true middle outputs, perturbed with
+        // `--feature-noise` (the output submodel's context then comes from `output_kv`, exact).
+        let conditioning = match (&target, &output_kv) {
+            (Some(m), Some(_)) if self.config.feature_noise > 0.0 && self.config.conditioned => Some(perturb(m, self.config.feature_noise, noise_seed)?),
+            _ => target.clone(),
+        };
+        let (h, y) = adapter.draft_hidden_with(&output, &x, conditioning.as_ref(), output_kv.as_deref())?;
         let mut loss = token_loss(&h)?;
         // Later drafts of a round read the adapter's own predictions (training-time test).
         let mut drafted = y.clone();
         for _ in 1..self.config.draft_steps {
-            let truth = target.as_ref().ok_or_else(|| Error::invalid("internal: later drafts need the true middle outputs"))?;
-            let (h, next) = adapter.next_draft_hidden(&output, &x, truth, &drafted)?;
+            let truth = conditioning.as_ref().ok_or_else(|| Error::invalid("internal: later drafts need the true middle outputs"))?;
+            let (h, next) = adapter.next_draft_hidden(&output, &x, truth, &drafted, output_kv.as_deref())?;
             loss = (loss + token_loss(&h)?)?;
             drafted = next;
         }
@@ -581,6 +623,26 @@ impl<'a> Trainer<'a> {
         }
         Ok((loss, positions))
     }
+}
+
+/// `m + σ · rms(m) · ε` for states `m` `(batch, len, hidden)`: `ε` standard normal (seeded
+/// Box–Muller), `rms` each position's root mean square.
+fn perturb(m: &Tensor, sigma: f64, seed: u64) -> Result<Tensor> {
+    use rand::Rng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = m.elem_count();
+    let mut eps = Vec::with_capacity(n + 1);
+    while eps.len() < n {
+        let (u, v): (f64, f64) = (rng.random::<f64>().max(f64::MIN_POSITIVE), rng.random());
+        let r = (-2.0 * u.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * v;
+        eps.push((r * a.cos()) as f32);
+        eps.push((r * a.sin()) as f32);
+    }
+    eps.truncate(n);
+    let eps = Tensor::from_vec(eps, m.shape(), m.device())?;
+    let rms = m.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
+    Ok((m + eps.broadcast_mul(&(rms * sigma)?)?)?)
 }
 
 /// The top `k` entries of each row of `logits`, `(rows, vocab)`, with their softmax renormalised
@@ -815,6 +877,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
         max_context: usize::MAX,
     };
     let (mut generated, mut rounds, mut sent, mut accepted) = (0usize, 0usize, 0usize, 0usize);
+    let (mut checks, mut hits) = (vec![0usize; opts.draft_len], vec![0usize; opts.draft_len]);
     for ids in &held.prompts {
         let mut link = LocalMiddle::new(&t.cloud.middle, WireDtype::F16);
         let r = crate::edge::generate(t.device, adapter, &mut link, ids, &opts, |_| Ok(()))?;
@@ -822,6 +885,10 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
         rounds += r.rounds;
         sent += r.drafts_sent;
         accepted += r.drafts_accepted;
+        for (i, (c, h)) in r.draft_checks.iter().zip(&r.draft_hits).enumerate() {
+            checks[i] += c;
+            hits[i] += h;
+        }
     }
     Ok(Evaluation {
         step,
@@ -829,6 +896,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
         top1_agreement: if total > 0 { agree as f64 / total as f64 } else { 0.0 },
         mean_accepted: if rounds > 0 { generated as f64 / rounds as f64 } else { 0.0 },
         acceptance_rate: if sent > 0 { accepted as f64 / sent as f64 } else { 0.0 },
+        acceptance_by_position: checks.iter().zip(&hits).map(|(&c, &h)| if c > 0 { h as f64 / c as f64 } else { 0.0 }).collect(),
     })
 }
 
@@ -950,6 +1018,7 @@ fn load_samples(path: &Path, key: &str) -> Result<Option<Vec<Sample>>> {
             middle_hidden: middle.map(|m| m.narrow(0, start, l)).transpose()?,
             top_ids: top_ids.narrow(0, start, l)?,
             top_probs: top_probs.narrow(0, start, l)?,
+            output_kv: None,
         });
         start += l;
     }
@@ -999,6 +1068,18 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         pb.set_message("teacher");
         ids.iter().map(|ids| t.teach(ids).inspect(|_| pb.inc(1))).collect::<Result<_>>()?
     };
+    let mut samples = samples;
+    if cfg.draft_context == DraftContext::Verified {
+        // Drafts attend to the output submodel's states over the true middle outputs: the same
+        // every step, so computed once here.
+        pb.set_length(samples.len() as u64);
+        pb.set_position(0);
+        pb.set_message("verified context");
+        for s in &mut samples {
+            s.output_kv = Some(t.device.output.keys_values(&s.middle()?.unsqueeze(0)?)?);
+            pb.inc(1);
+        }
+    }
     let held = HeldOut::new(t, &run.held_out)?;
     let teacher_seconds = started.elapsed().as_secs_f64();
     let train_tokens: usize = samples.iter().map(|s| s.ids.len()).sum();
@@ -1015,8 +1096,8 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         state = load_checkpoint(&run.out, &weights, &mut opt, cfg, &manifest.split_id)?;
         state.config = cfg.clone();
     }
-    let clock = Instant::now();
-    let elapsed = |s: &CheckpointState| s.elapsed_s + clock.elapsed().as_secs_f64();
+    // `state.elapsed_s` counts training steps only: evaluations and checkpoints are not part of
+    // the time budget (or of the learning-rate schedule it paces).
     let mut times = StepTimes::default();
     let (mut timed_steps, mut timed_tokens) = (0usize, 0usize);
     let per_epoch = samples.len().div_ceil(cfg.batch_size);
@@ -1034,22 +1115,23 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
             stopped_by = "interrupted".into();
             break;
         }
-        if cfg.time_budget_s.is_some_and(|b| elapsed(&state) >= b) {
+        if cfg.time_budget_s.is_some_and(|b| state.elapsed_s >= b) {
             stopped_by = "time budget".into();
             break;
         }
+        let step_started = Instant::now();
         let (epoch, slot) = (state.step / per_epoch, state.step % per_epoch);
         if batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
             batches = Some((epoch, epoch_batches(&lengths, cfg.batch_size, cfg.seed, epoch)));
         }
         let batch: Vec<&Sample> = batches.as_ref().map_or(&[][..], |(_, b)| b[slot].as_slice()).iter().map(|&i| &samples[i]).collect();
 
-        let lr = cfg.lr_at(state.step, elapsed(&state));
+        let lr = cfg.lr_at(state.step, state.elapsed_s);
         let t0 = Instant::now();
         let mut neg_rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(0x9e37).wrapping_add(state.step as u64));
         let negatives: Vec<u32> = rand::seq::index::sample(&mut neg_rng, mcfg.vocab_size, cfg.negatives.min(mcfg.vocab_size)).into_iter().map(|i| i as u32).collect();
         let adapter = weights.adapter(manifest, t.device.rope.clone(), Ops::Differentiable)?;
-        let (loss, positions) = t.batch_loss(&adapter, &batch, &negatives)?;
+        let (loss, positions) = t.batch_loss(&adapter, &batch, &negatives, cfg.seed.wrapping_add(0x5bd1).wrapping_mul(1_000_003).wrapping_add(state.step as u64))?;
         let t1 = Instant::now();
         let mut grads = loss.backward()?;
         let t2 = Instant::now();
@@ -1067,26 +1149,30 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         timed_steps += 1;
         timed_tokens += positions;
         state.step += 1;
-        state.curve.push(CurvePoint { step: state.step, elapsed_s: elapsed(&state), loss: loss_v, lr, tokens: positions });
+        state.elapsed_s += step_started.elapsed().as_secs_f64();
+        state.curve.push(CurvePoint { step: state.step, elapsed_s: state.elapsed_s, loss: loss_v, lr, tokens: positions });
         pb.set_position(state.step as u64);
-        pb.set_message(format!("loss {loss_v:.3} lr {lr:.1e} {:.0} tok/s", timed_tokens as f64 / clock.elapsed().as_secs_f64().max(1e-9)));
+        let busy_s = (times.student_forward + times.backward + times.optimizer) / 1e3;
+        pb.set_message(format!("loss {loss_v:.3} lr {lr:.1e} {:.0} tok/s", timed_tokens as f64 / busy_s.max(1e-9)));
         if state.step % cfg.eval_every == 0 && state.step < cfg.steps {
-            let e = eval_at(state.step, elapsed(&state))?;
-            crate::progress::say(pb, format!("step {}: top-1 agreement {:.1}%, mean accepted {:.2} tokens/round", e.step, e.top1_agreement * 100.0, e.mean_accepted));
+            let e = eval_at(state.step, state.elapsed_s)?;
+            let by_position: Vec<String> = e.acceptance_by_position.iter().map(|a| format!("{:.0}%", a * 100.0)).collect();
+            crate::progress::say(
+                pb,
+                format!("step {}: top-1 agreement {:.1}%, mean accepted {:.2} tokens/round (drafts accepted by position: {})", e.step, e.top1_agreement * 100.0, e.mean_accepted, by_position.join(" ")),
+            );
             state.evals.push(e);
         }
         if state.step % cfg.checkpoint_every == 0 {
             let recent = &state.curve[state.curve.len().saturating_sub(cfg.checkpoint_every)..];
             let mean = recent.iter().map(|p| p.loss).sum::<f64>() / recent.len().max(1) as f64;
-            crate::progress::say(pb, format!("step {}: mean loss {mean:.3} over the last {} steps, {:.0} s, checkpoint saved", state.step, recent.len(), elapsed(&state)));
-            let s = CheckpointState { elapsed_s: elapsed(&state), ..state.clone() };
-            save_checkpoint(&run.out, &weights, &opt, &s)?;
+            crate::progress::say(pb, format!("step {}: mean loss {mean:.3} over the last {} steps, {:.0} s, checkpoint saved", state.step, recent.len(), state.elapsed_s));
+            save_checkpoint(&run.out, &weights, &opt, &state)?;
         }
     }
-    let final_state = CheckpointState { elapsed_s: elapsed(&state), ..state.clone() };
-    save_checkpoint(&run.out, &weights, &opt, &final_state)?;
+    save_checkpoint(&run.out, &weights, &opt, &state)?;
     if state.evals.last().map(|e| e.step) != Some(state.step) {
-        state.evals.push(eval_at(state.step, elapsed(&state))?);
+        state.evals.push(eval_at(state.step, state.elapsed_s)?);
     }
     pb.finish_with_message("done");
     let n = timed_steps.max(1) as f64;

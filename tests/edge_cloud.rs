@@ -285,6 +285,9 @@ fn only_hidden_states_cross_the_network() {
     let a = adapter(w, "partial");
     let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16), |_| Ok(())).unwrap();
     drop(link);
+    // Per draft position: checked only after the ones before it were accepted.
+    assert_eq!((r.draft_checks.len(), r.draft_hits.iter().sum::<usize>()), (4, r.drafts_accepted), "{r:?}");
+    assert!(r.draft_checks[0] <= r.rounds && (0..4).all(|i| r.draft_hits[i] <= r.draft_checks[i] && (i == 3 || r.draft_checks[i + 1] <= r.draft_hits[i])), "{r:?}");
     let frames = frames.lock().unwrap();
     let hidden = w.device.manifest.hidden_size;
 
@@ -381,6 +384,7 @@ fn first_drafts_are_teacher_forced(w: &World, which: &str) {
             }
         }
         assert_eq!((r.drafts_accepted, r.rounds), (accepted, rounds), "{which}: {r:?}");
+        assert_eq!((r.draft_checks.clone(), r.draft_hits.clone()), (vec![r.drafts_sent], vec![accepted]), "{which}: one draft position at γ=1");
         eprintln!("{which} adapter ({:?}), γ=1: {accepted}/{rounds} drafts accepted", a.draft_context);
         (all_accepted, all_rounds) = (all_accepted + accepted, all_rounds + rounds);
     }

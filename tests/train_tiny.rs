@@ -75,16 +75,21 @@ fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Opt
 
 #[test]
 fn a_few_steps_lower_the_loss_and_write_a_loadable_adapter() {
-    lower_the_loss(false, DraftContext::Drafted, 1);
-    lower_the_loss(true, DraftContext::Verified, 1);
-    let a = lower_the_loss(true, DraftContext::Verified, 2);
-    later_drafts_read_their_own_predictions_behind_verified_states(&a);
+    let run = |conditioned, draft_context, draft_steps, feature_noise| lower_the_loss(TrainConfig { conditioned, draft_context, draft_steps, feature_noise, ..config(12) });
+    run(false, DraftContext::Drafted, 1, 0.0);
+    let (_, _, clean) = run(true, DraftContext::Verified, 1, 0.0);
+    // Noisy conditioning features still train, on another loss curve.
+    let (_, _, noisy) = run(true, DraftContext::Verified, 1, 0.3);
+    assert_ne!(clean.curve[1].loss, noisy.curve[1].loss);
+    let (t, a, _) = run(true, DraftContext::Verified, 2, 0.0);
+    later_drafts_read_their_own_predictions_behind_verified_states(&(t, a));
 }
 
-fn lower_the_loss(conditioned: bool, draft_context: DraftContext, draft_steps: usize) -> (Tiny, Adapter) {
+fn lower_the_loss(cfg: TrainConfig) -> (Tiny, Adapter, TrainReport) {
     let t = tiny();
     let out = t.dir.path().join("a.safetensors");
-    let r = train(&t, TrainConfig { conditioned, draft_context, draft_steps, ..config(12) }, &out, false, None);
+    let (conditioned, draft_context) = (cfg.conditioned, cfg.draft_context);
+    let r = train(&t, cfg, &out, false, None);
     let first: f64 = r.curve[..3].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     let last: f64 = r.curve[r.curve.len() - 3..].iter().map(|p| p.loss).sum::<f64>() / 3.0;
     assert!(last < first * 0.9, "loss {first} -> {last}");
@@ -95,7 +100,7 @@ fn lower_the_loss(conditioned: bool, draft_context: DraftContext, draft_steps: u
     let a = Adapter::load(&out, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap();
     assert_eq!((a.num_layers(), a.split_id.as_deref(), a.is_conditioned()), (1, Some(device.manifest.split_id.as_str()), conditioned));
     assert_eq!(a.draft_context, draft_context);
-    (t, a)
+    (t, a, r)
 }
 
 /// The training-time test's second draft at position t reads the adapter's own prediction for
@@ -106,7 +111,7 @@ fn later_drafts_read_their_own_predictions_behind_verified_states((t, a): &(Tiny
     let hidden = device.manifest.hidden_size;
     let randn = |seed: f64| (Tensor::arange(0f32, (10 * hidden) as f32, &Device::Cpu).unwrap() * seed).unwrap().sin().unwrap().reshape((1, 10, hidden)).unwrap();
     let (h_in, middle, drafted) = (randn(0.37), randn(1.3), randn(2.1));
-    let (_, predicted) = a.next_draft_hidden(&device.output, &h_in, &middle, &drafted).unwrap();
+    let (_, predicted) = a.next_draft_hidden(&device.output, &h_in, &middle, &drafted, None).unwrap();
     let zero = Tensor::zeros((1, 1, hidden), DType::F32, &Device::Cpu).unwrap();
     let mut mismatch = 0f32;
     for p in 0..10 {
