@@ -20,7 +20,7 @@ out=$runs/adapter-$split_id.safetensors
 
 "$hat" train-adapter --split "$split" \
   --dataset assets/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json \
-  --out "$out" --adapter-layers 2 --init middle --conditioning features \
+  --out "$out" --adapter-layers 3 --init middle --conditioning features \
   --self-distill 96 --max-conversations 1600 --held-out 16 --seq-len 256 --batch-size 8 \
   --steps 2000 --warmup 30 --lr 2e-3 --feature-weight 0.5 --negatives 1024 \
   --time-budget 30 --eval-every 300 --eval-prompts 16 --checkpoint-every 50 --seed 0 "$@"
