@@ -187,7 +187,7 @@ impl TrainConfig {
             return Err(Error::invalid(format!("--self-distill {} leaves no room for a prompt in --seq-len {}", self.self_distill_tokens, self.seq_len)));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.clip > 0.0) || self.weight_decay < 0.0 || self.feature_weight < 0.0 || !(self.feature_noise >= 0.0) {
-            return Err(Error::invalid("--lr and --clip must be positive, --weight-decay and --feature-weight >= 0"));
+            return Err(Error::invalid("--lr and --clip must be positive, --weight-decay, --feature-weight and --feature-noise >= 0"));
         }
         Ok(())
     }
@@ -526,15 +526,7 @@ impl<'a> Trainer<'a> {
         let dev = &Device::Cpu;
         // Right padding: causal attention never lets real positions see the pads; a mask drops
         // the pads from the loss.
-        let pad = |t: &Tensor, n: usize| -> Result<Tensor> {
-            let l = t.dim(0)?;
-            if l == n {
-                return Ok(t.clone());
-            }
-            let mut shape = t.dims().to_vec();
-            shape[0] = n - l;
-            Ok(Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), dev)?], 0)?)
-        };
+        let pad = |t: &Tensor, n: usize| pad_axis(t, 0, n);
         let x = Tensor::stack(&batch.iter().map(|s| pad(&s.input_hidden, max)).collect::<Result<Vec<_>>>()?, 0)?;
         let middle = || -> Result<Tensor> {
             let m = batch.iter().map(|s| s.middle().and_then(|t| pad(t, max))).collect::<Result<Vec<_>>>()?;
@@ -553,17 +545,8 @@ impl<'a> Trainer<'a> {
         // states (the causal masks never let real positions see the pads).
         let output_kv = match batch.iter().map(|s| s.output_kv.as_ref()).collect::<Option<Vec<_>>>() {
             Some(kv) if !kv.is_empty() => {
-                let pad_seq = |t: &Tensor| -> Result<Tensor> {
-                    let mut shape = t.dims().to_vec();
-                    let l = shape[2];
-                    if l == max {
-                        return Ok(t.clone());
-                    }
-                    shape[2] = max - l;
-                    Ok(Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), dev)?], 2)?)
-                };
                 let layer = |i: usize, which: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
-                    Ok(Tensor::cat(&kv.iter().map(|s| pad_seq(which(&s[i]))).collect::<Result<Vec<_>>>()?, 0)?)
+                    Ok(Tensor::cat(&kv.iter().map(|s| pad_axis(which(&s[i]), 2, max)).collect::<Result<Vec<_>>>()?, 0)?)
                 };
                 Some((0..kv[0].len()).map(|i| Ok((layer(i, |p| &p.0)?, layer(i, |p| &p.1)?))).collect::<Result<Vec<_>>>()?)
             }
@@ -623,6 +606,17 @@ impl<'a> Trainer<'a> {
         }
         Ok((loss, positions))
     }
+}
+
+/// `t` with zeros appended along `axis` up to length `n`.
+fn pad_axis(t: &Tensor, axis: usize, n: usize) -> Result<Tensor> {
+    let mut shape = t.dims().to_vec();
+    let l = shape[axis];
+    if l >= n {
+        return Ok(t.clone());
+    }
+    shape[axis] = n - l;
+    Ok(Tensor::cat(&[t, &Tensor::zeros(shape, t.dtype(), t.device())?], axis)?)
 }
 
 /// `m + σ · rms(m) · ε` for states `m` `(batch, len, hidden)`: `ε` standard normal (seeded
@@ -1055,7 +1049,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     // Teacher pass (once).
     let started = Instant::now();
     let pb = &run.progress;
-    let samples: Vec<Sample> = if cfg.self_distill_tokens > 0 {
+    let mut samples: Vec<Sample> = if cfg.self_distill_tokens > 0 {
         distilled_samples(t, &run.train, run.self_distill_cache.as_deref(), pb)?
     } else {
         let ids = run.train.iter().map(|c| sequence_ids(t.device, c, cfg.seq_len)).collect::<Result<Vec<_>>>()?;
@@ -1068,7 +1062,6 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         pb.set_message("teacher");
         ids.iter().map(|ids| t.teach(ids).inspect(|_| pb.inc(1))).collect::<Result<_>>()?
     };
-    let mut samples = samples;
     if cfg.draft_context == DraftContext::Verified {
         // Drafts attend to the output submodel's states over the true middle outputs: the same
         // every step, so computed once here.
