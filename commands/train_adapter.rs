@@ -115,7 +115,8 @@ pub struct Args {
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
 
-    /// Continue from ADAPTER's checkpoint (same settings; --steps and --time-budget may change).
+    /// Continue from ADAPTER's checkpoint (same settings; --steps, --time-budget and --storage
+    /// may change: a finished run resumed with another --storage only rewrites the adapter).
     #[arg(long)]
     pub resume: bool,
 
@@ -163,6 +164,12 @@ pub struct Args {
 
     #[arg(long, default_value_t = 48)]
     pub eval_tokens: usize,
+
+    /// How the adapter file stores its weights: `f16`, or `int8` (each matrix row scaled to
+    /// 8 bits, about half the size). Training runs in f32 either way, and the final evaluation
+    /// is of the weights as stored.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "int8"])]
+    pub storage: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -194,6 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         eval_draft_len: 4,
         self_distill_tokens: args.self_distill.unwrap_or(0),
         self_distill_batch: args.self_distill_batch,
+        storage: hat::adapter::Storage::parse(&args.storage)?,
     };
     config.validate()?;
     let cpu = candle_core::Device::Cpu;

@@ -24,13 +24,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{Adapter, DraftContext};
+use crate::adapter::{Adapter, DraftContext, Storage};
 use crate::dataset::Conversation;
 use crate::edge::{EdgeOptions, Mode};
 use crate::error::{Error, Result};
 use crate::generate::SamplingParams;
 use crate::link::LocalMiddle;
-use crate::model::{DecoderLayer, LayerStack, Model, Ops, StackCache};
+use crate::model::{Model, Ops, StackCache};
 use crate::protocol::WireDtype;
 use crate::split::{CloudBundle, DeviceBundle};
 use crate::tokenizer::Message;
@@ -118,6 +118,10 @@ pub struct TrainConfig {
     /// Prompts generated for together in self-distillation.
     #[serde(default = "default_self_distill_batch")]
     pub self_distill_batch: usize,
+    /// How the adapter file stores the weights (training runs in f32; the final evaluation is
+    /// of the weights as stored).
+    #[serde(default)]
+    pub storage: Storage,
 }
 
 fn one() -> usize {
@@ -158,6 +162,7 @@ impl Default for TrainConfig {
             eval_draft_len: 4,
             self_distill_tokens: 0,
             self_distill_batch: default_self_distill_batch(),
+            storage: Storage::F16,
         }
     }
 }
@@ -274,13 +279,43 @@ pub struct TrainReport {
     pub time_per_step_ms: StepTimes,
 }
 
-/// Where a step's time goes (means over the run), ms. The teacher runs once, before training.
+/// Where a step's time goes, ms: means over the run's steps, its resumed parts included (steps
+/// from checkpoints of hat versions that did not record them are left out). The teacher runs
+/// once, before training.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StepTimes {
     pub student_forward: f64,
     pub backward: f64,
     pub optimizer: f64,
     pub tokens_per_s: f64,
+}
+
+/// Training-step time summed over the steps of a run (its resumed parts included).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StepTotals {
+    steps: usize,
+    tokens: usize,
+    student_forward_ms: f64,
+    backward_ms: f64,
+    optimizer_ms: f64,
+}
+
+impl StepTotals {
+    fn busy_s(&self) -> f64 {
+        (self.student_forward_ms + self.backward_ms + self.optimizer_ms) / 1e3
+    }
+
+    /// Per-step means.
+    fn means(&self) -> StepTimes {
+        let n = self.steps.max(1) as f64;
+        let busy = self.busy_s();
+        StepTimes {
+            student_forward: self.student_forward_ms / n,
+            backward: self.backward_ms / n,
+            optimizer: self.optimizer_ms / n,
+            tokens_per_s: if busy > 0.0 { self.tokens as f64 / busy } else { 0.0 },
+        }
+    }
 }
 
 /// AdamW whose moments can be saved and restored (exact resume).
@@ -742,28 +777,27 @@ impl AdapterWeights {
 
     /// The adapter over the current weights (gradients flow to the vars).
     pub fn adapter(&self, manifest: &crate::split::Manifest, rope: Arc<crate::model::Rope>, ops: Ops) -> Result<Adapter> {
-        let map = self.map();
-        let vb = candle_nn::VarBuilder::from_tensors(map.clone(), DType::F32, &Device::Cpu);
-        let layers = (0..self.num_layers)
-            .map(|i| DecoderLayer::load(vb.pp("adapter.layers").pp(i), &manifest.config))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Adapter {
-            fuse: map.get(crate::adapter::FUSE).cloned(),
-            layers: LayerStack::from_layers(0..self.num_layers, layers, rope).with_ops(ops),
-            draft_context: self.draft_context,
-            split_id: Some(manifest.split_id.clone()),
-            metadata: HashMap::new(),
-        })
+        self.adapter_over(self.map(), manifest, rope, ops)
     }
 
-    /// Saves the adapter file (f16 storage).
-    pub fn save(&self, path: &Path, manifest: &crate::split::Manifest, training: &serde_json::Value) -> Result<()> {
-        let tensors = self
-            .vars
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(DType::F16)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        Adapter::save(path, &tensors, manifest, self.num_layers, self.draft_context, training)
+    /// The adapter as a file in `storage` will hold it: the current weights, rounded the way
+    /// [`AdapterWeights::save`] rounds them.
+    pub fn stored_adapter(&self, storage: Storage, manifest: &crate::split::Manifest, rope: Arc<crate::model::Rope>) -> Result<Adapter> {
+        self.adapter_over(storage.round_trip(&self.map())?, manifest, rope, Ops::Fused)
+    }
+
+    fn adapter_over(&self, tensors: HashMap<String, Tensor>, manifest: &crate::split::Manifest, rope: Arc<crate::model::Rope>, ops: Ops) -> Result<Adapter> {
+        let conditioned = tensors.contains_key(crate::adapter::FUSE);
+        let mut adapter = Adapter::from_tensors(tensors, self.num_layers, conditioned, manifest, rope, &Device::Cpu)?;
+        adapter.layers = adapter.layers.with_ops(ops);
+        adapter.draft_context = self.draft_context;
+        adapter.split_id = Some(manifest.split_id.clone());
+        Ok(adapter)
+    }
+
+    /// Saves the adapter file, its weights in `storage`.
+    pub fn save(&self, path: &Path, manifest: &crate::split::Manifest, storage: Storage, training: &serde_json::Value) -> Result<()> {
+        Adapter::save(path, &self.map(), manifest, self.num_layers, self.draft_context, storage, training)
     }
 }
 
@@ -776,6 +810,9 @@ struct CheckpointState {
     elapsed_s: f64,
     curve: Vec<CurvePoint>,
     evals: Vec<Evaluation>,
+    /// Missing in checkpoints of older versions (their steps then go untimed).
+    #[serde(default)]
+    timed: StepTotals,
 }
 
 fn checkpoint_paths(out: &Path) -> (PathBuf, PathBuf) {
@@ -808,8 +845,9 @@ fn load_checkpoint(out: &Path, w: &AdapterWeights, opt: &mut AdamW, config: &Tra
     let mut want = config.clone();
     want.time_budget_s = state.config.time_budget_s;
     want.steps = state.config.steps;
+    want.storage = state.config.storage;
     if want != state.config {
-        return Err(Error::bad_file(&state_path, "checkpoint was made with other settings (only --steps and --time-budget may change on --resume)"));
+        return Err(Error::bad_file(&state_path, "checkpoint was made with other settings (only --steps, --time-budget and --storage may change on --resume)"));
     }
     let t = candle_core::safetensors::load(&tensors_path, &Device::Cpu)?;
     let get = |k: String| t.get(&k).cloned().ok_or_else(|| Error::bad_file(&tensors_path, format!("checkpoint lacks {k}")));
@@ -1084,15 +1122,13 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init, cfg.conditioned)?.with_draft_context(cfg.draft_context);
     let eval_at = |step: usize, elapsed: f64| evaluate(t, &weights.adapter(manifest, t.device.rope.clone(), Ops::Fused)?, &held, step, elapsed);
     let mut opt = AdamW::new(weights.vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect())?;
-    let mut state = CheckpointState { config: cfg.clone(), split_id: manifest.split_id.clone(), step: 0, elapsed_s: 0.0, curve: vec![], evals: vec![] };
+    let mut state = CheckpointState { config: cfg.clone(), split_id: manifest.split_id.clone(), step: 0, elapsed_s: 0.0, curve: vec![], evals: vec![], timed: StepTotals::default() };
     if run.resume {
         state = load_checkpoint(&run.out, &weights, &mut opt, cfg, &manifest.split_id)?;
         state.config = cfg.clone();
     }
     // `state.elapsed_s` counts training steps only: evaluations and checkpoints are not part of
     // the time budget (or of the learning-rate schedule it paces).
-    let mut times = StepTimes::default();
-    let (mut timed_steps, mut timed_tokens) = (0usize, 0usize);
     let per_epoch = samples.len().div_ceil(cfg.batch_size);
     let lengths: Vec<usize> = samples.iter().map(|s| s.ids.len()).collect();
     let mut batches: Option<(usize, Vec<Vec<usize>>)> = None;
@@ -1136,17 +1172,17 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         if !loss_v.is_finite() {
             return Err(Error::invalid(format!("training diverged at step {} (loss {loss_v}); try a lower --lr", state.step)));
         }
-        times.student_forward += (t1 - t0).as_secs_f64() * 1e3;
-        times.backward += (t2 - t1).as_secs_f64() * 1e3;
-        times.optimizer += (t3 - t2).as_secs_f64() * 1e3;
-        timed_steps += 1;
-        timed_tokens += positions;
+        let timed = &mut state.timed;
+        timed.student_forward_ms += (t1 - t0).as_secs_f64() * 1e3;
+        timed.backward_ms += (t2 - t1).as_secs_f64() * 1e3;
+        timed.optimizer_ms += (t3 - t2).as_secs_f64() * 1e3;
+        timed.steps += 1;
+        timed.tokens += positions;
         state.step += 1;
         state.elapsed_s += step_started.elapsed().as_secs_f64();
         state.curve.push(CurvePoint { step: state.step, elapsed_s: state.elapsed_s, loss: loss_v, lr, tokens: positions });
         pb.set_position(state.step as u64);
-        let busy_s = (times.student_forward + times.backward + times.optimizer) / 1e3;
-        pb.set_message(format!("loss {loss_v:.3} lr {lr:.1e} {:.0} tok/s", timed_tokens as f64 / busy_s.max(1e-9)));
+        pb.set_message(format!("loss {loss_v:.3} lr {lr:.1e} {:.0} tok/s", state.timed.means().tokens_per_s));
         if state.step % cfg.eval_every == 0 && state.step < cfg.steps {
             let e = eval_at(state.step, state.elapsed_s)?;
             let by_position: Vec<String> = e.acceptance_by_position.iter().map(|a| format!("{:.0}%", a * 100.0)).collect();
@@ -1164,18 +1200,13 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         }
     }
     save_checkpoint(&run.out, &weights, &opt, &state)?;
-    if state.evals.last().map(|e| e.step) != Some(state.step) {
-        state.evals.push(eval_at(state.step, state.elapsed_s)?);
+    // The final evaluation is of the weights as the adapter file stores them.
+    if state.evals.last().map(|e| e.step) == Some(state.step) {
+        state.evals.pop();
     }
+    let stored = weights.stored_adapter(cfg.storage, manifest, t.device.rope.clone())?;
+    state.evals.push(evaluate(t, &stored, &held, state.step, state.elapsed_s)?);
     pb.finish_with_message("done");
-    let n = timed_steps.max(1) as f64;
-    let total_ms = times.student_forward + times.backward + times.optimizer;
-    let times = StepTimes {
-        student_forward: times.student_forward / n,
-        backward: times.backward / n,
-        optimizer: times.optimizer / n,
-        tokens_per_s: if total_ms > 0.0 { timed_tokens as f64 / (total_ms / 1e3) } else { 0.0 },
-    };
     let report = TrainReport {
         config: cfg.clone(),
         split_id: manifest.split_id.clone(),
@@ -1187,12 +1218,12 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         evals: state.evals.clone(),
         steps_done: state.step,
         stopped_by,
-        time_per_step_ms: times,
+        time_per_step_ms: state.timed.means(),
     };
     let training = serde_json::json!({
         "config": cfg, "steps_done": state.step, "final_eval": state.evals.last(), "train_tokens": train_tokens,
     });
-    weights.save(&run.out, manifest, &training)?;
+    weights.save(&run.out, manifest, cfg.storage, &training)?;
     let report_path = run.out.with_extension("report.json");
     let text = serde_json::to_string_pretty(&report).map_err(|e| Error::bad_file(&report_path, e))?;
     std::fs::write(&report_path, text).map_err(|e| Error::io(&report_path, e))?;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, D};
-use hat::adapter::{Adapter, DraftContext};
+use hat::adapter::{Adapter, DraftContext, Storage};
 use hat::cloud::{BackgroundServer, CloudConfig};
 use hat::edge::{EdgeOptions, EdgeReport, Mode};
 use hat::generate::{generate, ModelDecoder, SamplingParams};
@@ -55,7 +55,7 @@ fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, fuse: Opt
     if let Some(f) = fuse {
         out.insert(hat::adapter::FUSE.to_string(), f);
     }
-    Adapter::save(path, &out, &cloud.manifest, layers.len(), context, &serde_json::json!({"kind": "test oracle"})).unwrap();
+    Adapter::save(path, &out, &cloud.manifest, layers.len(), context, Storage::F16, &serde_json::json!({"kind": "test oracle"})).unwrap();
 }
 
 fn world() -> &'static World {
@@ -171,6 +171,25 @@ fn greedy_hat_with_f32_on_the_wire_equals_hat_generate() {
             }
         }
     }
+}
+
+/// The adapter shipped for the default split (what `run-edge` drafts with by default) loads,
+/// keeps greedy output exact and gets drafts accepted.
+#[test]
+fn the_shipped_adapter_fits_the_default_split_and_drafts() {
+    let w = world();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(hat::adapter::default_adapter_path(&w.device.manifest));
+    let a = Adapter::load(&path, &w.device.manifest, w.device.rope.clone(), &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
+    assert!(a.is_conditioned() && a.num_layers() > 0);
+    let (mut generated, mut rounds) = (0, 0);
+    for ids in prompts(w).iter().take(2) {
+        let r = run(w, &a, ids, options(Mode::Hat, 4, 16, SamplingParams::greedy(), 32), WireDtype::F32);
+        assert_eq!(r.token_ids, reference(w, ids, 32));
+        (generated, rounds) = (generated + r.generated_tokens - 1, rounds + r.rounds);
+    }
+    // Without an adapter every round yields one token.
+    let mean = generated as f64 / rounds as f64;
+    assert!(mean > 1.25, "{generated} tokens in {rounds} rounds");
 }
 
 #[test]

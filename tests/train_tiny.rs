@@ -1,12 +1,12 @@
 //! `hat train-adapter` on tiny in-process models: the loss falls, resume continues the same run,
-//! bad adapters are refused, truncated data sets train.
+//! int8 storage keeps the weights, bad adapters are refused, truncated data sets train.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use hat::adapter::{Adapter, DraftContext};
+use hat::adapter::{Adapter, DraftContext, Storage};
 use hat::source::{LoadedModel, ModelSpec};
 use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
 use hat::testing::{tiny_model, TinySpec};
@@ -23,6 +23,26 @@ fn tiny() -> Tiny {
     let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().join("model"))).unwrap();
     write_split(&loaded, &SplitPlan::new(6, 1, 1).unwrap(), &dir.path().join("split"), DType::F32, false, &indicatif::ProgressBar::hidden()).unwrap();
     Tiny { dir, loaded }
+}
+
+impl Tiny {
+    fn device(&self) -> DeviceBundle {
+        DeviceBundle::load(&self.dir.path().join("split/device"), &Device::Cpu).unwrap()
+    }
+
+    fn cloud(&self) -> CloudBundle {
+        CloudBundle::load(&self.dir.path().join("split/cloud"), &Device::Cpu).unwrap()
+    }
+
+    /// The whole model, f32.
+    fn teacher(&self) -> hat::model::Model {
+        self.loaded.model(DType::F32, &Device::Cpu).unwrap()
+    }
+}
+
+/// The packaged ShareGPT sample: three records, then one cut off mid-record.
+fn sample_data() -> hat::dataset::LoadReport {
+    hat::dataset::load_conversations(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json")).unwrap()
 }
 
 fn config(steps: usize) -> TrainConfig {
@@ -51,11 +71,10 @@ fn train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<u
 
 fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<usize>, cache: Option<&Path>) -> TrainReport {
     let cpu = Device::Cpu;
-    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
-    let cloud = CloudBundle::load(&t.dir.path().join("split/cloud"), &cpu).unwrap();
-    let model = t.loaded.model(DType::F32, &cpu).unwrap();
-    // The packaged sample: three records, then one cut off mid-record.
-    let data = hat::dataset::load_conversations(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json")).unwrap();
+    let device = t.device();
+    let cloud = t.cloud();
+    let model = t.teacher();
+    let data = sample_data();
     assert!(data.truncated);
     let (train, held_out) = split_conversations(data.conversations, cfg.held_out, cfg.max_conversations, cfg.seed);
     hat::train::train(TrainRun {
@@ -96,7 +115,7 @@ fn lower_the_loss(cfg: TrainConfig) -> (Tiny, Adapter, TrainReport) {
     assert_eq!((r.steps_done, r.stopped_by.as_str()), (12, "steps"));
     assert!(r.evals.len() >= 2 && r.evals.iter().all(|e| e.mean_accepted >= 1.0));
     assert!(out.with_extension("report.json").exists());
-    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &Device::Cpu).unwrap();
+    let device = t.device();
     let a = Adapter::load(&out, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap();
     assert_eq!((a.num_layers(), a.split_id.as_deref(), a.is_conditioned()), (1, Some(device.manifest.split_id.as_str()), conditioned));
     assert_eq!(a.draft_context, draft_context);
@@ -107,7 +126,7 @@ fn lower_the_loss(cfg: TrainConfig) -> (Tiny, Adapter, TrainReport) {
 /// t-1 while attending to adapter states made from true middle outputs at earlier positions:
 /// what the edge's cache holds when it drafts the second token of a round.
 fn later_drafts_read_their_own_predictions_behind_verified_states((t, a): &(Tiny, Adapter)) {
-    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &Device::Cpu).unwrap();
+    let device = t.device();
     let hidden = device.manifest.hidden_size;
     let randn = |seed: f64| (Tensor::arange(0f32, (10 * hidden) as f32, &Device::Cpu).unwrap() * seed).unwrap().sin().unwrap().reshape((1, 10, hidden)).unwrap();
     let (h_in, middle, drafted) = (randn(0.37), randn(1.3), randn(2.1));
@@ -145,10 +164,10 @@ fn resume_continues_the_same_run() {
     assert_eq!(losses(&resumed), losses(&whole), "an interrupted and resumed run follows the uninterrupted one");
     // Other settings are refused on resume.
     let cpu = Device::Cpu;
-    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
-    let cloud = CloudBundle::load(&t.dir.path().join("split/cloud"), &cpu).unwrap();
-    let model = t.loaded.model(DType::F32, &cpu).unwrap();
-    let data = hat::dataset::load_conversations(&Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/sharegpt-sample.json")).unwrap();
+    let device = t.device();
+    let cloud = t.cloud();
+    let model = t.teacher();
+    let data = sample_data();
     let (train_c, held) = split_conversations(data.conversations, 1, 100, 0);
     let err = hat::train::train(TrainRun {
         trainer: Trainer { model: &model, device: &device, cloud: &cloud, config: TrainConfig { lr: 1.0, ..config(8) } },
@@ -166,6 +185,66 @@ fn resume_continues_the_same_run() {
     .expect("mismatched settings")
     .to_string();
     assert!(err.contains("other settings"), "{err}");
+}
+
+/// The held-out evaluation of an adapter file, as `hat train-adapter --evaluate` runs it.
+fn evaluate_file(t: &Tiny, cfg: TrainConfig, path: &Path) -> hat::train::Evaluation {
+    let cpu = Device::Cpu;
+    let device = t.device();
+    let cloud = t.cloud();
+    let model = t.teacher();
+    let data = sample_data();
+    let (_, held_out) = split_conversations(data.conversations, cfg.held_out, cfg.max_conversations, cfg.seed);
+    let adapter = Adapter::load(path, &device.manifest, device.rope.clone(), &cpu).unwrap();
+    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config: cfg };
+    let held = hat::train::HeldOut::new(&trainer, &held_out).unwrap();
+    hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0).unwrap()
+}
+
+#[test]
+fn int8_storage_keeps_each_weight_within_half_a_step_and_is_what_the_report_evaluates() {
+    let t = tiny();
+    let cfg = TrainConfig { conditioned: true, draft_context: DraftContext::Verified, ..config(4) };
+    let out = t.dir.path().join("a.safetensors");
+    let f16 = train(&t, cfg.clone(), &out, false, None);
+    let f16_bytes = std::fs::metadata(&out).unwrap().len();
+    // A finished run resumed with another storage only rewrites the adapter.
+    let int8 = train(&t, TrainConfig { storage: Storage::Int8, ..cfg.clone() }, &out, true, None);
+    assert_eq!((int8.steps_done, int8.curve.len()), (f16.steps_done, f16.curve.len()));
+    let speed = |r: &TrainReport| r.time_per_step_ms.tokens_per_s;
+    assert!(speed(&f16) > 0.0 && (speed(&int8) / speed(&f16) - 1.0).abs() < 1e-9, "the steps' times come from the checkpoint");
+    let int8_bytes = std::fs::metadata(&out).unwrap().len();
+    assert!(int8_bytes * 10 < f16_bytes * 7, "int8 {int8_bytes} bytes, f16 {f16_bytes}");
+
+    // Every matrix within half a quantisation step (max |row| / 254) of the trained f32 weights.
+    let trained = candle_core::safetensors::load(out.with_extension("ckpt.safetensors"), &Device::Cpu).unwrap();
+    let stored = Storage::Int8.decode(candle_core::safetensors::load(&out, &Device::Cpu).unwrap()).unwrap();
+    let mut matrices = 0;
+    for (name, w) in stored.iter().filter(|(_, w)| w.rank() == 2) {
+        let want = &trained[&format!("var.{name}")];
+        let err = (w - want).unwrap().abs().unwrap().max(1).unwrap();
+        let half_step = (want.abs().unwrap().max(1).unwrap() / 254.0).unwrap();
+        let over = (err - (half_step * 1.0001).unwrap()).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(over <= 0.0, "{name}: {over} beyond half a step");
+        matrices += 1;
+    }
+    assert!(matrices >= 8, "{matrices} matrices");
+    // The report's final evaluation is the file's.
+    let from_file = evaluate_file(&t, cfg, &out);
+    let last = int8.evals.last().unwrap();
+    assert_eq!((last.top1_agreement, last.mean_accepted, last.acceptance_rate), (from_file.top1_agreement, from_file.mean_accepted, from_file.acceptance_rate));
+
+    // A matrix whose scale is missing is refused, naming the tensor.
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut raw = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let dropped = raw.keys().find(|k| k.ends_with(".q8_scale")).unwrap().clone();
+    raw.remove(&dropped);
+    let broken = t.dir.path().join("broken.safetensors");
+    safetensors::serialize_to_file(raw.iter(), header.metadata().clone(), &broken).unwrap();
+    let device = t.device();
+    let err = Adapter::load(&broken, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("without its") && err.contains(dropped.trim_end_matches(".q8_scale")), "{err}");
 }
 
 #[test]
@@ -195,10 +274,9 @@ fn corrupt_and_mismatched_adapters_are_refused() {
 #[test]
 fn self_distillation_generates_the_models_greedy_replies_in_batches() {
     let t = tiny();
-    let cpu = Device::Cpu;
-    let device = DeviceBundle::load(&t.dir.path().join("split/device"), &cpu).unwrap();
-    let cloud = CloudBundle::load(&t.dir.path().join("split/cloud"), &cpu).unwrap();
-    let model = t.loaded.model(DType::F32, &cpu).unwrap();
+    let device = t.device();
+    let cloud = t.cloud();
+    let model = t.teacher();
     let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config: config(1) };
     // Prompts of two lengths, three of one (a batch of two and a batch of one), different contents.
     let base: Vec<u32> = (1..12).map(|i| i * 7 % 60 + 3).collect();
