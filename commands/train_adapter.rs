@@ -224,11 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
     if let Some(path) = &args.evaluate {
         let adapter = hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
-        // The file says how it is conditioned and drafts, whatever the flags say.
-        let config = TrainConfig { conditioned: adapter.is_conditioned(), draft_context: adapter.draft_context, ..config };
-        let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
-        let held = hat::train::HeldOut::new(&trainer, &held_out)?;
-        let e = hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0)?;
+        let e = hat::train::evaluate_adapter(&model, &device, &cloud, config, &held_out, &adapter)?;
         println!("{}", serde_json::to_string_pretty(&e)?);
         return Ok(());
     }

@@ -301,14 +301,10 @@ struct StepTotals {
 }
 
 impl StepTotals {
-    fn busy_s(&self) -> f64 {
-        (self.student_forward_ms + self.backward_ms + self.optimizer_ms) / 1e3
-    }
-
     /// Per-step means.
     fn means(&self) -> StepTimes {
         let n = self.steps.max(1) as f64;
-        let busy = self.busy_s();
+        let busy = (self.student_forward_ms + self.backward_ms + self.optimizer_ms) / 1e3;
         StepTimes {
             student_forward: self.student_forward_ms / n,
             backward: self.backward_ms / n,
@@ -884,6 +880,16 @@ impl HeldOut {
             .collect::<Result<_>>()?;
         Ok(Self { samples, prompts })
     }
+}
+
+/// `hat train-adapter --evaluate`: the held-out evaluation of `adapter` on the `held_out`
+/// conversations with `config`'s evaluation settings. How the adapter is conditioned and what it
+/// drafts behind come from the adapter, whatever `config` says.
+pub fn evaluate_adapter(model: &Model, device: &DeviceBundle, cloud: &CloudBundle, config: TrainConfig, held_out: &[Conversation], adapter: &Adapter) -> Result<Evaluation> {
+    let config = TrainConfig { conditioned: adapter.is_conditioned(), draft_context: adapter.draft_context, ..config };
+    let trainer = Trainer { model, device, cloud, config };
+    let held = HeldOut::new(&trainer, held_out)?;
+    evaluate(&trainer, adapter, &held, 0, 0.0)
 }
 
 /// Evaluates `adapter` on held-out data: top-1 agreement with the model (teacher-forced) and

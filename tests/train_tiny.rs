@@ -196,9 +196,7 @@ fn evaluate_file(t: &Tiny, cfg: TrainConfig, path: &Path) -> hat::train::Evaluat
     let data = sample_data();
     let (_, held_out) = split_conversations(data.conversations, cfg.held_out, cfg.max_conversations, cfg.seed);
     let adapter = Adapter::load(path, &device.manifest, device.rope.clone(), &cpu).unwrap();
-    let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config: cfg };
-    let held = hat::train::HeldOut::new(&trainer, &held_out).unwrap();
-    hat::train::evaluate(&trainer, &adapter, &held, 0, 0.0).unwrap()
+    hat::train::evaluate_adapter(&model, &device, &cloud, cfg, &held_out, &adapter).unwrap()
 }
 
 #[test]
