@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
-use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
+use hat::io::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
 
 const TEXT: &str = "The history of computing is a story of ideas that moved from laboratories into everyday \
 life. Early machines filled entire rooms, consumed enormous amounts of power and could perform only a few \

@@ -4,26 +4,21 @@
 //! Table 1: TTFT and TBT of `u-shape` and `hat` at 10, 50 and 200 Mbit/s with 20 ms RTT.
 //! Table 2: TTFT of a ~1000-token prompt at 10 Mbit/s, 20 ms, for chunk sizes 0, 16, 64, 256.
 //!
-//! `cargo bench --bench link`. Environment: HAT_BENCH_ADAPTER (adapter file; default: the
-//! shipped one for this split if present, else none), HAT_BENCH_TOKENS (generated tokens, 48),
+//! `cargo bench --bench link`. Environment: HAT_BENCH_ADAPTER (an adapter file, `none`, or
+//! `auto`, the default: the shipped one for this split if present, else none), HAT_BENCH_TOKENS (generated tokens, 48),
 //! HAT_BENCH_REPEATS (2), HAT_BENCH_DRAFT_LENS (γ values for hat, "1,2,4"; the last one is used
 //! for the chunking table), HAT_BENCH_WIRE (f16).
 //! Table 3: how often f16/bf16 hidden states on the wire change a greedy token (in-process).
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
-
-use candle_core::{DType, Device};
-use hat::adapter::Adapter;
-use hat::cloud::{BackgroundServer, CloudConfig};
+use candle_core::Device;
+use hat::adapter::{load_choice, Adapter};
+use hat::cloud::BackgroundServer;
+use hat::decode::SamplingParams;
 use hat::edge::{EdgeOptions, EdgeReport, Mode};
-use hat::generate::SamplingParams;
-use hat::link::{ConnectOptions, LinkEmulation, QuicLink};
-use hat::protocol::WireDtype;
-use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
-use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
-use hat::tls::Trust;
+use hat::io::source::{LoadedModel, ModelSpec};
+use hat::net::protocol::WireDtype;
+use hat::net::{LinkEmulation, LocalMiddle};
+use hat::testing::{connect, default_gguf, SplitWorld};
 
 const PROMPTS: [&str; 3] = [
     "Explain how a refrigerator keeps food cold.",
@@ -51,27 +46,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
+/// Fields drop in order: the server stops before the split's folder goes.
 struct Bench {
-    device: DeviceBundle,
-    adapter: Adapter,
     server: BackgroundServer,
+    world: SplitWorld,
+    adapter: Adapter,
     wire: WireDtype,
 }
 
 impl Bench {
     fn run(&self, ids: &[u32], mode: Mode, chunk: usize, gamma: usize, tokens: usize, link: LinkEmulation) -> anyhow::Result<EdgeReport> {
-        let mut q = QuicLink::connect(ConnectOptions {
-            addr: self.server.addr,
-            trust: Trust::Fingerprint(self.server.fingerprint.clone()),
-            token: None,
-            split_id: self.device.manifest.split_id.clone(),
-            hidden_size: self.device.manifest.hidden_size,
-            dtype: self.wire,
-            emulation: link,
-            tap: None,
-        })?;
+        let mut q = connect(&self.server, &self.world.device, self.wire, link, None)?;
         let opts = EdgeOptions { mode, draft_len: gamma, chunk_size: chunk, sampling: SamplingParams::greedy(), max_tokens: tokens, max_context: q.max_context };
-        Ok(hat::edge::generate(&self.device, &self.adapter, &mut q, ids, &opts, |_| Ok(()))?)
+        Ok(hat::edge::generate(&self.world.device, &self.adapter, &mut q, ids, &opts, |_| Ok(()))?)
     }
 }
 
@@ -81,35 +68,14 @@ fn main() -> anyhow::Result<()> {
     let gammas: Vec<usize> = env("HAT_BENCH_DRAFT_LENS", "1,2,4".to_string()).split(',').filter_map(|g| g.trim().parse().ok()).collect();
     let gamma = *gammas.last().unwrap_or(&4);
     let wire = WireDtype::parse(&env("HAT_BENCH_WIRE", "f16".to_string()))?;
-    let gguf = assets_dir().join(DEFAULT_ASSET_GGUF);
-    let loaded = LoadedModel::load(&ModelSpec::Gguf(gguf))?;
-    let dir = tempfile::tempdir()?;
-    let out = dir.path().join("split");
-    write_split(&loaded, &SplitPlan::new(30, 2, 2)?, &out, DType::F32, false, &indicatif::ProgressBar::hidden())?;
-    let device = DeviceBundle::load(&out.join("device"), &Device::Cpu)?;
-    let cloud = Arc::new(CloudBundle::load(&out.join("cloud"), &Device::Cpu)?);
-    let cloud_middle = cloud.clone();
-    let adapter_path = std::env::var("HAT_BENCH_ADAPTER").ok().map(PathBuf::from).or_else(|| {
-        let shipped = hat::adapter::default_adapter_path(&device.manifest);
-        shipped.exists().then_some(shipped)
-    });
-    let (adapter, adapter_name) = match &adapter_path {
-        Some(p) => (Adapter::load(p, &device.manifest, device.rope.clone(), &Device::Cpu)?, p.display().to_string()),
-        None => (Adapter::none(device.rope.clone()), "none".to_string()),
-    };
-    let server = BackgroundServer::start(
-        cloud,
-        CloudConfig {
-            listen: "127.0.0.1:0".parse()?,
-            state_dir: dir.path().join("state"),
-            token: None,
-            max_sessions: 4,
-            max_context: 8192,
-            idle_timeout: Duration::from_secs(120),
-        },
-    )?;
-    let b = Bench { device, adapter, server, wire };
-    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| b.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
+    let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf()?))?;
+    let world = SplitWorld::new(&loaded, 2, 2)?;
+    let adapter_choice = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
+    let (adapter, adapter_name) = load_choice(&adapter_choice, &world.device, &Device::Cpu)?;
+    let server = world.serve("state", None, 4, 8192)?;
+    let cloud_middle = world.cloud.clone();
+    let b = Bench { server, world, adapter, wire };
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| b.world.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
     eprintln!("adapter: {adapter_name}; γ ∈ {gammas:?}; {tokens} tokens; wire {}; {repeats} repeats × {} prompts", wire.name(), prompts.len());
 
     println!("| link | mode | TTFT ms | TBT ms | tokens/round | drafts accepted | device ms | cloud ms | wait ms |");
@@ -149,14 +115,14 @@ fn main() -> anyhow::Result<()> {
     }
 
     // Half precision on the wire: how often does it change a greedy token? (In-process, u-shape.)
-    let wire_prompts: Vec<Vec<u32>> = WIRE_PROMPTS.iter().map(|p| b.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
+    let wire_prompts: Vec<Vec<u32>> = WIRE_PROMPTS.iter().map(|p| b.world.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
     println!();
     println!("| wire dtype | prompts identical to f32 (64 tokens) | tokens before first divergence (mean) |");
     println!("|---|---|---|");
     let greedy = |dtype: WireDtype, ids: &[u32]| -> anyhow::Result<Vec<u32>> {
-        let mut link = hat::link::LocalMiddle::new(&cloud_middle.middle, dtype);
+        let mut link = LocalMiddle::new(&cloud_middle.middle, dtype);
         let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunk_size: 0, sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192 };
-        Ok(hat::edge::generate(&b.device, &b.adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
+        Ok(hat::edge::generate(&b.world.device, &b.adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
     };
     let reference: Vec<Vec<u32>> = wire_prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;
     for dtype in [WireDtype::F16, WireDtype::BF16] {
@@ -172,7 +138,7 @@ fn main() -> anyhow::Result<()> {
 
     // A ~1000-token prompt: chunked prefill at 10 Mbit/s.
     let long_text = PROMPTS.iter().cycle().take(150).cloned().collect::<Vec<_>>().join(" ");
-    let mut long = b.device.tokenizer.encode_prompt(&long_text, true)?;
+    let mut long = b.world.device.tokenizer.encode_prompt(&long_text, true)?;
     long.truncate(1000);
     let link = LinkEmulation { up_mbps: Some(10.0), down_mbps: Some(10.0), rtt_ms: 20.0 };
     println!();

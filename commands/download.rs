@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hat::source::{safetensors_files, ModelSpec, DEFAULT_HUB_ID};
+use hat::io::source::{safetensors_files, ModelSpec, DEFAULT_HUB_ID};
 
 /// Fetch a model from the Hugging Face hub (config, tokenizer, safetensors weights).
 ///
@@ -24,7 +24,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ModelSpec::Hub { repo, revision } = ModelSpec::parse(&args.model)? else {
         anyhow::bail!("--model {} is a local path; hat download takes a hub id org/name[@revision]", args.model);
     };
-    let dir = hat::hub::snapshot(&repo, revision.as_deref())?;
+    let dir = hat::io::hub::snapshot(&repo, revision.as_deref())?;
     let Some(out) = args.out else {
         println!("{}", dir.display());
         return Ok(());

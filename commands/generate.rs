@@ -1,6 +1,6 @@
 //! `hat generate`: the unsplit model, locally — the reference for every split path.
 
-use hat::generate::{generate, ModelDecoder};
+use hat::decode::{generate, ModelDecoder};
 
 use crate::{ModelArgs, PromptArgs, SamplingArgs, Streamer};
 
@@ -29,7 +29,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = args.prompt.read()?;
     let sampling = args.sampling.params()?;
-    let device = hat::source::select_device(&args.model.device)?;
+    let device = hat::io::source::select_device(&args.model.device)?;
     let loaded = args.model.load()?;
     let model = loaded.model(candle_core::DType::F32, &device)?;
     let tokenizer = &loaded.tokenizer;

@@ -36,7 +36,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    hat::memory::keep_freed_memory();
+    hat::util::memory::keep_freed_memory();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Split(a) => split::run(a),
@@ -71,11 +71,11 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     /// Loads the model named by `--model`, saying on stderr what it loaded.
-    pub fn load(&self) -> anyhow::Result<hat::source::LoadedModel> {
+    pub fn load(&self) -> anyhow::Result<hat::io::source::LoadedModel> {
         use anyhow::Context;
-        let spec = hat::source::ModelSpec::from_arg(self.model.as_deref())?;
+        let spec = hat::io::source::ModelSpec::from_arg(self.model.as_deref())?;
         let t = std::time::Instant::now();
-        let model = hat::source::LoadedModel::load(&spec).with_context(|| format!("cannot load model {spec}"))?;
+        let model = hat::io::source::LoadedModel::load(&spec).with_context(|| format!("cannot load model {spec}"))?;
         let c = &model.config;
         eprintln!(
             "hat: loaded {spec} ({:?}, {} layers, hidden {}, {}/{} heads) in {:.1} s",
@@ -148,11 +148,11 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> anyhow::Result<hat::generate::SamplingParams> {
+    pub fn params(&self) -> anyhow::Result<hat::decode::SamplingParams> {
         if self.max_tokens == 0 {
             anyhow::bail!("--max-tokens must be at least 1");
         }
-        let p = hat::generate::SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed };
+        let p = hat::decode::SamplingParams { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k, seed: self.seed };
         p.validate()?;
         Ok(p)
     }
@@ -160,13 +160,13 @@ impl SamplingArgs {
 
 /// Streams generated text to stdout as tokens arrive (nothing when `quiet`).
 pub struct Streamer<'a> {
-    stream: hat::tokenizer::TextStream<'a>,
+    stream: hat::io::tokenizer::TextStream<'a>,
     quiet: bool,
 }
 
 impl<'a> Streamer<'a> {
-    pub fn new(tokenizer: &'a hat::tokenizer::HatTokenizer, quiet: bool) -> Self {
-        Self { stream: hat::tokenizer::TextStream::new(tokenizer), quiet }
+    pub fn new(tokenizer: &'a hat::io::tokenizer::HatTokenizer, quiet: bool) -> Self {
+        Self { stream: hat::io::tokenizer::TextStream::new(tokenizer), quiet }
     }
 
     pub fn push(&mut self, id: u32) -> hat::Result<()> {

@@ -4,12 +4,11 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hat::adapter::Adapter;
 use hat::edge::{EdgeOptions, Mode};
-use hat::link::{ConnectOptions, LinkEmulation, QuicLink};
-use hat::protocol::WireDtype;
+use hat::net::{ConnectOptions, LinkEmulation, QuicLink};
+use hat::net::protocol::WireDtype;
 use hat::split::DeviceBundle;
-use hat::tls::Trust;
+use hat::net::tls::Trust;
 
 use crate::{PromptArgs, SamplingArgs, Streamer};
 
@@ -99,7 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let emulation = LinkEmulation { up_mbps: args.link_up_mbps, down_mbps: args.link_down_mbps, rtt_ms: args.link_rtt_ms };
     emulation.validate()?;
     let trust = match (&args.cloud_fingerprint, &args.cloud_cert) {
-        (Some(fp), _) => Trust::Fingerprint(hat::tls::parse_fingerprint(fp)?),
+        (Some(fp), _) => Trust::Fingerprint(hat::net::tls::parse_fingerprint(fp)?),
         (None, Some(cert)) => Trust::CertFile(cert.clone()),
         (None, None) => anyhow::bail!("give --cloud-fingerprint or --cloud-cert"),
     };
@@ -112,17 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let device = candle_core::Device::Cpu;
     let bundle = DeviceBundle::load(&args.bundle, &device)?;
-    let shipped = hat::adapter::default_adapter_path(&bundle.manifest);
-    let adapter_path = match args.adapter.as_str() {
-        "none" => None,
-        "auto" => shipped.exists().then_some(shipped),
-        path => Some(PathBuf::from(path)),
-    };
-    let adapter = match &adapter_path {
-        None => Adapter::none(bundle.rope.clone()),
-        Some(path) => Adapter::load(path, &bundle.manifest, bundle.rope.clone(), &device)?,
-    };
-    let adapter_name = adapter_path.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+    let (adapter, adapter_name) = hat::adapter::load_choice(&args.adapter, &bundle, &device)?;
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
     let mut link = QuicLink::connect(ConnectOptions {
         addr,

@@ -51,7 +51,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let device = hat::source::select_device(&args.device)?;
+    let device = hat::io::source::select_device(&args.device)?;
     let bundle = Arc::new(CloudBundle::load(&args.bundle, &device)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {

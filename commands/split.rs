@@ -42,7 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dtype = parse_dtype(&args.dtype)?;
     let model = args.model.load()?;
     let plan = SplitPlan::new(model.config.num_hidden_layers, args.input_layers, args.output_layers)?;
-    let bar = hat::progress::bar(0, "splitting");
+    let bar = hat::util::progress::bar(0, "splitting");
     let out = write_split(&model, &plan, &args.out, dtype, args.force, &bar)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let (i, m, o) = (plan.input_range(), plan.middle_range(), plan.output_range());

@@ -218,7 +218,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let model = loaded.model(candle_core::DType::F32, &cpu)?;
-    let data = hat::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
+    let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
     eprintln!("hat: data set {}: {}", args.dataset.display(), data.summary());
     let (train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
@@ -230,7 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let trainer = Trainer { model: &model, device: &device, cloud: &cloud, config };
     let Some(out) = args.out else { anyhow::bail!("--out is required to train") };
-    let progress = hat::progress::bar(0, "preparing");
+    let progress = hat::util::progress::bar(0, "preparing");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {

@@ -5,41 +5,59 @@
 //! user's device; the **middle submodel** (layers `[K1, L-K2)`) runs in the cloud. Only hidden
 //! states cross the network.
 //!
-//! Modules, one per concept:
-//! - [`config`]: checkpoint configs and the validated runtime [`config::ModelConfig`];
-//! - [`source`]: model sources (Hugging Face directory, hub id, GGUF) and their loaders;
-//! - [`tokenizer`]: tokenizers, chat templates, streaming detokenization;
-//! - [`model`]: the splittable engine (embedding, layer ranges with KV caches, head);
-//! - [`cache`]: the truncatable KV cache;
-//! - [`kernels`]: fused CPU kernels for short-block attention and SwiGLU;
-//! - [`split`]: plans, manifests and the device/cloud bundles;
-//! - [`generate`]: sampling and the decoding loop;
-//! - [`dataset`]: conversation data sets (ShareGPT, truncated files included);
-//! - [`memory`]: process-wide allocator settings.
+//! ## Layers
+//!
+//! The folders are layers; each one uses only those below it: nothing below the roles imports
+//! a role, and of the roles only `train` uses another (`edge`, to evaluate with the real decoding
+//! loop):
+//!
+//! ```text
+//!   layer     folder      uses (besides util/ and error.rs, which every folder may use)
+//!   roles     train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
+//!             edge/   ──▶ adapter/ split/ decode/ net/ model/
+//!             cloud/  ──▶ split/ net/ model/
+//!   shared    adapter/ ─▶ split/ model/
+//!             split/  ──▶ decode/ io/ model/
+//!             net/    ──▶ model/
+//!             decode/ ──▶ model/
+//!   engine    io/     ──▶ model/
+//!             model/  ──▶ (nothing)
+//!   base      util/, error.rs
+//! ```
+//!
+//! - [`model`]: the splittable engine: config, rope, decoder layers, layer stacks with their KV
+//!   caches, CPU kernels; the training-only "beside" pass in its own file;
+//! - [`io`]: model sources (Hugging Face directory, hub, GGUF), tokenizers and chat templates,
+//!   conversation data sets;
+//! - [`split`]: split plans, manifests, writing and loading the device and cloud bundles, and the
+//!   three-stage pipeline run in one process;
+//! - [`decode`]: sampling, the unsplit decoding loop, the speculative acceptance rule, timings;
+//! - [`net`]: the wire protocol, TLS, QUIC transport settings, the edge's link to the cloud
+//!   (QUIC or in-process) and link emulation;
+//! - [`adapter`]: the draft adapter at run time and its file format;
+//! - [`edge`]: the device's side of inference (prefill, drafting, verification, report);
+//! - [`cloud`]: `hat serve-cloud`: the server and its sessions;
+//! - [`train`]: distilling the draft adapter.
+//!
+//! Folders still to come sit beside these: `profile/` and `plan/` (measured costs and chunk
+//! planning, using `split`, `net` and `model`), a batch scheduler inside `cloud/`, `api/` (an
+//! HTTP service over `edge`), `audit/` (a curious cloud, over `split` and `train`).
+//!
+//! The `testing` feature adds [`testing`]: tiny random models and the shared model → split →
+//! cloud → connected edge set-up of the integration tests and benchmarks.
 
 pub mod adapter;
-pub mod cache;
 pub mod cloud;
-pub mod config;
-pub mod dataset;
-pub mod digest;
+pub mod decode;
 pub mod edge;
 pub mod error;
-pub mod generate;
-pub mod hub;
-pub mod kernels;
-pub mod link;
-pub mod memory;
+pub mod io;
 pub mod model;
-pub mod progress;
-pub mod protocol;
-pub mod sampling;
-pub mod source;
+pub mod net;
 pub mod split;
-#[doc(hidden)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod tls;
-pub mod tokenizer;
 pub mod train;
+pub mod util;
 
 pub use error::{Error, Result};

@@ -23,8 +23,20 @@ fn help_lists_every_subcommand() {
     let o = hat(&["--help"], &[]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["split", "train-adapter", "profile", "serve-cloud", "run-edge", "generate"] {
-        assert!(text.contains(cmd), "{cmd} missing from --help");
+    // The entries of the "Commands:" section, not words anywhere in the text (the about line
+    // mentions some of them).
+    let commands: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for cmd in ["generate", "split", "train-adapter", "profile", "serve-cloud", "run-edge", "download"] {
+        assert!(commands.contains(&cmd), "{cmd} is not a command entry of --help: {commands:?}");
+        let o = hat(&[cmd, "--help"], &[]);
+        let usage = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && usage.contains(&format!("Usage: hat {cmd}")), "{cmd} --help: {usage}");
     }
 }
 

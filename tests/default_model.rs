@@ -5,42 +5,30 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use hat::generate::{generate, Decoder, LocalSplitDecoder, ModelDecoder, SamplingParams};
-use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
-use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
-use hat::tokenizer::Message;
-
-fn gguf_path() -> PathBuf {
-    let p = std::env::var("HAT_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|_| {
-        // Tests run in the package root; assets_dir() is relative to it unless HAT_ASSETS is set.
-        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        base.join(assets_dir()).join(DEFAULT_ASSET_GGUF)
-    });
-    assert!(p.is_file(), "the default model is missing at {}: run recipes/fetch-assets.sh", p.display());
-    p
-}
+use hat::decode::{generate, Decoder, ModelDecoder, SamplingParams};
+use hat::split::LocalSplitDecoder;
+use hat::io::source::{LoadedModel, ModelSpec};
+use hat::testing::{default_gguf, SplitWorld};
+use hat::split::{write_split, SplitPlan};
+use hat::io::tokenizer::Message;
 
 fn model() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
-    M.get_or_init(|| LoadedModel::load(&ModelSpec::Gguf(gguf_path())).expect("load the default model"))
+    M.get_or_init(|| LoadedModel::load(&ModelSpec::Gguf(default_gguf().unwrap())).expect("load the default model"))
 }
 
 #[test]
 fn split_reproduces_the_unsplit_model_to_the_last_logit() {
     let loaded = model();
     assert_eq!(loaded.config.num_hidden_layers, 30);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("split");
-    let plan = SplitPlan::new(30, 2, 2).unwrap();
-    write_split(loaded, &plan, &out, DType::F32, false, &indicatif::ProgressBar::hidden()).unwrap();
-    let device = DeviceBundle::load(&out.join("device"), &Device::Cpu).unwrap();
-    let cloud = CloudBundle::load(&out.join("cloud"), &Device::Cpu).unwrap();
+    let world = SplitWorld::new(loaded, 2, 2).unwrap();
+    let (device, cloud) = (&world.device, world.cloud.as_ref());
     let reference = loaded.model(DType::F32, &Device::Cpu).unwrap();
 
     let ids = device.tokenizer.encode_prompt("Explain in two sentences why the sky is blue.", true).unwrap();
     assert_eq!(ids, loaded.tokenizer.encode_prompt("Explain in two sentences why the sky is blue.", true).unwrap());
     let want = reference.forward_all(&ids, &mut reference.new_cache()).unwrap();
-    let got = LocalSplitDecoder::new(&device, &cloud).unwrap().feed_all(&ids).unwrap();
+    let got = LocalSplitDecoder::new(device, cloud).unwrap().feed_all(&ids).unwrap();
     let delta = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(delta <= 1e-4, "max |Δ logits| = {delta}");
 
@@ -65,7 +53,7 @@ fn split_reproduces_the_unsplit_model_to_the_last_logit() {
         generate(&mut Dyn(d, 0), &ids, 32, &greedy, &[], |_| Ok(())).unwrap().token_ids
     };
     let mut whole = ModelDecoder::new(&reference);
-    let mut split = LocalSplitDecoder::new(&device, &cloud).unwrap();
+    let mut split = LocalSplitDecoder::new(device, cloud).unwrap();
     let a = run(&mut |x| whole.feed(x));
     let b = run(&mut |x| split.feed(x));
     assert_eq!(a.len(), 32);
@@ -136,7 +124,7 @@ fn greedy_generation_answers_and_stops_at_eos() {
     let r = generate(&mut ModelDecoder::new(&m), &ids, 64, &SamplingParams::greedy(), &loaded.tokenizer.eos_token_ids, |_| Ok(())).unwrap();
     let text = loaded.tokenizer.decode(&r.token_ids, true).unwrap();
     assert!(text.contains("Paris"), "{text}");
-    assert_eq!(r.stop_reason, hat::generate::StopReason::Eos);
+    assert_eq!(r.stop_reason, hat::decode::StopReason::Eos);
     assert_eq!(r.token_ids.last(), Some(&2));
 
     // Sampling is deterministic per seed and differs across seeds.
@@ -163,7 +151,7 @@ fn split_validation_errors_are_clear() {
         .to_string();
     assert!(err.contains("not empty"), "{err}");
     // A corrupt (truncated) GGUF and an unreadable model.
-    let bytes = std::fs::read(gguf_path()).unwrap();
+    let bytes = std::fs::read(default_gguf().unwrap()).unwrap();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
     let err = LoadedModel::load(&ModelSpec::parse(cut.to_str().unwrap()).unwrap()).unwrap_err().to_string();
@@ -179,10 +167,10 @@ fn split_validation_errors_are_clear() {
 #[test]
 fn truncated_sharegpt_recovers_every_complete_conversation() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(assets_dir())
+        .join(hat::io::source::assets_dir())
         .join("sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json");
     assert!(path.is_file(), "ShareGPT is missing at {}: run recipes/fetch-assets.sh", path.display());
-    let r = hat::dataset::load_sharegpt(&path).unwrap();
+    let r = hat::io::dataset::load_sharegpt(&path).unwrap();
     assert_eq!(r.conversations.len(), 17_671);
     assert!(r.truncated);
     assert_eq!((r.skipped(), r.skipped_malformed, r.empty()), (1, 0, 126));

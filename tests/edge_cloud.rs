@@ -12,25 +12,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, D};
-use hat::adapter::{Adapter, DraftContext, Storage};
-use hat::cloud::{BackgroundServer, CloudConfig};
+use hat::adapter::{Adapter, DraftContext};
+use hat::cloud::BackgroundServer;
+use hat::decode::{generate, ModelDecoder, SamplingParams};
 use hat::edge::{EdgeOptions, EdgeReport, Mode};
-use hat::generate::{generate, ModelDecoder, SamplingParams};
-use hat::link::{ConnectOptions, Direction, FrameTap, LinkEmulation, QuicLink};
+use hat::io::source::{LoadedModel, ModelSpec};
 use hat::model::Model;
-use hat::protocol::{kind, WireDtype};
-use hat::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
-use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
-use hat::tls::Trust;
+use hat::net::protocol::{kind, WireDtype};
+use hat::net::tls::Trust;
+use hat::net::{ConnectOptions, Direction, FrameTap, LinkEmulation, QuicLink};
+use hat::testing::{cloud_config, default_gguf, oracle_adapter, SplitWorld};
 
 struct World {
-    _dir: tempfile::TempDir,
+    split: SplitWorld,
     model: Model,
-    device: DeviceBundle,
-    cloud: Arc<CloudBundle>,
     server: BackgroundServer,
     oracle: PathBuf,
     partial: PathBuf,
@@ -38,76 +35,37 @@ struct World {
     conditioned: PathBuf,
 }
 
-/// An adapter made of the cloud bundle's own layers `layers`, saved as an adapter file; with
-/// `fuse`, a conditioned one.
-fn oracle_adapter(cloud: &CloudBundle, layers: std::ops::Range<usize>, fuse: Option<Tensor>, context: DraftContext, path: &Path) {
-    let weights = path.parent().unwrap().join("split/cloud").join(&cloud.manifest.weights_file);
-    let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
-    let mut out = HashMap::new();
-    for (j, i) in layers.clone().enumerate() {
-        let prefix = format!("model.layers.{i}.");
-        for (name, t) in &tensors {
-            if let Some(rest) = name.strip_prefix(&prefix) {
-                out.insert(format!("adapter.layers.{j}.{rest}"), t.clone());
-            }
-        }
+impl std::ops::Deref for World {
+    type Target = SplitWorld;
+    fn deref(&self) -> &SplitWorld {
+        &self.split
     }
-    if let Some(f) = fuse {
-        out.insert(hat::adapter::FUSE.to_string(), f);
-    }
-    Adapter::save(path, &out, &cloud.manifest, layers.len(), context, Storage::F16, &serde_json::json!({"kind": "test oracle"})).unwrap();
 }
 
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(assets_dir()).join(DEFAULT_ASSET_GGUF);
-        assert!(gguf.is_file(), "the default model is missing at {}: run recipes/fetch-assets.sh", gguf.display());
-        let loaded = LoadedModel::load(&ModelSpec::Gguf(gguf)).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("split");
-        write_split(&loaded, &SplitPlan::new(30, 2, 2).unwrap(), &out, DType::F32, false, &indicatif::ProgressBar::hidden()).unwrap();
-        let device = DeviceBundle::load(&out.join("device"), &Device::Cpu).unwrap();
-        let cloud = Arc::new(CloudBundle::load(&out.join("cloud"), &Device::Cpu).unwrap());
-        let oracle = dir.path().join("oracle.safetensors");
-        oracle_adapter(&cloud, 2..28, None, DraftContext::Verified, &oracle);
-        let partial = dir.path().join("partial.safetensors");
-        oracle_adapter(&cloud, 2..16, None, DraftContext::Drafted, &partial);
+        let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf().unwrap())).unwrap();
+        let split = SplitWorld::new(&loaded, 2, 2).unwrap();
+        let (dir, cloud_dir, cloud) = (split.dir.path(), split.split_dir().join("cloud"), &split.cloud);
+        let oracle = dir.join("oracle.safetensors");
+        oracle_adapter(&cloud_dir, cloud, 2..28, None, DraftContext::Verified, &oracle).unwrap();
+        let partial = dir.join("partial.safetensors");
+        oracle_adapter(&cloud_dir, cloud, 2..16, None, DraftContext::Drafted, &partial).unwrap();
         // Conditioned: all middle layers with a little of the features mixed in (most drafts
         // accepted, not all); half the layers with an even mix (few accepted).
         let eye = Tensor::eye(576, DType::F32, &Device::Cpu).unwrap();
-        let conditioned_oracle = dir.path().join("conditioned-oracle.safetensors");
-        oracle_adapter(&cloud, 2..28, Some(Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap()), DraftContext::Verified, &conditioned_oracle);
-        let conditioned = dir.path().join("conditioned.safetensors");
-        oracle_adapter(&cloud, 2..16, Some((Tensor::cat(&[&eye, &eye], 1).unwrap() * 0.5).unwrap()), DraftContext::Drafted, &conditioned);
-        let server = BackgroundServer::start(cloud.clone(), config(dir.path().join("state"), None, 8)).unwrap();
-        World { model: loaded.model(DType::F32, &Device::Cpu).unwrap(), _dir: dir, device, cloud, server, oracle, partial, conditioned_oracle, conditioned }
+        let conditioned_oracle = dir.join("conditioned-oracle.safetensors");
+        oracle_adapter(&cloud_dir, cloud, 2..28, Some(Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap()), DraftContext::Verified, &conditioned_oracle).unwrap();
+        let conditioned = dir.join("conditioned.safetensors");
+        oracle_adapter(&cloud_dir, cloud, 2..16, Some((Tensor::cat(&[&eye, &eye], 1).unwrap() * 0.5).unwrap()), DraftContext::Drafted, &conditioned).unwrap();
+        let server = split.serve("state", None, 8, 4096).unwrap();
+        World { model: loaded.model(DType::F32, &Device::Cpu).unwrap(), split, server, oracle, partial, conditioned_oracle, conditioned }
     })
-}
-
-fn config(state_dir: PathBuf, token: Option<&str>, max_sessions: usize) -> CloudConfig {
-    CloudConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir,
-        token: token.map(str::to_string),
-        max_sessions,
-        max_context: 4096,
-        idle_timeout: Duration::from_secs(60),
-    }
 }
 
 fn connect(w: &World, dtype: WireDtype, tap: Option<FrameTap>) -> QuicLink {
-    QuicLink::connect(ConnectOptions {
-        addr: w.server.addr,
-        trust: Trust::Fingerprint(w.server.fingerprint.clone()),
-        token: None,
-        split_id: w.device.manifest.split_id.clone(),
-        hidden_size: w.device.manifest.hidden_size,
-        dtype,
-        emulation: LinkEmulation::default(),
-        tap,
-    })
-    .unwrap()
+    hat::testing::connect(&w.server, &w.device, dtype, LinkEmulation::default(), tap).unwrap()
 }
 
 fn adapter(w: &World, which: &str) -> Adapter {
@@ -232,26 +190,28 @@ fn refusals_are_clear() {
     };
     let err = |o: ConnectOptions| QuicLink::connect(o).err().expect("refused").to_string();
     let e = err(ConnectOptions { split_id: "0123456789abcdef0123456789abcdef".into(), ..base.clone() });
-    assert!(e.contains("split") && e.contains(&w.device.manifest.split_id), "{e}");
+    assert!(e.contains("split") && e.contains(&w.device.manifest.split_id) && e.ends_with("(SplitMismatch)"), "{e}");
     let e = err(ConnectOptions { trust: Trust::Fingerprint(format!("sha256:{}", "ab".repeat(32))), ..base.clone() });
     assert!(e.contains("fingerprint"), "{e}");
     let e = err(ConnectOptions { hidden_size: 64, ..base.clone() });
-    assert!(e.contains("hidden size"), "{e}");
+    assert!(e.contains("hidden size 64") && e.ends_with("(BadRequest)"), "{e}");
 
     // A server that wants a token.
     let dir = tempfile::tempdir().unwrap();
-    let guarded = BackgroundServer::start(w.cloud.clone(), config(dir.path().to_path_buf(), Some("s3cret"), 1)).unwrap();
+    let guarded = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), Some("s3cret"), 1, 4096)).unwrap();
     let at = |token: Option<&str>| ConnectOptions {
         addr: guarded.addr,
         trust: Trust::CertFile(dir.path().join("cert.der")),
         token: token.map(str::to_string),
         ..base.clone()
     };
-    assert!(err(at(None)).contains("token"));
-    assert!(err(at(Some("wrong"))).contains("token"));
+    for token in [None, Some("wrong")] {
+        let e = err(at(token));
+        assert!(e.contains("token") && e.ends_with("(Unauthorized)"), "{token:?}: {e}");
+    }
     let first = QuicLink::connect(at(Some("s3cret"))).expect("the right token and the certificate file are accepted");
     let e = err(at(Some("s3cret")));
-    assert!(e.contains("maximum of 1 sessions"), "{e}");
+    assert!(e.contains("maximum of 1 sessions") && e.ends_with("(Busy)"), "{e}");
     drop(first);
 }
 
@@ -259,16 +219,21 @@ fn refusals_are_clear() {
 fn malformed_frames_end_one_session_not_the_server() {
     let w = world();
     let ids = &prompts(w)[1];
-    for garbage in [vec![], vec![42u8, 1, 2, 3], vec![kind::HIDDEN, 0, 0, 0, 0, 5, 0, 0, 0, 1, 9, 9]] {
+    // The cloud's frame limit for this session: its context of hidden states in f32, plus a header.
+    let limit = 4096 * w.device.manifest.hidden_size * 4 + 64;
+    let mut oversized = vec![0u8; limit + 1];
+    oversized[0] = kind::HIDDEN;
+    let cases: [(Vec<u8>, String); 3] = [
+        (oversized, format!("malformed frame: frame of {} bytes (limit {limit})", limit + 1)),
+        (vec![42u8, 1, 2, 3], "malformed frame: unknown frame kind 42".to_string()),
+        // A hidden block claiming 5 positions with 2 bytes of payload.
+        (vec![kind::HIDDEN, 0, 0, 0, 0, 5, 0, 0, 0, 1, 9, 9], "malformed frame: ".to_string()),
+    ];
+    for (garbage, want) in cases {
         let mut link = connect(w, WireDtype::F16, None);
-        if garbage.is_empty() {
-            // A frame claiming more bytes than the limit.
-            link.send_raw(vec![kind::HIDDEN; 16]).unwrap();
-        } else {
-            link.send_raw(garbage).unwrap();
-        }
-        let e = hat::link::MiddleLink::receive(&mut link).err().expect("an error frame").to_string();
-        assert!(e.contains("malformed") || e.contains("refused"), "{e}");
+        link.send_raw(garbage).unwrap();
+        let e = hat::net::MiddleLink::receive(&mut link).err().expect("an error frame").to_string();
+        assert!(e.starts_with("the cloud refused: ") && e.contains(&want) && e.ends_with("(BadRequest)"), "{e}");
     }
     // The server still serves.
     let r = run(w, &Adapter::none(w.device.rope.clone()), ids, options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), WireDtype::F32);
@@ -327,6 +292,8 @@ fn only_hidden_states_cross_the_network() {
         assert!(!hay.windows(12).any(|w| w == &prompt.as_bytes()[..12]));
         let ids32: Vec<u8> = ids[5..9].iter().flat_map(|i| i.to_le_bytes()).collect();
         assert!(!hay.windows(ids32.len()).any(|w| w == ids32.as_slice()));
+        let ids16: Vec<u8> = ids[5..9].iter().flat_map(|&i| u16::try_from(i).expect("the default vocabulary fits u16").to_le_bytes()).collect();
+        assert!(!hay.windows(ids16.len()).any(|w| w == ids16.as_slice()));
         if body[0] == kind::HIDDEN || body[0] == kind::MIDDLE {
             let off = if body[0] == kind::HIDDEN { 1 } else { 9 };
             let count = u32::from_le_bytes(body[off + 4..off + 8].try_into().unwrap()) as usize;

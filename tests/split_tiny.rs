@@ -1,9 +1,10 @@
 //! `hat split` on tiny in-process models: bundle contents, split ids, equivalence, errors.
 
 use candle_core::{DType, Device, Tensor};
-use hat::config::Family;
-use hat::generate::{Decoder, LocalSplitDecoder, ModelDecoder};
-use hat::source::{LoadedModel, ModelSpec};
+use hat::model::config::Family;
+use hat::decode::{Decoder, ModelDecoder};
+use hat::split::LocalSplitDecoder;
+use hat::io::source::{LoadedModel, ModelSpec};
 use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
 use hat::testing::{tiny_model, TinySpec};
 

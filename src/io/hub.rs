@@ -77,7 +77,7 @@ pub fn snapshot(id: &str, revision: Option<&str>) -> Result<PathBuf> {
     if fetch(id, revision, "model.safetensors")?.is_none() {
         let index = fetch(id, revision, "model.safetensors.index.json")?
             .ok_or_else(|| missing("model.safetensors (or model.safetensors.index.json)"))?;
-        let shards = crate::source::shard_names(&index)?;
+        let shards = crate::io::source::shard_names(&index)?;
         for shard in shards {
             fetch(id, revision, &shard)?.ok_or_else(|| missing(&shard))?;
         }

@@ -17,10 +17,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{Family, HfConfig, ModelConfig, RopeStyle};
-use crate::digest::sha256_files;
+use crate::model::config::{Family, HfConfig, ModelConfig, RopeStyle};
+use crate::util::digest::sha256_files;
 use crate::error::{Error, Result};
-use crate::tokenizer::HatTokenizer;
+use crate::io::tokenizer::HatTokenizer;
 
 /// The default model's hub id.
 pub const DEFAULT_HUB_ID: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
@@ -161,7 +161,7 @@ impl LoadedModel {
             ModelSpec::HfDir(dir) => load_hf_dir(dir, &spec.to_string()),
             ModelSpec::Gguf(path) => load_gguf(path),
             ModelSpec::Hub { repo, revision } => {
-                let dir = crate::hub::snapshot(repo, revision.as_deref())?;
+                let dir = crate::io::hub::snapshot(repo, revision.as_deref())?;
                 load_hf_dir(&dir, &spec.to_string())
             }
         }

@@ -1,5 +1,5 @@
 //! Tiny random models written to disk, for tests that need a real model directory without any
-//! download (here and in downstream tests: `hat::testing::tiny_model`).
+//! download.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::config::Family;
+use crate::model::config::Family;
 use crate::error::{Error, Result};
 
 /// Shape of a tiny model.

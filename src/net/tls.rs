@@ -9,7 +9,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::digest::sha256;
+use crate::util::digest::sha256;
 use crate::error::{Error, Result};
 
 /// The name the certificate is issued to and the edge asks for.
@@ -144,7 +144,7 @@ pub fn server_config(id: &Identity) -> Result<rustls::ServerConfig> {
         .with_no_client_auth()
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(|e| Error::invalid(format!("TLS certificate: {e}")))?;
-    cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+    cfg.alpn_protocols = vec![crate::net::protocol::ALPN.to_vec()];
     Ok(cfg)
 }
 
@@ -200,7 +200,7 @@ pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig> {
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
-    cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+    cfg.alpn_protocols = vec![crate::net::protocol::ALPN.to_vec()];
     Ok(cfg)
 }
 

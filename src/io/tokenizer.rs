@@ -16,7 +16,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
-use crate::config::json_ids;
+use crate::model::config::json_ids;
 use crate::error::{Error, Result};
 
 /// Pre-tokenizer regexes of llama.cpp's `llama-bpe` (Llama 3) and `qwen2` pre-tokenizer types.

@@ -8,9 +8,50 @@
 use candle_core::Tensor;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use rand::{Rng, SeedableRng};
+use serde::Serialize;
 
-use crate::error::Result;
-use crate::generate::SamplingParams;
+use crate::error::{Error, Result};
+
+/// How to pick the next token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SamplingParams {
+    /// 0 = greedy (argmax).
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_p: None, top_k: None, seed: 0 }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+            return Err(Error::invalid(format!("--temperature {} must be a finite number >= 0", self.temperature)));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::invalid(format!("--top-p {p} must be in (0, 1]")));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::invalid("--top-k must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
 
 /// A seeded token selector.
 pub struct Sampler {
@@ -31,6 +72,10 @@ impl Sampler {
 
     pub fn is_greedy(&self) -> bool {
         self.params.is_greedy()
+    }
+
+    pub fn params(&self) -> SamplingParams {
+        self.params
     }
 
     /// The processed distribution over the vocabulary for `logits` `(vocab,)`.

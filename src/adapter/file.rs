@@ -1,0 +1,199 @@
+//! The adapter file format, in one place: saving, loading, storage (f16 or int8), and which
+//! file `--adapter` names.
+//!
+//! File format: safetensors with tensors `adapter.layers.{i}.*` (the names of a decoder layer),
+//! `adapter.fuse.weight` `(hidden, 2·hidden)` for conditioned adapters, and metadata
+//! `format = hat-adapter/1`, `split_id`, `base_model_hash`, `layers`, `conditioning`
+//! (`middle-features` or `none`), `draft_context` (`drafted` or `verified`; `drafted` when
+//! absent), `storage` ([`Storage`]; `f16` when absent), `hidden_size`, `architecture` and
+//! `training` (JSON). An adapter is only valid for the split it was trained for.
+
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::{Adapter, DraftContext};
+use crate::error::{Error, Result};
+use crate::model::Rope;
+use crate::split::{DeviceBundle, Manifest};
+
+pub const FORMAT: &str = "hat-adapter/1";
+/// Name of the conditioning projection.
+pub const FUSE: &str = "adapter.fuse.weight";
+
+/// Where a shipped default adapter for a split lives: `adapters/<split id>.safetensors` in the
+/// repository (or `$HAT_ADAPTERS`).
+pub fn default_adapter_path(manifest: &Manifest) -> PathBuf {
+    let dir = std::env::var_os("HAT_ADAPTERS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("adapters"));
+    dir.join(format!("{}.safetensors", manifest.split_id))
+}
+
+/// The adapter `--adapter` names for a device bundle: `none` (the untrained default), `auto`
+/// (the one shipped for this split, [`default_adapter_path`], if there is one, else none) or a
+/// file. Returns it with a name to report (its path, or `none`).
+pub fn load_choice(choice: &str, bundle: &DeviceBundle, device: &Device) -> Result<(Adapter, String)> {
+    let path = match choice {
+        "none" => None,
+        "auto" => Some(default_adapter_path(&bundle.manifest)).filter(|p| p.exists()),
+        path => Some(PathBuf::from(path)),
+    };
+    match path {
+        None => Ok((Adapter::none(bundle.rope.clone()), "none".to_string())),
+        Some(p) => Ok((Adapter::load(&p, &bundle.manifest, bundle.rope.clone(), device)?, p.display().to_string())),
+    }
+}
+
+/// How an adapter file stores its weights (they always run in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// Every tensor in f16: 2 bytes per weight.
+    #[default]
+    F16,
+    /// Each matrix `name` `(rows, cols)` as `name.q8` (u8: `round(w / s) + 128`, symmetric, so
+    /// 1..=255) and `name.q8_scale` (f32 `(rows,)`: `s = max |w| / 127` of the row); vectors
+    /// (norm weights, biases) in f16. About 1 byte per weight; each weight within `s / 2` of the
+    /// trained value.
+    Int8,
+}
+
+/// Suffixes of an [`Storage::Int8`] matrix's two tensors.
+const Q8: &str = ".q8";
+const Q8_SCALE: &str = ".q8_scale";
+
+impl Storage {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "f16" => Ok(Self::F16),
+            "int8" => Ok(Self::Int8),
+            _ => Err(Error::invalid(format!("unknown adapter storage '{s}' (this hat knows f16 and int8)"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+        }
+    }
+
+    /// The tensors a file of this storage holds for the f32 weights `tensors`.
+    pub fn encode(self, tensors: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, t) in tensors {
+            if self == Self::Int8 && t.rank() == 2 {
+                let t = t.to_dtype(DType::F32)?;
+                let scale = (t.abs()?.max_keepdim(1)? / 127.0)?;
+                // All-zero rows: any scale decodes them exactly.
+                let scale = scale.maximum(f32::MIN_POSITIVE)?;
+                let q = (t.broadcast_div(&scale)?.round()?.clamp(-127f32, 127f32)? + 128.0)?.to_dtype(DType::U8)?;
+                out.insert(format!("{name}{Q8}"), q);
+                out.insert(format!("{name}{Q8_SCALE}"), scale.squeeze(1)?);
+            } else {
+                out.insert(name.clone(), t.to_dtype(DType::F16)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The f32 weights held by a file's `tensors` ([`Storage::encode`]'s inverse, up to the
+    /// rounding it did).
+    pub fn decode(self, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        let mut scales = HashMap::new();
+        let mut quantised = Vec::new();
+        for (name, t) in tensors {
+            if let Some(base) = name.strip_suffix(Q8_SCALE) {
+                scales.insert(base.to_string(), t);
+            } else if let Some(base) = name.strip_suffix(Q8) {
+                quantised.push((base.to_string(), t));
+            } else {
+                out.insert(name, t.to_dtype(DType::F32)?);
+            }
+        }
+        if self != Self::Int8 && !(quantised.is_empty() && scales.is_empty()) {
+            return Err(Error::invalid(format!("int8 tensors in an adapter whose storage is {}", self.as_str())));
+        }
+        for (name, q) in quantised {
+            let scale = scales.remove(&name).ok_or_else(|| Error::invalid(format!("{name}{Q8} without its {name}{Q8_SCALE}")))?;
+            if q.dtype() != DType::U8 || q.rank() != 2 || scale.dims() != [q.dim(0)?] {
+                return Err(Error::invalid(format!("{name}{Q8} is not u8 (rows, cols) with an f32 (rows,) scale")));
+            }
+            let w = (q.to_dtype(DType::F32)? - 128.0)?.broadcast_mul(&scale.to_dtype(DType::F32)?.unsqueeze(1)?)?;
+            out.insert(name, w);
+        }
+        if let Some(name) = scales.keys().next() {
+            return Err(Error::invalid(format!("{name}{Q8_SCALE} without its {name}{Q8}")));
+        }
+        Ok(out)
+    }
+
+    /// f32 weights as a file of this storage gives them back: `decode(encode(tensors))`.
+    pub fn round_trip(self, tensors: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        self.decode(self.encode(tensors)?)
+    }
+}
+
+impl Adapter {
+    /// Loads an adapter file and checks it belongs to the bundle's split.
+    pub fn load(path: &Path, manifest: &Manifest, rope: Arc<Rope>, device: &Device) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |r: String| Error::bad_file(path, r);
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not an adapter file (not safetensors: {e})")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!("not a hat adapter (metadata format is not {FORMAT})")));
+        }
+        let split_id = meta.get("split_id").cloned().ok_or_else(|| bad("adapter has no split_id".into()))?;
+        if split_id != manifest.split_id {
+            return Err(bad(format!(
+                "adapter was trained for split {split_id}, but the bundle is split {} ({}); train one for this split with `hat train-adapter`",
+                manifest.split_id, manifest.source.name
+            )));
+        }
+        let n: usize = meta.get("layers").and_then(|v| v.parse().ok()).ok_or_else(|| bad("adapter metadata lacks layers".into()))?;
+        let storage = Storage::parse(meta.get("storage").map_or("f16", String::as_str)).map_err(|e| bad(e.to_string()))?;
+        let stored = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
+        let tensors = storage.decode(stored).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
+        let draft_context = match meta.get("draft_context") {
+            None => DraftContext::Drafted,
+            Some(c) => DraftContext::parse(c).map_err(|e| bad(e.to_string()))?,
+        };
+        let conditioned = match meta.get("conditioning").map(String::as_str) {
+            None | Some("none") => false,
+            Some("middle-features") => true,
+            Some(other) => return Err(bad(format!("unknown adapter conditioning '{other}' (this hat knows none and middle-features)"))),
+        };
+        let mut adapter = Self::from_tensors(tensors, n, conditioned, manifest, rope, device).map_err(|e| bad(e.to_string()))?;
+        adapter.draft_context = draft_context;
+        adapter.split_id = Some(split_id);
+        adapter.metadata = meta;
+        Ok(adapter)
+    }
+
+    /// Writes an adapter file: the f32 weights `tensors` named `adapter.layers.{i}.*` (and
+    /// [`FUSE`] for a conditioned adapter) in `storage`, plus the metadata.
+    pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, draft_context: DraftContext, storage: Storage, training: &serde_json::Value) -> Result<()> {
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("split_id".to_string(), manifest.split_id.clone());
+        meta.insert("base_model_hash".to_string(), manifest.source.content_hash.clone());
+        meta.insert("layers".to_string(), layers.to_string());
+        let conditioning = if tensors.contains_key(FUSE) { "middle-features" } else { "none" };
+        meta.insert("conditioning".to_string(), conditioning.to_string());
+        meta.insert("draft_context".to_string(), draft_context.as_str().to_string());
+        meta.insert("storage".to_string(), storage.as_str().to_string());
+        meta.insert("hidden_size".to_string(), manifest.hidden_size.to_string());
+        meta.insert("architecture".to_string(), serde_json::to_string(&manifest.config).unwrap_or_default());
+        meta.insert("training".to_string(), training.to_string());
+        let tmp = path.with_extension("partial");
+        let stored = storage.encode(tensors)?;
+        safetensors::serialize_to_file(stored.iter(), Some(meta), &tmp)
+            .map_err(|e| Error::bad_file(&tmp, format!("cannot write adapter: {e}")))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,39 @@
+//! `hat serve-cloud`: the middle submodel behind a QUIC endpoint.
+//!
+//! One task per connection; each session (one bidirectional stream) owns its middle-layer KV
+//! cache, freed when the session ends or idles out. Model compute runs on tokio's blocking pool,
+//! never on the async threads. A malformed or refused request gets an error frame and a log line
+//! and ends that session only; the server keeps serving every other one.
+//!
+//! Files: [`server`] (the endpoint and its connections), [`session`] (one edge's session: the
+//! handshake, limits, compute), [`background`] (a server on its own thread).
+//!
+//! May use [`crate::net`], [`crate::split`], [`crate::model`] and [`crate::util`]; never `edge`
+//! or `train`.
+
+pub mod background;
+pub mod server;
+mod session;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use background::BackgroundServer;
+pub use server::CloudServer;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    pub listen: SocketAddr,
+    /// Keeps the certificate and key across restarts.
+    pub state_dir: PathBuf,
+    /// Required from every edge when set.
+    pub token: Option<String>,
+    pub max_sessions: usize,
+    /// Most positions one session may hold.
+    pub max_context: usize,
+    /// A session that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+}
+

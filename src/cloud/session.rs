@@ -1,0 +1,122 @@
+//! One edge's session: the handshake (version, token, split, hidden size), the session limit,
+//! then blocks of hidden states through the middle layers, each checked before it is computed.
+//! A malformed or refused request gets an error frame and ends that session only.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cloud::server::{log, Shared};
+use crate::error::{Error, Result};
+use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, PROTOCOL_VERSION};
+
+/// Sends an error frame, logs it and ends the session.
+async fn refuse(send: &mut quinn::SendStream, code: ErrorCode, message: String) -> Result<()> {
+    let _ = write_frame(send, &Message::Error { code, message: message.clone() }.encode()).await;
+    let _ = send.finish();
+    Err(Error::invalid(format!("refused ({code:?}): {message}")))
+}
+
+pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, remote: SocketAddr) -> Result<()> {
+    let cfg = &shared.config;
+    let manifest = &shared.bundle.manifest;
+    let hello = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, 64 << 10)).await {
+        Ok(Ok(Some(body))) => Message::decode(&body),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => return refuse(&mut send, ErrorCode::IdleTimeout, "no handshake".into()).await,
+    };
+    let (dtype, hidden) = match hello {
+        Ok(Message::Hello { version, split_id, token, hidden_size, dtype }) => {
+            if version != PROTOCOL_VERSION {
+                return refuse(&mut send, ErrorCode::VersionMismatch, format!("protocol version {version}, this cloud speaks {PROTOCOL_VERSION}")).await;
+            }
+            if let Some(want) = &cfg.token {
+                if &token != want {
+                    return refuse(&mut send, ErrorCode::Unauthorized, "wrong or missing token".into()).await;
+                }
+            }
+            if split_id != manifest.split_id {
+                return refuse(
+                    &mut send,
+                    ErrorCode::SplitMismatch,
+                    format!("the device bundle is split {split_id}, this cloud serves split {} ({})", manifest.split_id, manifest.source.name),
+                )
+                .await;
+            }
+            if hidden_size as usize != manifest.hidden_size {
+                return refuse(&mut send, ErrorCode::BadRequest, format!("hidden size {hidden_size}, the model's is {}", manifest.hidden_size)).await;
+            }
+            (dtype, hidden_size as usize)
+        }
+        Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("expected a handshake, got {other:?}")).await,
+        Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
+    };
+    let Ok(_permit) = shared.sessions.clone().try_acquire_owned() else {
+        return refuse(&mut send, ErrorCode::Busy, format!("the cloud already serves its maximum of {} sessions", cfg.max_sessions)).await;
+    };
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let range = manifest.plan.middle_range();
+    let welcome = Message::Welcome { session: id, max_context: cfg.max_context as u32, middle_start: range.start as u32, middle_end: range.end as u32 };
+    write_frame(&mut send, &welcome.encode()).await?;
+    log(format!("session {id} from {remote}: open ({} on the wire)", dtype.name()));
+
+    let bundle = shared.bundle.clone();
+    let mut cache = Some(bundle.middle.new_cache());
+    let max_frame = MAX_FRAME.min(cfg.max_context * hidden * 4 + 64);
+    let (mut blocks, started) = (0u64, Instant::now());
+    loop {
+        let body = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, max_frame)).await {
+            Err(_) => return refuse(&mut send, ErrorCode::IdleTimeout, format!("session {id} idle for {:?}", cfg.idle_timeout)).await,
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(b))) => b,
+            Ok(Err(e)) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
+        };
+        let block = match Message::decode(&body) {
+            Ok(Message::Hidden(b)) => b,
+            Ok(Message::Close) => break,
+            Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("unexpected {other:?}")).await,
+            Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
+        };
+        let held = cache.as_ref().map_or(0, |c| c.len());
+        let (start, count) = (block.start as usize, block.count as usize);
+        if let Err(e) = block.check(hidden, dtype) {
+            return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await;
+        }
+        if start > held {
+            return refuse(&mut send, ErrorCode::BadRequest, format!("block starts at position {start} but only {held} are cached")).await;
+        }
+        if start + count > cfg.max_context {
+            return refuse(&mut send, ErrorCode::ContextTooLong, format!("{} positions exceed this cloud's limit of {}", start + count, cfg.max_context)).await;
+        }
+        let mut c = cache.take().ok_or_else(|| Error::invalid("cache lost"))?;
+        let bundle = bundle.clone();
+        let computed = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let out = (|| {
+                let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
+                c.truncate(start);
+                let y = bundle.middle.forward(&x, start, &mut c)?;
+                HiddenBlock::from_tensor(&y, start, dtype)
+            })();
+            (c, out, t.elapsed())
+        })
+        .await
+        .map_err(|e| Error::invalid(format!("compute task failed: {e}")))?;
+        let (c, out, took) = computed;
+        cache = Some(c);
+        match out {
+            Ok(block) => {
+                let msg = Message::Middle { block, compute_us: took.as_micros() as u64 };
+                write_frame(&mut send, &msg.encode()).await?;
+                blocks += 1;
+            }
+            Err(e) => return refuse(&mut send, ErrorCode::Internal, e.to_string()).await,
+        }
+    }
+    let _ = send.finish();
+    log(format!("session {id}: closed after {blocks} blocks, {:.1} s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+

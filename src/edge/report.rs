@@ -1,0 +1,53 @@
+//! What a generation reports: tokens, timings, drafting statistics, bytes on the link and where
+//! the time went.
+
+use serde::Serialize;
+
+use crate::decode::{DraftStats, StopReason};
+use crate::edge::Mode;
+
+/// What a generation did, how fast, and what it cost on the link.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeReport {
+    pub token_ids: Vec<u32>,
+    pub mode: Mode,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub ttft_ms: f64,
+    pub tbt_ms: f64,
+    /// Cloud round trips after prefill.
+    pub rounds: usize,
+    /// Generated tokens per round (accepted drafts + the corrected or bonus token).
+    pub mean_accepted: f64,
+    /// Accepted drafts / drafts sent.
+    pub acceptance_rate: f64,
+    pub drafts_sent: usize,
+    pub drafts_accepted: usize,
+    /// Per draft position of a round (0 = the first draft): how often it was checked (every
+    /// draft before it accepted) and how often accepted. Their ratio is the acceptance rate of
+    /// position i given the ones before it.
+    pub draft_checks: Vec<usize>,
+    pub draft_hits: Vec<usize>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub device_compute_ms: f64,
+    pub cloud_compute_ms: f64,
+    /// Time the device waited for replies (network and cloud queueing included).
+    pub network_wait_ms: f64,
+    pub stop_reason: StopReason,
+}
+
+
+impl EdgeReport {
+    /// The drafting statistics this report was made from (to add several generations up).
+    pub fn draft_stats(&self) -> DraftStats {
+        DraftStats {
+            rounds: self.rounds,
+            committed: self.generated_tokens.saturating_sub(1),
+            drafts_sent: self.drafts_sent,
+            drafts_accepted: self.drafts_accepted,
+            draft_checks: self.draft_checks.clone(),
+            draft_hits: self.draft_hits.clone(),
+        }
+    }
+}

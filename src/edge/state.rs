@@ -1,0 +1,87 @@
+//! The device's state during one generation: its caches, the queues of the draft path, and its
+//! timers; the steps every phase uses (the input submodel, the LLM's output submodel on a reply,
+//! receiving, rollback).
+
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+
+use crate::adapter::Adapter;
+use crate::error::Result;
+use crate::model::StackCache;
+use crate::net::{MiddleLink, MiddleReply};
+use crate::split::DeviceBundle;
+
+/// The device's caches and timers for one generation.
+pub(super) struct Edge<'a, L: MiddleLink> {
+    pub(super) dev: &'a DeviceBundle,
+    pub(super) adapter: &'a Adapter,
+    pub(super) link: &'a mut L,
+    pub(super) input: StackCache,
+    pub(super) adapter_cache: StackCache,
+    pub(super) slm_output: StackCache,
+    pub(super) llm_output: StackCache,
+    /// Input-submodel hidden states of positions `[adapter_cache.len(), input.len())`, not yet
+    /// run through the draft path.
+    pub(super) tail: Option<Tensor>,
+    /// Conditioned adapters: middle outputs (the cloud's, or drafted) of positions
+    /// `[adapter_cache.len() - 1, …)` (position -1 is a zero row), `(1, n, hidden)`.
+    pub(super) features: Option<Tensor>,
+    pub(super) device_time: Duration,
+    pub(super) wait_time: Duration,
+    pub(super) cloud_time: Duration,
+}
+
+impl<'a, L: MiddleLink> Edge<'a, L> {
+    pub(super) fn new(dev: &'a DeviceBundle, adapter: &'a Adapter, link: &'a mut L) -> Self {
+        Self {
+            input: dev.input.new_cache(),
+            adapter_cache: adapter.layers.new_cache(),
+            slm_output: dev.output.new_cache(),
+            llm_output: dev.output.new_cache(),
+            dev,
+            adapter,
+            link,
+            tail: None,
+            features: None,
+            device_time: Duration::ZERO,
+            wait_time: Duration::ZERO,
+            cloud_time: Duration::ZERO,
+        }
+    }
+
+    /// Embeds `ids` and runs the input submodel at the next positions: `(1, n, hidden)`.
+    pub(super) fn input_hidden(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let t = Instant::now();
+        let x = self.dev.embedder.embed_ids(ids)?;
+        let h = self.dev.input.forward(&x, self.input.len(), &mut self.input)?;
+        self.device_time += t.elapsed();
+        Ok(h)
+    }
+
+    pub(super) fn receive(&mut self) -> Result<MiddleReply> {
+        let t = Instant::now();
+        let r = self.link.receive()?;
+        self.wait_time += t.elapsed();
+        self.cloud_time += r.cloud_compute;
+        Ok(r)
+    }
+
+    /// Runs the LLM output submodel on a reply; returns logits `(count, vocab)` for every
+    /// position, or only the last `(1, vocab)` when `all` is false.
+    pub(super) fn llm_logits(&mut self, r: &MiddleReply, all: bool) -> Result<Tensor> {
+        let t = Instant::now();
+        self.llm_output.truncate(r.start);
+        let y = self.dev.output.forward(&r.hidden, r.start, &mut self.llm_output)?;
+        let logits = if all { self.dev.head.forward(&y)?.squeeze(0)? } else { self.dev.head.forward_last(&y)? };
+        self.device_time += t.elapsed();
+        Ok(logits)
+    }
+
+    pub(super) fn rollback(&mut self, valid: usize) {
+        self.input.truncate(valid);
+        self.adapter_cache.truncate(valid);
+        self.slm_output.truncate(valid);
+        self.llm_output.truncate(valid);
+    }
+}

@@ -1,0 +1,90 @@
+//! The two ends of the model: the token embedding and the head (final norm + LM head).
+
+use candle_core::{IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+use crate::model::ops::{load_rms_norm, project, rms_norm, Ops};
+
+/// Token embedding: ids `(batch, seq)` u32 → `(batch, seq, hidden)`.
+#[derive(Debug, Clone)]
+pub struct Embedder {
+    embed: Embedding,
+}
+
+impl Embedder {
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let w = vb.pp("model.embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        Ok(Self { embed: Embedding::new(w, cfg.hidden_size) })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(ids)?)
+    }
+
+    /// Embeds one sequence of token ids, `(1, ids.len(), hidden)`.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let vocab = self.embed.embeddings().dim(0)?;
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let ids = Tensor::new(ids, self.embed.embeddings().device())?.unsqueeze(0)?;
+        self.forward(&ids)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.embed.embeddings()
+    }
+}
+
+/// Final norm + LM head: `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    norm: RmsNorm,
+    lm_head: Linear,
+    eps: f64,
+    ops: Ops,
+}
+
+impl Head {
+    /// Loads `model.norm` and `lm_head` (or, with tied embeddings, `model.embed_tokens`).
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let norm = load_rms_norm(vb.pp("model.norm"), cfg)?;
+        let shape = (cfg.vocab_size, cfg.hidden_size);
+        let w = if cfg.tie_word_embeddings {
+            vb.pp("model.embed_tokens").get(shape, "weight")?
+        } else {
+            vb.pp("lm_head").get(shape, "weight")?
+        };
+        Ok(Self { norm, lm_head: Linear::new(w, None), eps: cfg.rms_norm_eps, ops: Ops::Fused })
+    }
+
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// The final norm alone: `(batch, seq, hidden)` → same shape.
+    pub fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(&self.norm, x, self.eps, self.ops)
+    }
+
+    /// The LM head's weight, `(vocab, hidden)`.
+    pub fn weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
+
+    /// Logits at every position: `(batch, seq, hidden)` → `(batch, seq, vocab)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
+        project(&self.lm_head, &x, self.ops)
+    }
+
+    /// Logits of the last position only: `(batch, seq, hidden)` → `(batch, vocab)`.
+    pub fn forward_last(&self, x: &Tensor) -> Result<Tensor> {
+        let seq = x.dim(1)?;
+        let last = x.i((.., seq - 1..seq, ..))?;
+        Ok(self.forward(&last)?.squeeze(1)?)
+    }
+}

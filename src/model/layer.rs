@@ -1,0 +1,197 @@
+//! One pre-norm decoder layer (grouped-query attention with rotary positions, SwiGLU MLP) and
+//! the attention masks a forward pass decides once for all of a stack's layers.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
+
+use crate::error::Result;
+use crate::model::cache::KvCache;
+use crate::model::config::ModelConfig;
+use crate::model::ops::{fused_linear, load_rms_norm, project, rms_norm, softmax, Ops};
+use crate::model::rope::Rope;
+
+/// How a block of queries is kept from seeing later positions; decided once per forward pass
+/// for all layers of a stack.
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    /// One query: it sees every cached position.
+    None,
+    /// The fused CPU kernel applies the causal mask itself.
+    FusedCausal,
+    /// Added to the scores: `(n_rep * seq, pos + seq)`, from [`causal_mask`].
+    Additive(Tensor),
+}
+
+impl AttentionMask {
+    /// The mask for `seq` queries after `pos` cached positions, for queries like `x`.
+    pub fn causal(x: &Tensor, seq: usize, pos: usize, n_rep: usize, ops: Ops) -> Result<Self> {
+        if ops == Ops::Fused && crate::model::kernels::is_cpu_f32(x) && n_rep * seq <= crate::model::kernels::MAX_FUSED_ROWS {
+            Ok(Self::FusedCausal)
+        } else if seq == 1 {
+            Ok(Self::None)
+        } else {
+            Ok(Self::Additive(causal_mask(seq, pos, n_rep, true, x.dtype(), x.device())?))
+        }
+    }
+}
+
+/// Causal mask for `seq` new positions after `pos` cached ones, repeated for the `n_rep` query
+/// heads that share a key/value head: `(n_rep * seq, pos + seq)`, 0 where visible, -inf elsewhere.
+/// With `sees_itself` false a query sees only the positions before its own.
+pub(crate) fn causal_mask(seq: usize, pos: usize, n_rep: usize, sees_itself: bool, dtype: DType, device: &Device) -> Result<Tensor> {
+    let kv = pos + seq;
+    let last_seen = |i: usize| if sees_itself { pos + i + 1 } else { pos + i };
+    let row: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..kv).map(move |j| if j >= last_seen(i) { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(row.repeat(n_rep), (n_rep * seq, kv), device)?.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Attention {
+    /// `q_proj`, `k_proj`, `v_proj` fused: hidden → `q_dim + 2 * kv_dim`.
+    pub(crate) qkv_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, bias) = (cfg.hidden_size, cfg.attention_bias);
+        let outs = [cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()];
+        Ok(Self {
+            qkv_proj: fused_linear(&vb, &["q_proj", "k_proj", "v_proj"], h, &outs, bias)?,
+            o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// Queries `(batch, heads, seq, head_dim)` and keys, values `(batch, kv_heads, seq,
+    /// head_dim)` of `x`, `(batch, seq, hidden)` at positions `pos..pos + seq`, rotated.
+    pub(crate) fn qkv(&self, x: &Tensor, pos: usize, rope: &Rope, ops: Ops) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, seq, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let qkv = project(&self.qkv_proj, x, ops)?; // (b, seq, (nh + 2 * nkv) * hd)
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
+            Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&heads(0, nh)?, pos, ops)?;
+        let k = rope.apply(&heads(nh, nkv)?, pos, ops)?;
+        Ok((q, k, heads(nh + nkv, nkv)?))
+    }
+
+    /// Heads `(batch, heads, seq, head_dim)` → `(batch, seq, hidden)` through `o_proj`.
+    pub(crate) fn merge_heads(&self, y: &Tensor, ops: Ops) -> Result<Tensor> {
+        let (b, nh, seq, hd) = y.dims4()?;
+        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, seq, nh * hd))?, ops)
+    }
+
+    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
+    pub(crate) fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(x, pos, rope, ops)?;
+        let (k, v) = match ops {
+            Ops::Fused => cache.append(&k, &v)?, // (b, nkv, pos + seq, hd)
+            // The cache writes in place (no gradient): attend to the new K/V themselves, after
+            // the (constant) cached prefix, and keep the cache in step.
+            Ops::Differentiable => {
+                let prefix = cache.current()?;
+                cache.append(&k, &v)?;
+                match prefix {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                }
+            }
+        };
+        self.attend(&q, &k, &v, ops, mask)
+    }
+
+    /// `softmax(q kᵀ / √d + mask) v` through `o_proj`: queries `(batch, heads, seq, head_dim)`,
+    /// keys and values `(batch, kv_heads, kv_len, head_dim)` → `(batch, seq, hidden)`.
+    pub(crate) fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        let (b, nh, seq, hd) = q.dims4()?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share a K/V head
+        // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
+        let n_rep = nh / self.num_kv_heads;
+        let q = q.reshape((b, self.num_kv_heads, n_rep * seq, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = match mask {
+            AttentionMask::FusedCausal => crate::model::kernels::causal_attention(&q, k, v, seq, scale as f32)?,
+            AttentionMask::None | AttentionMask::Additive(_) => {
+                let att = (q.matmul(&k.t()?)? * scale)?;
+                let att = match mask {
+                    AttentionMask::Additive(m) => att.broadcast_add(m)?,
+                    _ => att,
+                };
+                softmax(&att, ops)?.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
+            }
+        };
+        self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    /// `gate_proj` and `up_proj` fused: hidden → `2 * intermediate`.
+    pub(crate) gate_up_proj: Linear,
+    pub(crate) down_proj: Linear,
+    pub(crate) intermediate: usize,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_up_proj: fused_linear(&vb, &["gate_proj", "up_proj"], h, &[i, i], false)?,
+            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            intermediate: i,
+        })
+    }
+
+    /// `down(silu(gate(x)) * up(x))`.
+    pub(crate) fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
+        let gate_up = project(&self.gate_up_proj, x, ops)?;
+        let h = if ops == Ops::Fused && crate::model::kernels::is_cpu_f32(&gate_up) {
+            crate::model::kernels::swiglu(&gate_up)?
+        } else {
+            let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
+            (gate * gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
+        };
+        project(&self.down_proj, &h, ops)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) self_attn: Attention,
+    pub(crate) post_attention_layernorm: RmsNorm,
+    pub(crate) mlp: Mlp,
+    pub(crate) eps: f64,
+}
+
+impl DecoderLayer {
+    /// Loads from `vb` rooted at the layer (`model.layers.{i}`).
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: load_rms_norm(vb.pp("input_layernorm"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: load_rms_norm(vb.pp("post_attention_layernorm"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → same shape.
+    pub fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        let h = rms_norm(&self.input_layernorm, x, self.eps, ops)?;
+        let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops, mask)?)?;
+        let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
+        Ok((&x + self.mlp.forward(&h, ops)?)?)
+    }
+}

@@ -1,0 +1,137 @@
+//! A range of decoder layers run on hidden states ([`LayerStack`]), with one KV cache per layer
+//! ([`StackCache`]) that takes blocks of several positions and truncates back (rollback).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::model::cache::KvCache;
+use crate::model::config::ModelConfig;
+use crate::model::layer::{AttentionMask, DecoderLayer};
+use crate::model::ops::Ops;
+use crate::model::rope::Rope;
+
+/// The KV caches of a [`LayerStack`], one per layer; all hold the same number of positions.
+#[derive(Debug, Clone, Default)]
+pub struct StackCache {
+    pub(crate) layers: Vec<KvCache>,
+    /// Positions held (tracked here too, so that a stack of zero layers follows positions).
+    pub(crate) len: usize,
+}
+
+impl StackCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rolls back to the first `len` positions (e.g. after rejected drafts).
+    pub fn truncate(&mut self, len: usize) {
+        self.layers.iter_mut().for_each(|c| c.truncate(len));
+        self.len = self.len.min(len);
+    }
+
+    /// Forgets every position and frees the memory.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::clear);
+        self.len = 0;
+    }
+}
+
+/// Decoder layers `[start, end)` of a model, run on hidden states.
+#[derive(Debug, Clone)]
+pub struct LayerStack {
+    pub(crate) range: Range<usize>,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) rope: Arc<Rope>,
+    pub(crate) ops: Ops,
+}
+
+impl LayerStack {
+    /// Loads layers `range` from `vb` rooted at the checkpoint (`model.layers.{i}` inside).
+    pub fn load(vb: &VarBuilder, cfg: &ModelConfig, range: Range<usize>, rope: Arc<Rope>) -> Result<Self> {
+        if range.start > range.end || range.end > cfg.num_hidden_layers {
+            return Err(Error::invalid(format!(
+                "layer range [{}, {}) is not inside the model's {} layers",
+                range.start, range.end, cfg.num_hidden_layers
+            )));
+        }
+        let vb_layers = vb.pp("model.layers");
+        let layers = range
+            .clone()
+            .map(|i| DecoderLayer::load(vb_layers.pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { range, layers, rope, ops: Ops::Fused })
+    }
+
+    /// Builds a stack from layers made elsewhere (e.g. a trained adapter).
+    pub fn from_layers(range: Range<usize>, layers: Vec<DecoderLayer>, rope: Arc<Rope>) -> Self {
+        Self { range, layers, rope, ops: Ops::Fused }
+    }
+
+    pub fn with_ops(mut self, ops: Ops) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// The model layers this stack runs.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// An empty cache for this stack.
+    pub fn new_cache(&self) -> StackCache {
+        StackCache { layers: vec![KvCache::new(); self.layers.len()], len: 0 }
+    }
+
+    /// Runs `x`, `(batch, seq, hidden)`, the hidden states of positions `pos..pos + seq`, through
+    /// the layers. `pos` must equal `cache.len()`: truncate the cache first to roll back.
+    pub fn forward(&self, x: &Tensor, pos: usize, cache: &mut StackCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::invalid("cache was made for another layer stack"));
+        }
+        if pos != cache.len() {
+            return Err(Error::invalid(format!(
+                "position {pos} does not follow the cache, which holds {} positions",
+                cache.len()
+            )));
+        }
+        let needed = pos + x.dim(1)?;
+        if needed > self.rope.max_positions() {
+            return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
+        }
+        let mut h = x.clone();
+        if let Some(first) = self.layers.first() {
+            let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
+            let run = |h: &mut Tensor, caches: &mut [KvCache]| -> Result<()> {
+                let mask = AttentionMask::causal(h, h.dim(1)?, pos, n_rep, self.ops)?;
+                for (layer, c) in self.layers.iter().zip(caches.iter_mut()) {
+                    *h = layer.forward(h, pos, &self.rope, c, self.ops, &mask)?;
+                }
+                Ok(())
+            };
+            if let Err(e) = run(&mut h, &mut cache.layers) {
+                // Keep every layer's cache at `pos`, as if this call never happened.
+                cache.layers.iter_mut().for_each(|c| c.truncate(pos));
+                return Err(e);
+            }
+        }
+        cache.len = needed;
+        Ok(h)
+    }
+}

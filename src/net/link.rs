@@ -1,0 +1,50 @@
+//! The device's view of the cloud: submit the input submodel's hidden states for a block of
+//! positions, receive the middle submodel's output for them, in order ([`MiddleLink`]), with the
+//! bytes each way counted and every frame visible to a [`FrameTap`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// The middle layers' output for one submitted block.
+#[derive(Debug, Clone)]
+pub struct MiddleReply {
+    pub start: usize,
+    /// `(1, count, hidden)`, f32.
+    pub hidden: Tensor,
+    /// Time the cloud spent computing it.
+    pub cloud_compute: Duration,
+}
+
+/// Bytes that crossed the link (frames with their length prefixes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// The cloud's middle submodel as the device sees it.
+pub trait MiddleLink {
+    /// Sends hidden states `(1, count, hidden)` of positions `start..start + count`; the cloud
+    /// first drops every cached position at or after `start`.
+    fn submit(&mut self, start: usize, hidden: &Tensor) -> Result<()>;
+    /// The next reply, in submission order (blocks until it arrives).
+    fn receive(&mut self) -> Result<MiddleReply>;
+    /// The next reply if it has already arrived.
+    fn try_receive(&mut self) -> Result<Option<MiddleReply>>;
+    fn stats(&self) -> LinkStats;
+}
+
+/// Which way a frame went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+/// Sees every frame body the edge sends or receives (for audits and tests).
+pub type FrameTap = Arc<dyn Fn(Direction, &[u8]) + Send + Sync>;
+

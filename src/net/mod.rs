@@ -1,0 +1,26 @@
+//! Everything that crosses the network, and nothing that computes a role's work:
+//!
+//! - [`protocol`]: the wire format (length-prefixed frames, hidden-state blocks, error codes);
+//! - [`tls`]: the cloud's self-signed identity and the edge's pinning;
+//! - [`transport`]: the QUIC transport settings both ends use;
+//! - [`link`]: the device's view of the cloud ([`MiddleLink`]), byte counts, frame taps;
+//! - [`client`]: [`QuicLink`], the edge's QUIC session;
+//! - [`local`]: [`LocalMiddle`], the middle layers in-process (tests, training);
+//! - [`emulation`]: link rates and round-trip delay emulated on the edge's side.
+//!
+//! May use [`crate::model`] (the in-process link runs a layer stack) and [`crate::util`]; never
+//! `edge` or `cloud`.
+
+pub mod client;
+pub mod emulation;
+pub mod link;
+pub mod local;
+pub mod protocol;
+pub mod tls;
+pub mod transport;
+
+pub use client::{ConnectOptions, QuicLink};
+pub use emulation::LinkEmulation;
+pub use link::{Direction, FrameTap, LinkStats, MiddleLink, MiddleReply};
+pub use local::LocalMiddle;
+pub use transport::transport_config;

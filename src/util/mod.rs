@@ -1,0 +1,6 @@
+//! Small helpers every layer may use: content hashes, progress bars, allocator settings. They
+//! import nothing from the rest of hat but its error type.
+
+pub mod digest;
+pub mod memory;
+pub mod progress;
