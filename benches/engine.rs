@@ -11,6 +11,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use hat::io::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
+use hat::testing::bench::{env_or, median};
 
 const TEXT: &str = "The history of computing is a story of ideas that moved from laboratories into everyday \
 life. Early machines filled entire rooms, consumed enormous amounts of power and could perform only a few \
@@ -22,15 +23,6 @@ markets: minicomputers for laboratories and small businesses, personal computers
 finally phones that carry more computing power than the machines that guided astronauts to the moon. Software \
 followed a similar path, from hand-written machine code to compilers, operating systems, databases, networks \
 and the web, and now to large language models that write text and code on request.";
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
     logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()
@@ -60,9 +52,9 @@ fn main() -> anyhow::Result<()> {
     // candle's QMatMul dequantizes every weight to f32 when this is set (read once per thread).
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
     let path = std::env::var("HAT_BENCH_MODEL").map(Into::into).unwrap_or_else(|_| assets_dir().join(DEFAULT_ASSET_GGUF));
-    let repeats = env_usize("HAT_BENCH_REPEATS", 5);
-    let prompt_len = env_usize("HAT_BENCH_PROMPT_TOKENS", 200);
-    let decode = env_usize("HAT_BENCH_DECODE_TOKENS", 64);
+    let repeats = env_or::<usize>("HAT_BENCH_REPEATS", 5);
+    let prompt_len = env_or::<usize>("HAT_BENCH_PROMPT_TOKENS", 200);
+    let decode = env_or::<usize>("HAT_BENCH_DECODE_TOKENS", 64);
     let dev = Device::Cpu;
 
     let loaded = LoadedModel::load(&ModelSpec::Gguf(path.clone()))?;
@@ -101,12 +93,12 @@ fn main() -> anyhow::Result<()> {
         cp.push(c.prefill_tok_s);
         cd.push(c.decode_tok_s);
     }
-    let (hp, hd, cp, cd) = (median(&mut hp), median(&mut hd), median(&mut cp), median(&mut cd));
+    let (hp, hd, cp, cd) = (median(&hp), median(&hd), median(&cp), median(&cd));
     println!("| engine ({} threads) | prefill tok/s ({prompt_len} tokens) | decode tok/s ({decode} tokens) |", candle_core::utils::get_num_threads());
     println!("|---|---|---|");
     println!("| hat (f32) | {hp:.0} | {hd:.1} |");
     println!("| candle quantized_llama (dequantized f32) | {cp:.0} | {cd:.1} |");
     println!("| ratio of medians hat / candle | {:.2}x | {:.2}x |", hp / cp, hd / cd);
-    println!("| median of paired per-run ratios | {:.2}x | {:.2}x |", median(&mut rp), median(&mut rd));
+    println!("| median of paired per-run ratios | {:.2}x | {:.2}x |", median(&rp), median(&rd));
     Ok(())
 }

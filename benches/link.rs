@@ -18,6 +18,7 @@ use hat::edge::{EdgeOptions, EdgeReport, Mode};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
 use hat::net::{LinkEmulation, LocalMiddle};
+use hat::testing::bench::{env_or, median};
 use hat::testing::{connect, default_gguf, SplitWorld};
 
 const PROMPTS: [&str; 3] = [
@@ -37,14 +38,6 @@ const WIRE_PROMPTS: [&str; 8] = [
     "Describe the water cycle.",
 ];
 
-fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
-}
 
 /// Fields drop in order: the server stops before the split's folder goes.
 struct Bench {
@@ -63,11 +56,11 @@ impl Bench {
 }
 
 fn main() -> anyhow::Result<()> {
-    let tokens = env("HAT_BENCH_TOKENS", 48usize);
-    let repeats = env("HAT_BENCH_REPEATS", 2usize);
-    let gammas: Vec<usize> = env("HAT_BENCH_DRAFT_LENS", "1,2,4".to_string()).split(',').filter_map(|g| g.trim().parse().ok()).collect();
+    let tokens = env_or("HAT_BENCH_TOKENS", 48usize);
+    let repeats = env_or("HAT_BENCH_REPEATS", 2usize);
+    let gammas: Vec<usize> = env_or("HAT_BENCH_DRAFT_LENS", "1,2,4".to_string()).split(',').filter_map(|g| g.trim().parse().ok()).collect();
     let gamma = *gammas.last().unwrap_or(&4);
-    let wire = WireDtype::parse(&env("HAT_BENCH_WIRE", "f16".to_string()))?;
+    let wire = WireDtype::parse(&env_or("HAT_BENCH_WIRE", "f16".to_string()))?;
     let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf()?))?;
     let world = SplitWorld::new(&loaded, 2, 2)?;
     let adapter_choice = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
@@ -92,7 +85,7 @@ fn main() -> anyhow::Result<()> {
                     rs.push(b.run(ids, mode, chunk, g, tokens, link)?);
                 }
             }
-            let m = |f: &dyn Fn(&EdgeReport) -> f64| median(rs.iter().map(f).collect());
+            let m = |f: &dyn Fn(&EdgeReport) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
             tbts.push((g, m(&|r| r.tbt_ms)));
             println!(
                 "| {mbps:.0} Mbit/s, 20 ms | {} | {:.0} | {:.1} | {:.2} | {:.0}% | {:.0} | {:.0} | {:.0} |",
@@ -146,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     let mut base = f64::NAN;
     for chunk in [0usize, 16, 64, 256] {
-        let ttft = median((0..repeats.max(2)).map(|_| b.run(&long, Mode::Hat, chunk, gamma, 1, link).map(|r| r.ttft_ms)).collect::<anyhow::Result<_>>()?);
+        let ttft = median(&(0..repeats.max(2)).map(|_| b.run(&long, Mode::Hat, chunk, gamma, 1, link).map(|r| r.ttft_ms)).collect::<anyhow::Result<Vec<_>>>()?);
         if chunk == 0 {
             base = ttft;
         }

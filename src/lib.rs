@@ -43,7 +43,7 @@
 //! planning, using `split`, `net` and `model`), a batch scheduler inside `cloud/`, `api/` (an
 //! HTTP service over `edge`), `audit/` (a curious cloud, over `split` and `train`).
 //!
-//! The `testing` feature adds [`testing`]: tiny random models and the shared model → split →
+//! The `testing` feature adds `hat::testing`: tiny random models and the shared model → split →
 //! cloud → connected edge set-up of the integration tests and benchmarks.
 
 pub mod adapter;

@@ -14,7 +14,7 @@
 //! an adapter too: it is trained for one of the two.
 //!
 //!
-//! [`file`] holds the file format: one place saves and loads adapters (and resolves `--adapter
+//! [`file`](mod@file) holds the file format: one place saves and loads adapters (and resolves `--adapter
 //! auto` to the one shipped for a split).
 //!
 //! May use [`crate::model`], [`crate::split`] (manifests) and [`crate::util`]; never a role.

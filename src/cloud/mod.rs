@@ -5,7 +5,7 @@
 //! never on the async threads. A malformed or refused request gets an error frame and a log line
 //! and ends that session only; the server keeps serving every other one.
 //!
-//! Files: [`server`] (the endpoint and its connections), [`session`] (one edge's session: the
+//! Files: [`server`] (the endpoint and its connections), `session` (one edge's session: the
 //! handshake, limits, compute), [`background`] (a server on its own thread).
 //!
 //! May use [`crate::net`], [`crate::split`], [`crate::model`] and [`crate::util`]; never `edge`

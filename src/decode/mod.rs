@@ -16,4 +16,4 @@ pub mod timing;
 
 pub use accept::{accept_greedy, accept_sampled, Acceptance, DraftStats};
 pub use generate::{generate, Decoder, GenerationReport, ModelDecoder, StopReason};
-pub use sampling::{processed_probs, Sampler, SamplingParams};
+pub use sampling::{probs, processed_probs, Sampler, SamplingParams};

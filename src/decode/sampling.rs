@@ -80,8 +80,7 @@ impl Sampler {
 
     /// The processed distribution over the vocabulary for `logits` `(vocab,)`.
     pub fn probs(&self, logits: &Tensor) -> Result<Vec<f32>> {
-        let logits: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        Ok(processed_probs(&logits, &self.params))
+        probs(logits, &self.params)
     }
 
     /// Picks the next token: argmax when greedy, else a draw from [`Self::probs`].
@@ -114,6 +113,12 @@ impl Sampler {
     pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
     }
+}
+
+/// [`processed_probs`] of a logits tensor `(vocab,)`.
+pub fn probs(logits: &Tensor, params: &SamplingParams) -> Result<Vec<f32>> {
+    let logits: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+    Ok(processed_probs(&logits, params))
 }
 
 /// softmax(logits / T), then top-k, then top-p, renormalised.

@@ -7,11 +7,56 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::adapter::DraftContext;
+use crate::decode::Sampler;
 use crate::edge::state::Edge;
 use crate::error::{Error, Result};
 use crate::net::MiddleLink;
 
+/// One round's drafts, ready to verify.
+pub(super) struct Drafted {
+    /// Input-submodel hidden states of the round's positions, `(1, 1, hidden)` each: the
+    /// committed token, then each draft.
+    pub verify: Vec<Tensor>,
+    pub drafts: Vec<u32>,
+    /// Sampling: the distribution each draft was drawn from (empty when greedy).
+    pub draft_probs: Vec<Vec<f32>>,
+}
+
 impl<L: MiddleLink> Edge<'_, L> {
+    /// Runs the committed token `next` through the input submodel and drafts up to `gamma`
+    /// tokens after it (stopping at an end-of-sequence token); `drafting` queues the positions
+    /// for the draft path even when `gamma` is 0 near the limits.
+    pub(super) fn draft(&mut self, next: u32, gamma: usize, drafting: bool, sampler: &mut Sampler, eos: &[u32]) -> Result<Drafted> {
+        let h = self.input_hidden(&[next])?;
+        let mut round = Drafted { verify: vec![h.clone()], drafts: Vec::with_capacity(gamma), draft_probs: Vec::with_capacity(gamma) };
+        if drafting {
+            self.push_tail(&h)?;
+        }
+        if gamma == 0 {
+            return Ok(round);
+        }
+        let mut logits = self.draft_logits()?;
+        for i in 1..=gamma {
+            let d = if sampler.is_greedy() {
+                sampler.select(&logits)?
+            } else {
+                let q = sampler.probs(&logits)?;
+                let d = sampler.draw(&q);
+                round.draft_probs.push(q);
+                d
+            };
+            round.drafts.push(d);
+            let hd = self.input_hidden(&[d])?;
+            round.verify.push(hd.clone());
+            self.push_tail(&hd)?;
+            if i == gamma || eos.contains(&d) {
+                break;
+            }
+            logits = self.draft_logits()?;
+        }
+        Ok(round)
+    }
+
     /// Queues input hidden states for the draft path.
     pub(super) fn push_tail(&mut self, h: &Tensor) -> Result<()> {
         append(&mut self.tail, h)

@@ -7,7 +7,7 @@
 //! - input submodel (shared by the SLM and the LLM paths: same layers, same hidden states);
 //! - adapter and SLM output submodel (the draft path);
 //! - LLM output submodel (runs on the cloud's replies). With an adapter whose draft context is
-//!   [`DraftContext::Verified`] the SLM drafts behind these exact states instead of keeping an
+//!   [`crate::adapter::DraftContext::Verified`] the SLM drafts behind these exact states instead of keeping an
 //!   output cache of its own: each draft appends one position, and the next verification
 //!   truncates the cache back to the round's start.
 //!
@@ -18,8 +18,8 @@
 //! verification its cache is rolled back to the round's first position and the accepted drafts
 //! are run again with the cloud's middle outputs (the next round does that in one block).
 //!
-//! Files: [`state`] (caches, timers, the steps every phase uses), [`prefill`] (chunked prefill),
-//! [`draft`] (the draft path), [`report`] ([`EdgeReport`]); verification and the round loop are
+//! Files: `state` (caches, timers, the steps every phase uses), `prefill` (chunked prefill),
+//! `draft` (drafting a round, the draft path), [`report`] ([`EdgeReport`]); verification and the round loop are
 //! here, with the acceptance rule from [`crate::decode::accept`].
 //!
 //! May use [`crate::adapter`], [`crate::net`], [`crate::split`], [`crate::decode`],
@@ -30,15 +30,16 @@ mod prefill;
 pub mod report;
 mod state;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::adapter::Adapter;
 use crate::decode::timing::{check_prompt, ms, TokenClock};
-use crate::decode::{accept_greedy, accept_sampled, processed_probs, Acceptance, DraftStats, Sampler, SamplingParams, StopReason};
+use crate::decode::{accept_greedy, accept_sampled, probs, Acceptance, DraftStats, Sampler, SamplingParams, StopReason};
 use crate::error::Result;
 use crate::net::MiddleLink;
 use crate::split::DeviceBundle;
+use draft::Drafted;
 use state::Edge;
 
 pub use report::EdgeReport;
@@ -109,34 +110,7 @@ pub fn generate<L: MiddleLink>(
         // Draft: γ tokens, fewer near the token and context limits.
         let budget = opts.max_tokens - tokens.len();
         let gamma = if drafting { opts.draft_len.min(budget.saturating_sub(1)).min(limit - base - 1) } else { 0 };
-        let h = edge.input_hidden(&[next])?;
-        let mut verify = vec![h.clone()];
-        let mut drafts = Vec::with_capacity(gamma);
-        let mut draft_probs = Vec::with_capacity(gamma);
-        if drafting {
-            edge.push_tail(&h)?;
-        }
-        if gamma > 0 {
-            let mut logits = edge.draft_logits()?;
-            for i in 1..=gamma {
-                let d = if sampler.is_greedy() {
-                    sampler.select(&logits)?
-                } else {
-                    let q = sampler.probs(&logits)?;
-                    let d = sampler.draw(&q);
-                    draft_probs.push(q);
-                    d
-                };
-                drafts.push(d);
-                let hd = edge.input_hidden(&[d])?;
-                verify.push(hd.clone());
-                edge.push_tail(&hd)?;
-                if i == gamma || eos.contains(&d) {
-                    break;
-                }
-                logits = edge.draft_logits()?;
-            }
-        }
+        let Drafted { verify, drafts, draft_probs } = edge.draft(next, gamma, drafting, &mut sampler, eos)?;
 
         // Verify: the cloud runs positions base..=base+k in one round trip.
         let x = if verify.len() == 1 { verify[0].clone() } else { Tensor::cat(&verify, 1)? };
@@ -147,28 +121,10 @@ pub fn generate<L: MiddleLink>(
             accept_greedy(&drafts, |i| sampler.select(&logits.get(i)?))?
         } else {
             let params = sampler.params();
-            let target = |i: usize| -> Result<Vec<f32>> { Ok(processed_probs(&logits.get(i)?.to_dtype(DType::F32)?.to_vec1()?, &params)) };
-            accept_sampled(&drafts, &draft_probs, target, &mut sampler)?
+            accept_sampled(&drafts, &draft_probs, |i| probs(&logits.get(i)?, &params), &mut sampler)?
         };
         stats.record(drafts.len(), a);
-        // Roll every device cache back to the accepted prefix; the cloud follows from the
-        // start position of the next block.
-        edge.rollback(base + a + 1);
-        if edge.adapter.is_conditioned() {
-            // Drafts after the first were conditioned on predictions: run the accepted ones again
-            // on the cloud's middle outputs.
-            if edge.adapter_cache.len() > base {
-                edge.adapter_cache.truncate(base + 1);
-                edge.slm_output.truncate(base + 1);
-                edge.tail = if a > 0 { Some(Tensor::cat(&verify[1..=a], 1)?) } else { None };
-                edge.features = None;
-            }
-            if drafting {
-                edge.push_features(&reply.hidden.narrow(1, 0, a + 1)?)?;
-            }
-        } else if a < drafts.len() {
-            edge.tail = None;
-        }
+        edge.keep_accepted(base, a, drafts.len(), &verify, &reply, drafting)?;
         for &t in drafts[..a].iter().chain(std::iter::once(&new_token)) {
             tokens.push(t);
             clock.token();

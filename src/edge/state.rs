@@ -78,6 +78,30 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         Ok(logits)
     }
 
+    /// After verification of the round at `base` (the committed token, then `drafted` drafts of
+    /// which `accepted` were accepted): every device cache keeps the accepted prefix (the cloud
+    /// follows from the start position of the next block), and the draft path's queues are made
+    /// to match.
+    pub(super) fn keep_accepted(&mut self, base: usize, accepted: usize, drafted: usize, verify: &[Tensor], reply: &MiddleReply, drafting: bool) -> Result<()> {
+        self.rollback(base + accepted + 1);
+        if self.adapter.is_conditioned() {
+            // Drafts after the first were conditioned on predictions: run the accepted ones again
+            // on the cloud's middle outputs.
+            if self.adapter_cache.len() > base {
+                self.adapter_cache.truncate(base + 1);
+                self.slm_output.truncate(base + 1);
+                self.tail = if accepted > 0 { Some(Tensor::cat(&verify[1..=accepted], 1)?) } else { None };
+                self.features = None;
+            }
+            if drafting {
+                self.push_features(&reply.hidden.narrow(1, 0, accepted + 1)?)?;
+            }
+        } else if accepted < drafted {
+            self.tail = None;
+        }
+        Ok(())
+    }
+
     pub(super) fn rollback(&mut self, valid: usize) {
         self.input.truncate(valid);
         self.adapter_cache.truncate(valid);

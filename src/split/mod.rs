@@ -10,7 +10,7 @@
 //! halves of one split, and the same split made twice, carry the same id.
 //!
 //! - [`plan`]: the plan, the split id, the manifest;
-//! - [`write`]: cutting a loaded model into bundles;
+//! - [`write`](mod@write): cutting a loaded model into bundles;
 //! - [`bundle`]: loading the bundles back;
 //! - [`pipeline`]: input → middle → output in one process, the reference a split must compute.
 //!

@@ -2,9 +2,11 @@
 //! it through the crate's own dev-dependency; it is not part of the default public API):
 //! - [`tiny`]: tiny random models written to disk, for tests that need a real model directory
 //!   without any download;
+//! - [`bench`]: settings from the environment and medians, for the benchmarks;
 //! - [`world`]: the set-up the integration tests and benchmarks share: the default model, split,
 //!   its cloud serving on loopback, and edges connected to it.
 
+pub mod bench;
 pub mod tiny;
 pub mod world;
 

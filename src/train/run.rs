@@ -10,6 +10,7 @@ use rand::SeedableRng;
 
 use crate::adapter::DraftContext;
 use crate::io::dataset::Conversation;
+use crate::decode::timing::ms;
 use crate::error::{Error, Result};
 use crate::model::Ops;
 
@@ -138,9 +139,9 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
             return Err(Error::invalid(format!("training diverged at step {} (loss {loss_v}); try a lower --lr", state.step)));
         }
         let timed = &mut state.timed;
-        timed.student_forward_ms += (t1 - t0).as_secs_f64() * 1e3;
-        timed.backward_ms += (t2 - t1).as_secs_f64() * 1e3;
-        timed.optimizer_ms += (t3 - t2).as_secs_f64() * 1e3;
+        timed.student_forward_ms += ms(t1 - t0);
+        timed.backward_ms += ms(t2 - t1);
+        timed.optimizer_ms += ms(t3 - t2);
         timed.steps += 1;
         timed.tokens += positions;
         state.step += 1;
