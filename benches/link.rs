@@ -1,31 +1,42 @@
-//! HAT vs U-shape over emulated links, on the default model, cloud and edge in one process over
-//! loopback QUIC (they share this machine's cores).
+//! HAT vs U-shape over emulated links, the way a user deploys them: `hat serve-cloud` and
+//! `hat run-edge` as two processes.
 //!
-//! Table 1: TTFT and TBT of `u-shape` and `hat` at 10, 50 and 200 Mbit/s with 20 ms RTT.
-//! Table 2: TTFT of a ~1000-token prompt at 10 Mbit/s, 20 ms, for chunk sizes 0, 16, 64, 256.
+//! Table 1, "two machines": the cloud on core 1 (`taskset -c 1 hat --threads 1 serve-cloud`), the
+//! edge on core 0 (`taskset -c 0 hat --threads 1 run-edge`): two one-core machines. Table 2,
+//! "shared cores": both processes on every core with default threads. Links: 10, 50 and 200
+//! Mbit/s at 20 ms RTT and 50 Mbit/s at 80 ms RTT. Prompts: `benches/prompts.json` (held out:
+//! checked to be absent from the training data when it is present), 64 tokens each, greedy, f16
+//! on the wire; for each prompt `run-edge` at its default settings and `--mode u-shape` run
+//! back to back (interleaved), then any extra configurations. Per configuration: median TBT,
+//! the median of the per-prompt TBT ratios to u-shape, tokens per round, and where a round's
+//! time goes (device drafting, verifying and drafting ahead, waiting, cloud compute), ms per
+//! round. Every run's JSON goes to `target/bench-link.json`.
 //!
-//! `cargo bench --bench link`. Environment: HAT_BENCH_ADAPTER (an adapter file, `none`, or
-//! `auto`, the default: the shipped one for this split if present, else none), HAT_BENCH_TOKENS (generated tokens, 48),
-//! HAT_BENCH_REPEATS (2), HAT_BENCH_DRAFT_LENS (γ values for hat, "1,2,4"; the last one is used
-//! for the chunking table), HAT_BENCH_WIRE (f16).
-//! Table 3: how often f16/bf16 hidden states on the wire change a greedy token (in-process).
+//! Table 3 (in-process): how often f16/bf16 hidden states on the wire change a greedy token.
+//! Table 4 (two processes, two machines): TTFT of a ~1000-token prompt at 10 Mbit/s by chunk size.
+//!
+//! `cargo bench --bench link` (or `recipes/bench-link.sh`). Environment:
+//! - HAT_BENCH_TABLES: which tables, default `machines,shared,wire,chunk`;
+//! - HAT_BENCH_PROMPTS: how many of the prompts (default all);
+//! - HAT_BENCH_TOKENS (64); HAT_BENCH_LINKS (`10/20,50/20,200/20,50/80`: Mbit/s / RTT ms);
+//! - HAT_BENCH_ADAPTER (`auto`: the shipped one);
+//! - HAT_BENCH_CONFIGS: extra hat configurations, `name=run-edge flags;…` (e.g.
+//!   `plain=--draft-len 1 --draft-threshold 0 --draft-compute f32 --draft-vocab full --draft-ahead off`).
 
-use candle_core::Device;
-use hat::adapter::{load_choice, Adapter};
-use hat::cloud::BackgroundServer;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
 use hat::decode::SamplingParams;
-use hat::edge::{EdgeOptions, EdgeReport, Mode};
+use hat::edge::{EdgeOptions, Mode};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
-use hat::net::{LinkEmulation, LocalMiddle};
+use hat::net::LocalMiddle;
 use hat::testing::bench::{env_or, median};
-use hat::testing::{connect, default_gguf, SplitWorld};
+use hat::testing::{default_gguf, SplitWorld};
+use serde_json::Value;
 
-const PROMPTS: [&str; 3] = [
-    "Explain how a refrigerator keeps food cold.",
-    "Write a short story about a robot who learns to paint.",
-    "What are the main differences between Python and Rust?",
-];
+const HAT: &str = env!("CARGO_BIN_EXE_hat");
 
 const WIRE_PROMPTS: [&str; 8] = [
     "What is the capital of Australia, and why was it chosen?",
@@ -38,112 +49,275 @@ const WIRE_PROMPTS: [&str; 8] = [
     "Describe the water cycle.",
 ];
 
+/// One emulated link.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    mbps: f64,
+    rtt_ms: f64,
+}
 
-/// Fields drop in order: the server stops before the split's folder goes.
+impl Link {
+    fn flags(&self) -> Vec<String> {
+        let m = self.mbps.to_string();
+        vec!["--link-up-mbps".into(), m.clone(), "--link-down-mbps".into(), m, "--link-rtt-ms".into(), self.rtt_ms.to_string()]
+    }
+
+    fn name(&self) -> String {
+        format!("{:.0} Mbit/s, {:.0} ms", self.mbps, self.rtt_ms)
+    }
+}
+
+/// Where the processes run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Placement {
+    /// Cloud on core 1, edge on core 0, one thread each.
+    TwoMachines,
+    /// Both on every core, default threads.
+    Shared,
+}
+
+impl Placement {
+    fn command(self, core: usize) -> Command {
+        match self {
+            Placement::TwoMachines => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &core.to_string(), HAT, "--threads", "1"]);
+                c
+            }
+            Placement::Shared => Command::new(HAT),
+        }
+    }
+}
+
+/// A running `hat serve-cloud`; killed when dropped.
+struct Cloud {
+    child: Child,
+    addr: String,
+    fingerprint: String,
+}
+
+impl Cloud {
+    fn start(placement: Placement, split: &Path, port: u16) -> anyhow::Result<Self> {
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = placement
+            .command(1)
+            .args(["serve-cloud", "--bundle"])
+            .arg(split.join("cloud"))
+            .args(["--listen", &addr, "--state-dir"])
+            .arg(split.join(format!("state-{port}")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut fingerprint = None;
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            if let Some(fp) = line.strip_prefix("fingerprint ") {
+                fingerprint = Some(fp.trim().to_string());
+                break;
+            }
+        }
+        let fingerprint = fingerprint.ok_or_else(|| anyhow::anyhow!("serve-cloud exited without a fingerprint"))?;
+        Ok(Self { child, addr, fingerprint })
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 struct Bench {
-    server: BackgroundServer,
-    world: SplitWorld,
-    adapter: Adapter,
-    wire: WireDtype,
+    split: PathBuf,
+    adapter: String,
+    tokens: usize,
 }
 
 impl Bench {
-    fn run(&self, ids: &[u32], mode: Mode, chunk: usize, gamma: usize, tokens: usize, link: LinkEmulation) -> anyhow::Result<EdgeReport> {
-        let mut q = connect(&self.server, &self.world.device, self.wire, link, None)?;
-        let opts = EdgeOptions { mode, draft_len: gamma, chunk_size: chunk, sampling: SamplingParams::greedy(), max_tokens: tokens, max_context: q.max_context };
-        Ok(hat::edge::generate(&self.world.device, &self.adapter, &mut q, ids, &opts, |_| Ok(()))?)
+    fn edge(&self, placement: Placement, cloud: &Cloud, prompt: &str, link: Link, flags: &[String], max_tokens: usize) -> anyhow::Result<Value> {
+        let out = placement
+            .command(0)
+            .args(["run-edge", "--bundle"])
+            .arg(self.split.join("device"))
+            .args(["--cloud", &cloud.addr, "--cloud-fingerprint", &cloud.fingerprint, "--adapter", &self.adapter, "--json"])
+            .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
+            .args(link.flags())
+            .args(flags)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            anyhow::bail!("run-edge {flags:?} failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Table 1 or 2: every link, every prompt, u-shape and each hat configuration interleaved.
+    fn table(&self, placement: Placement, links: &[Link], prompts: &[String], configs: &[(String, Vec<String>)], all: &mut Vec<Value>) -> anyhow::Result<()> {
+        let cloud = Cloud::start(placement, &self.split, if placement == Placement::Shared { 4601 } else { 4600 })?;
+        let title = match placement {
+            Placement::TwoMachines => "two machines: cloud `taskset -c 1 … --threads 1`, edge `taskset -c 0 … --threads 1`",
+            Placement::Shared => "shared cores: both processes on both cores, default threads",
+        };
+        println!("\n### {title}; {} prompts × {} tokens, greedy, f16 wire\n", prompts.len(), self.tokens);
+        println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | wait ms/round | cloud ms/round |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        for &link in links {
+            let mut runs: Vec<Vec<Value>> = vec![Vec::new(); configs.len()];
+            for p in prompts {
+                for (i, (name, flags)) in configs.iter().enumerate() {
+                    let mut v = self.edge(placement, &cloud, p, link, flags, self.tokens)?;
+                    v["bench"] = serde_json::json!({"placement": format!("{placement:?}"), "link": link.name(), "config": name, "prompt": p});
+                    runs[i].push(v);
+                }
+            }
+            let base: Vec<f64> = runs[0].iter().map(|v| f(v, "tbt_ms")).collect();
+            let mut ratios = Vec::new();
+            for ((name, _), rs) in configs.iter().zip(&runs) {
+                let m = |g: &dyn Fn(&Value) -> f64| median(&rs.iter().map(g).collect::<Vec<_>>());
+                let per_round = |k: &'static str| m(&move |v: &Value| f(v, k) / f(v, "rounds").max(1.0));
+                let ratio: Vec<f64> = rs.iter().zip(&base).map(|(v, b)| f(v, "tbt_ms") / b).collect();
+                let hits: f64 = rs.iter().map(|v| f(v, "ahead_hits")).sum::<f64>() / rs.iter().map(|v| f(v, "ahead_rounds")).sum::<f64>().max(1.0);
+                println!(
+                    "| {} | {name} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} ({:.0}%) | {:.1} | {:.1} |",
+                    link.name(),
+                    m(&|v| f(v, "tbt_ms")),
+                    median(&ratio),
+                    m(&|v| f(v, "ttft_ms")),
+                    m(&|v| f(v, "mean_accepted")),
+                    100.0 * m(&|v| f(v, "acceptance_rate")),
+                    m(&|v| f(v, "draft_step_ms")),
+                    per_round("draft_ms"),
+                    per_round("verify_ms"),
+                    per_round("ahead_ms"),
+                    100.0 * hits,
+                    per_round("network_wait_ms"),
+                    per_round("cloud_compute_ms"),
+                );
+                ratios.push((name.clone(), ratio));
+            }
+            for (name, r) in ratios.iter().skip(1) {
+                let list: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+                println!("<!-- {}: {name} per-prompt TBT ratios: {} -->", link.name(), list.join(" "));
+            }
+            all.extend(runs.into_iter().flatten());
+        }
+        Ok(())
     }
 }
 
 fn main() -> anyhow::Result<()> {
-    let tokens = env_or("HAT_BENCH_TOKENS", 48usize);
-    let repeats = env_or("HAT_BENCH_REPEATS", 2usize);
-    let gammas: Vec<usize> = env_or("HAT_BENCH_DRAFT_LENS", "1,2,4".to_string()).split(',').filter_map(|g| g.trim().parse().ok()).collect();
-    let gamma = *gammas.last().unwrap_or(&4);
-    let wire = WireDtype::parse(&env_or("HAT_BENCH_WIRE", "f16".to_string()))?;
-    let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf()?))?;
-    let world = SplitWorld::new(&loaded, 2, 2)?;
-    let adapter_choice = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
-    let (adapter, adapter_name) = load_choice(&adapter_choice, &world.device, &Device::Cpu)?;
-    let server = world.serve("state", None, 4, 8192)?;
-    let cloud_middle = world.cloud.clone();
-    let b = Bench { server, world, adapter, wire };
-    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| b.world.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
-    eprintln!("adapter: {adapter_name}; γ ∈ {gammas:?}; {tokens} tokens; wire {}; {repeats} repeats × {} prompts", wire.name(), prompts.len());
+    let tables = env_or("HAT_BENCH_TABLES", "machines,shared,wire,chunk".to_string());
+    let tokens = env_or("HAT_BENCH_TOKENS", 64usize);
+    let links: Vec<Link> = env_or("HAT_BENCH_LINKS", "10/20,50/20,200/20,50/80".to_string())
+        .split(',')
+        .filter_map(|l| {
+            let (m, r) = l.split_once('/')?;
+            Some(Link { mbps: m.trim().parse().ok()?, rtt_ms: r.trim().parse().ok()? })
+        })
+        .collect();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(root.join("benches/prompts.json"))?)?;
+    let mut prompts: Vec<String> = file["prompts"].as_array().into_iter().flatten().filter_map(|p| p["text"].as_str().map(String::from)).collect();
+    prompts.truncate(env_or("HAT_BENCH_PROMPTS", prompts.len()));
+    check_held_out(&prompts, &root.join("assets/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json"))?;
 
-    println!("| link | mode | TTFT ms | TBT ms | tokens/round | drafts accepted | device ms | cloud ms | wait ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    let mut tbt_ratio = Vec::new();
-    for mbps in [10.0, 50.0, 200.0] {
-        let link = LinkEmulation { up_mbps: Some(mbps), down_mbps: Some(mbps), rtt_ms: 20.0 };
-        let mut tbts = Vec::new();
-        let configs = std::iter::once((Mode::UShape, 0, 0)).chain(gammas.iter().map(|&g| (Mode::Hat, 64, g)));
-        for (mode, chunk, g) in configs {
-            let mut rs = Vec::new();
-            for _ in 0..repeats {
-                for ids in &prompts {
-                    rs.push(b.run(ids, mode, chunk, g, tokens, link)?);
-                }
-            }
-            let m = |f: &dyn Fn(&EdgeReport) -> f64| median(&rs.iter().map(f).collect::<Vec<_>>());
-            tbts.push((g, m(&|r| r.tbt_ms)));
-            println!(
-                "| {mbps:.0} Mbit/s, 20 ms | {} | {:.0} | {:.1} | {:.2} | {:.0}% | {:.0} | {:.0} | {:.0} |",
-                if mode == Mode::Hat { format!("hat γ={g}") } else { "u-shape".to_string() },
-                m(&|r| r.ttft_ms),
-                tbts.last().map_or(f64::NAN, |t| t.1),
-                m(&|r| r.mean_accepted),
-                100.0 * m(&|r| r.acceptance_rate),
-                m(&|r| r.device_compute_ms),
-                m(&|r| r.cloud_compute_ms),
-                m(&|r| r.network_wait_ms),
-            );
+    let gguf = default_gguf()?;
+    let split = root.join("target/bench-split");
+    let status = Command::new(HAT).args(["split", "--force", "--input-layers", "2", "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stderr(Stdio::null()).status()?;
+    anyhow::ensure!(status.success(), "hat split failed");
+    let adapter = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
+    let b = Bench { split, adapter, tokens };
+    let mut configs: Vec<(String, Vec<String>)> = vec![("u-shape".into(), vec!["--mode".into(), "u-shape".into()]), ("hat (defaults)".into(), vec![])];
+    for c in env_or("HAT_BENCH_CONFIGS", String::new()).split(';').filter(|c| !c.trim().is_empty()) {
+        let (name, flags) = c.split_once('=').unwrap_or((c, ""));
+        configs.push((name.trim().to_string(), flags.split_whitespace().map(String::from).collect()));
+    }
+    let pinning = Command::new("taskset").arg("--version").output().is_ok() && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    eprintln!("adapter: {}; {} prompts; links {links:?}; configurations {:?}", b.adapter, prompts.len(), configs.iter().map(|c| &c.0).collect::<Vec<_>>());
+    let mut all = Vec::new();
+    if tables.contains("machines") {
+        if pinning {
+            b.table(Placement::TwoMachines, &links, &prompts, &configs, &mut all)?;
+        } else {
+            println!("(two-machine table skipped: needs `taskset` and two cores)");
         }
-        let base = tbts[0].1;
-        let (best_g, best) = tbts[1..].iter().copied().fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
-        tbt_ratio.push((mbps, best_g, best / base));
     }
-    for (mbps, g, r) in tbt_ratio {
-        println!("TBT best hat (γ={g}) / u-shape at {mbps:.0} Mbit/s: {r:.2}x");
+    if tables.contains("shared") {
+        b.table(Placement::Shared, &links, &prompts, &configs, &mut all)?;
     }
+    let json_path = root.join("target/bench-link.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&all)?)?;
+    eprintln!("every run: {}", json_path.display());
 
-    // Half precision on the wire: how often does it change a greedy token? (In-process, u-shape.)
-    let wire_prompts: Vec<Vec<u32>> = WIRE_PROMPTS.iter().map(|p| b.world.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
-    println!();
-    println!("| wire dtype | prompts identical to f32 (64 tokens) | tokens before first divergence (mean) |");
+    if tables.contains("wire") {
+        wire_table(&gguf)?;
+    }
+    if tables.contains("chunk") && pinning {
+        let cloud = Cloud::start(Placement::TwoMachines, &b.split, 4602)?;
+        let long_text = WIRE_PROMPTS.iter().cycle().take(120).cloned().collect::<Vec<_>>().join(" ");
+        let link = Link { mbps: 10.0, rtt_ms: 20.0 };
+        println!("\n| prompt (two machines) | chunk size | TTFT ms (median of 3) | vs unchunked |");
+        println!("|---|---|---|---|");
+        let mut base = f64::NAN;
+        for chunk in [0usize, 16, 64, 256] {
+            let flags = vec!["--chunk-size".to_string(), chunk.to_string(), "--no-chat-template".to_string()];
+            let runs = (0..3).map(|_| b.edge(Placement::TwoMachines, &cloud, &long_text, link, &flags, 1)).collect::<anyhow::Result<Vec<_>>>()?;
+            let ttft = median(&runs.iter().map(|v| v["ttft_ms"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
+            if chunk == 0 {
+                base = ttft;
+            }
+            let n = runs[0]["prompt_tokens"].as_u64().unwrap_or(0);
+            println!("| {n} tokens, 10 Mbit/s, 20 ms | {chunk} | {ttft:.0} | {:.2}x |", ttft / base);
+        }
+    }
+    Ok(())
+}
+
+/// Fails if a benchmark prompt occurs in the training data (when the data is here).
+fn check_held_out(prompts: &[String], data: &Path) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read(data) else {
+        eprintln!("(training data {} absent: held-out check skipped)", data.display());
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(&text);
+    for p in prompts {
+        let head: String = p.chars().take(40).collect();
+        anyhow::ensure!(!text.contains(&head), "benchmark prompt {p:?} occurs in the training data");
+    }
+    Ok(())
+}
+
+/// Half precision on the wire: how often does it change a greedy token? (In-process, u-shape.)
+fn wire_table(gguf: &Path) -> anyhow::Result<()> {
+    let loaded = LoadedModel::load(&ModelSpec::Gguf(gguf.to_path_buf()))?;
+    let world = SplitWorld::new(&loaded, 2, 2)?;
+    let adapter = hat::adapter::Adapter::none(world.device.rope.clone());
+    let prompts: Vec<Vec<u32>> = WIRE_PROMPTS.iter().map(|p| world.device.tokenizer.encode_prompt(p, true)).collect::<Result<_, _>>()?;
+    println!("\n| wire dtype | prompts identical to f32 (64 tokens) | tokens before first divergence (mean) |");
     println!("|---|---|---|");
     let greedy = |dtype: WireDtype, ids: &[u32]| -> anyhow::Result<Vec<u32>> {
-        let mut link = LocalMiddle::new(&cloud_middle.middle, dtype);
-        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunk_size: 0, sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192 };
-        Ok(hat::edge::generate(&b.world.device, &b.adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
+        let mut link = LocalMiddle::new(&world.cloud.middle, dtype);
+        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunk_size: 0, sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192, draft: Default::default() };
+        Ok(hat::edge::generate(&world.device, &adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
     };
-    let reference: Vec<Vec<u32>> = wire_prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;
+    let reference: Vec<Vec<u32>> = prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;
     for dtype in [WireDtype::F16, WireDtype::BF16] {
         let (mut same, mut prefix) = (0usize, 0usize);
-        for (ids, want) in wire_prompts.iter().zip(&reference) {
+        for (ids, want) in prompts.iter().zip(&reference) {
             let got = greedy(dtype, ids)?;
             same += usize::from(&got == want);
             prefix += want.iter().zip(&got).take_while(|(a, b)| a == b).count();
         }
-        println!("| {} | {same}/{} | {:.1} of {:.1} |", dtype.name(), wire_prompts.len(), prefix as f64 / wire_prompts.len() as f64,
-            reference.iter().map(Vec::len).sum::<usize>() as f64 / wire_prompts.len() as f64);
-    }
-
-    // A ~1000-token prompt: chunked prefill at 10 Mbit/s.
-    let long_text = PROMPTS.iter().cycle().take(150).cloned().collect::<Vec<_>>().join(" ");
-    let mut long = b.world.device.tokenizer.encode_prompt(&long_text, true)?;
-    long.truncate(1000);
-    let link = LinkEmulation { up_mbps: Some(10.0), down_mbps: Some(10.0), rtt_ms: 20.0 };
-    println!();
-    println!("| prompt | chunk size | TTFT ms (median of {}) | vs unchunked |", repeats.max(2));
-    println!("|---|---|---|---|");
-    let mut base = f64::NAN;
-    for chunk in [0usize, 16, 64, 256] {
-        let ttft = median(&(0..repeats.max(2)).map(|_| b.run(&long, Mode::Hat, chunk, gamma, 1, link).map(|r| r.ttft_ms)).collect::<anyhow::Result<Vec<_>>>()?);
-        if chunk == 0 {
-            base = ttft;
-        }
-        println!("| {} tokens, 10 Mbit/s, 20 ms | {chunk} | {ttft:.0} | {:.2}x |", long.len(), ttft / base);
+        println!(
+            "| {} | {same}/{} | {:.1} of {:.1} |",
+            dtype.name(),
+            prompts.len(),
+            prefix as f64 / prompts.len() as f64,
+            reference.iter().map(Vec::len).sum::<usize>() as f64 / prompts.len() as f64
+        );
     }
     Ok(())
 }

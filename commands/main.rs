@@ -19,6 +19,12 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "hat", version, propagate_version = true, max_term_width = 100)]
 struct Cli {
+    /// Threads that compute (model kernels, matmuls, the network runtime's workers); default:
+    /// every core. With `taskset -c N` and 1, a process computes on one core, as one of two
+    /// machines would.
+    #[arg(long, global = true, env = "HAT_THREADS")]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -36,6 +42,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = hat::util::threads::configure(cli.threads) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     hat::util::memory::keep_freed_memory();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),

@@ -4,7 +4,7 @@ use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use hat::edge::{EdgeOptions, Mode};
+use hat::edge::{DraftOptions, EdgeOptions, Mode};
 use hat::net::{ConnectOptions, LinkEmulation, QuicLink};
 use hat::net::protocol::WireDtype;
 use hat::split::DeviceBundle;
@@ -59,10 +59,32 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub adapter: String,
 
-    /// γ: most tokens drafted per round trip. The default, 1, gave the lowest TBT with the
-    /// shipped adapter (README, benchmarks); better adapters want longer drafts.
-    #[arg(long, default_value_t = 1)]
+    /// γ: most tokens drafted per round trip. Drafting stops earlier when the next draft is
+    /// unlikely to be accepted (--draft-threshold).
+    #[arg(long, default_value_t = 4)]
     pub draft_len: usize,
+
+    /// Stop drafting when the chain's cumulative draft probability falls below this: `auto`
+    /// (default) derives it from the measured cost of a draft step and of a committed token
+    /// (greedy; with sampling `auto` is a fixed prior, so that --seed reproduces a run); 0 =
+    /// always draft --draft-len.
+    #[arg(long, default_value = "auto")]
+    pub draft_threshold: String,
+
+    /// Rows the SLM's head scores while drafting: `auto` (the adapter's stored draft vocabulary
+    /// at its default size, or the whole vocabulary if it has none), `full`, or N (the adapter's
+    /// N most frequent tokens). Verification always uses the full head.
+    #[arg(long, default_value = "auto")]
+    pub draft_vocab: String,
+
+    /// Draft compute (adapter layers, draft head): `int8` (row-scaled 8-bit matrices) or `f32`.
+    /// The LLM path is f32 either way.
+    #[arg(long, default_value = "int8", value_parser = ["int8", "f32"])]
+    pub draft_compute: String,
+
+    /// Draft the next round while the cloud verifies this one (`on`), or not (`off`).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub draft_ahead: String,
 
     /// Prompt positions per prefill chunk; 0 = the whole prompt at once. Default: 64 in hat
     /// mode, 0 (no chunking) in u-shape mode.
@@ -130,6 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampling,
         max_tokens: args.sampling.max_tokens,
         max_context: link.max_context,
+        draft: draft_options(&args)?,
     };
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
     let report = hat::edge::generate(&bundle, &adapter, &mut link, &ids, &opts, |id| out.push(id))?;
@@ -159,4 +182,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The drafting flags as [`DraftOptions`].
+fn draft_options(args: &Args) -> anyhow::Result<DraftOptions> {
+    let threshold = match args.draft_threshold.as_str() {
+        "auto" => None,
+        t => Some(t.parse::<f32>().map_err(|_| anyhow::anyhow!("--draft-threshold {t}: not `auto` or a probability"))?),
+    };
+    let vocab = match args.draft_vocab.as_str() {
+        "auto" => None,
+        "full" => Some(0),
+        n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
+    };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on" };
+    options.validate()?;
+    Ok(options)
 }

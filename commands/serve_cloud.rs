@@ -53,7 +53,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = hat::io::source::select_device(&args.device)?;
     let bundle = Arc::new(CloudBundle::load(&args.bundle, &device)?);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(hat::util::threads::count()).max_blocking_threads(hat::util::threads::count()).enable_all().build()?;
     rt.block_on(async {
         let m = &bundle.manifest;
         let config = CloudConfig {

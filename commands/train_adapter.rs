@@ -44,6 +44,13 @@ pub struct Args {
     #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["out", "resume"])]
     pub evaluate: Option<PathBuf>,
 
+    /// Do not train: count the tokens of the training conversations (as training tokenises them,
+    /// with --dataset, --held-out, --max-conversations, --seed, --seq-len) and store the draft
+    /// vocabulary (--draft-vocab of them by default) in this existing adapter file, rewritten in
+    /// place or to --out.
+    #[arg(long, value_name = "ADAPTER", conflicts_with_all = ["evaluate", "resume"])]
+    pub set_draft_vocab: Option<PathBuf>,
+
     /// Decoder layers in the adapter.
     #[arg(long, default_value_t = 1)]
     pub adapter_layers: usize,
@@ -170,6 +177,12 @@ pub struct Args {
     /// is of the weights as stored.
     #[arg(long, default_value = "f16", value_parser = ["f16", "int8"])]
     pub storage: String,
+
+    /// Draft vocabulary: while drafting, the SLM's head scores only the N most frequent tokens of
+    /// the training data (stored with the adapter; `run-edge --draft-vocab` can change N). 0 =
+    /// none: the whole vocabulary. Verification always uses the full head.
+    #[arg(long, default_value_t = 8192)]
+    pub draft_vocab: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -202,11 +215,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         self_distill_tokens: args.self_distill.unwrap_or(0),
         self_distill_batch: args.self_distill_batch,
         storage: hat::adapter::Storage::parse(&args.storage)?,
+        draft_vocab: args.draft_vocab,
     };
     config.validate()?;
     let cpu = candle_core::Device::Cpu;
     let device = DeviceBundle::load(&args.split.join("device"), &cpu)?;
     let cloud = CloudBundle::load(&args.split.join("cloud"), &cpu)?;
+    if let Some(path) = &args.set_draft_vocab {
+        let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
+        let (train, _) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
+        let vocab = hat::train::conversations_vocab(&device, &train, config.seq_len, config.draft_vocab.max(1))?;
+        // Fails early, before rewriting, if the file is not an adapter for this split.
+        hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
+        let out = args.out.clone().unwrap_or_else(|| path.clone());
+        hat::adapter::Adapter::set_draft_vocab(path, &out, &vocab)?;
+        println!("{}: draft vocabulary of {} tokens ({} seen in {})", out.display(), vocab.size, vocab.ids.len(), vocab.source);
+        return Ok(());
+    }
     let loaded = args.model.load()?;
     let hash = loaded.content_hash()?;
     if hash != device.manifest.source.content_hash {

@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
-use hat::adapter::{Adapter, DraftContext};
+use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::cloud::BackgroundServer;
 use hat::decode::{generate, ModelDecoder, SamplingParams};
-use hat::edge::{EdgeOptions, EdgeReport, Mode};
+use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::model::Model;
 use hat::net::protocol::{kind, WireDtype};
@@ -81,7 +81,7 @@ fn adapter(w: &World, which: &str) -> Adapter {
 }
 
 fn options(mode: Mode, draft_len: usize, chunk_size: usize, sampling: SamplingParams, max_tokens: usize) -> EdgeOptions {
-    EdgeOptions { mode, draft_len, chunk_size, sampling, max_tokens, max_context: 4096 }
+    EdgeOptions { mode, draft_len, chunk_size, sampling, max_tokens, max_context: 4096, draft: DraftOptions::default() }
 }
 
 fn run(w: &World, adapter: &Adapter, ids: &[u32], opts: EdgeOptions, dtype: WireDtype) -> EdgeReport {
@@ -121,10 +121,68 @@ fn greedy_hat_with_f32_on_the_wire_equals_hat_generate() {
         for (which, gamma) in [("partial", 1), ("oracle", 4), ("none", 8), ("conditioned", 8), ("conditioned-oracle", 4)] {
             let a = adapter(w, which);
             for chunk in [0, 1, 16] {
-                let r = run(w, &a, ids, options(Mode::Hat, gamma, chunk, SamplingParams::greedy(), max), WireDtype::F32);
+                // Every mechanism on, but always γ drafts (the measured threshold would cut drafting
+                // short for adapters that cost as much as the cloud's layers).
+                let draft = DraftOptions { threshold: Some(0.0), ..DraftOptions::default() };
+                let opts = EdgeOptions { draft, ..options(Mode::Hat, gamma, chunk, SamplingParams::greedy(), max) };
+                let r = run(w, &a, ids, opts, WireDtype::F32);
                 assert_eq!(r.token_ids, want, "prompt {p}, adapter {which}, γ={gamma}, chunk={chunk}");
                 if which == "oracle" {
                     assert!(r.mean_accepted > 2.5, "oracle adapter should be accepted: {r:?}");
+                }
+            }
+        }
+    }
+}
+
+/// A draft vocabulary for adapters that have none: the first `n` token ids (so drafts the model
+/// wants are often outside it).
+fn with_vocab(mut a: Adapter, n: usize) -> Adapter {
+    a.draft_vocab = Some(DraftVocab { ids: (0..2 * n as u32).collect(), size: n, source: "test".into() });
+    a
+}
+
+/// Every drafting mechanism alone and all together (reduced draft vocabulary, int8 draft compute,
+/// a draft-length threshold, drafting ahead) keeps greedy output equal to `hat generate`; each
+/// one does what it says in the report.
+#[test]
+fn every_drafting_mechanism_keeps_greedy_exact() {
+    let w = world();
+    let max = 24;
+    let plain = DraftOptions::plain();
+    let variants = [
+        ("plain", plain),
+        ("vocab", DraftOptions { vocab: Some(3000), ..plain }),
+        ("int8", DraftOptions { int8: true, ..plain }),
+        ("threshold", DraftOptions { threshold: Some(0.3), ..plain }),
+        ("ahead", DraftOptions { overlap: true, ..plain }),
+        ("all (defaults)", DraftOptions::default()),
+    ];
+    for ids in prompts(w).iter().take(2) {
+        let want = reference(w, ids, max);
+        for (which, gamma) in [("conditioned-oracle", 4), ("partial", 3), ("conditioned", 2), ("none", 2)] {
+            let a = with_vocab(adapter(w, which), 4000);
+            for (name, draft) in variants {
+                let opts = EdgeOptions { draft, ..options(Mode::Hat, gamma, 16, SamplingParams::greedy(), max) };
+                let r = run(w, &a, ids, opts, WireDtype::F32);
+                assert_eq!(r.token_ids, want, "adapter {which}, γ={gamma}, {name}");
+                let d = &r.drafting;
+                let rows = match draft.vocab {
+                    Some(0) => 49152,
+                    Some(n) => n,
+                    None => 4000, // the adapter's default size
+                };
+                assert_eq!(d.draft_vocab, rows, "{name}");
+                assert_eq!((d.draft_int8, d.overlap), (draft.int8, draft.overlap), "{name}");
+                if !draft.overlap {
+                    assert_eq!(d.ahead_rounds, 0, "{name}");
+                }
+                if draft.threshold == Some(0.0) {
+                    // Every round but the last (no token left to draft) drafts.
+                    assert!(r.draft_checks[0] + 1 >= r.rounds, "{name}: fixed γ: {r:?}");
+                }
+                if which == "conditioned-oracle" && name.starts_with("all") {
+                    eprintln!("{which}, all on: {:.2} tokens/round, {} of {} rounds drafted ahead and used", r.mean_accepted, d.ahead_hits, d.ahead_rounds);
                 }
             }
         }
@@ -349,7 +407,8 @@ fn first_drafts_are_teacher_forced(w: &World, which: &str) {
     let a = adapter(w, which);
     let (mut all_accepted, mut all_rounds) = (0, 0);
     for ids in prompts(w).iter().take(2) {
-        let r = run(w, &a, ids, options(Mode::Hat, 1, 16, SamplingParams::greedy(), 32), WireDtype::F32);
+        let opts = EdgeOptions { draft: DraftOptions::plain(), ..options(Mode::Hat, 1, 16, SamplingParams::greedy(), 32) };
+        let r = run(w, &a, ids, opts, WireDtype::F32);
         let seq: Vec<u32> = ids.iter().chain(&r.token_ids).copied().collect();
         // Teacher-forced: middle outputs of the whole sequence, shifted by one, into the adapter.
         let x = w.device.embedder.embed_ids(&seq).unwrap();

@@ -7,6 +7,11 @@
 //! (`middle-features` or `none`), `draft_context` (`drafted` or `verified`; `drafted` when
 //! absent), `storage` ([`Storage`]; `f16` when absent), `hidden_size`, `architecture` and
 //! `training` (JSON). An adapter is only valid for the split it was trained for.
+//!
+//! Optionally a draft vocabulary ([`DraftVocab`]): tensor `draft.vocab` (u32, token ids, most
+//! frequent in the adapter's training data first) and metadata `draft_vocab_size` (how many of
+//! them the draft head scores by default) and `draft_vocab_source`. Files without one still load
+//! (the draft head then scores the whole vocabulary).
 
 
 use std::collections::HashMap;
@@ -58,6 +63,28 @@ pub enum Storage {
     /// (norm weights, biases) in f16. About 1 byte per weight; each weight within `s / 2` of the
     /// trained value.
     Int8,
+}
+
+/// Name of the draft vocabulary's tensor.
+pub const DRAFT_VOCAB: &str = "draft.vocab";
+
+/// The draft vocabulary stored with an adapter: token ids by frequency, and how many the draft
+/// head scores by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftVocab {
+    /// Token ids, most frequent first.
+    pub ids: Vec<u32>,
+    /// Rows scored by default (`<= ids.len()`).
+    pub size: usize,
+    /// Where the frequencies came from (free text).
+    pub source: String,
+}
+
+impl DraftVocab {
+    /// The first `n` ids (`None`: the default size), at most all of them.
+    pub fn first(&self, n: Option<usize>) -> &[u32] {
+        &self.ids[..n.unwrap_or(self.size).min(self.ids.len())]
+    }
 }
 
 /// Suffixes of an [`Storage::Int8`] matrix's two tensors.
@@ -157,7 +184,18 @@ impl Adapter {
         }
         let n: usize = meta.get("layers").and_then(|v| v.parse().ok()).ok_or_else(|| bad("adapter metadata lacks layers".into()))?;
         let storage = Storage::parse(meta.get("storage").map_or("f16", String::as_str)).map_err(|e| bad(e.to_string()))?;
-        let stored = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
+        let mut stored = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
+        let draft_vocab = match stored.remove(DRAFT_VOCAB) {
+            None => None,
+            Some(t) => {
+                let ids = t.to_dtype(DType::U32).and_then(|t| t.flatten_all()?.to_vec1::<u32>()).map_err(|e| bad(format!("bad {DRAFT_VOCAB}: {e}")))?;
+                let size = meta.get("draft_vocab_size").and_then(|v| v.parse().ok()).unwrap_or(ids.len()).min(ids.len());
+                if ids.iter().any(|&t| t as usize >= manifest.config.vocab_size) || ids.is_empty() {
+                    return Err(bad(format!("{DRAFT_VOCAB} is empty or names tokens outside the model's vocabulary")));
+                }
+                Some(DraftVocab { ids, size, source: meta.get("draft_vocab_source").cloned().unwrap_or_default() })
+            }
+        };
         let tensors = storage.decode(stored).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
         let draft_context = match meta.get("draft_context") {
             None => DraftContext::Drafted,
@@ -170,6 +208,7 @@ impl Adapter {
         };
         let mut adapter = Self::from_tensors(tensors, n, conditioned, manifest, rope, device).map_err(|e| bad(e.to_string()))?;
         adapter.draft_context = draft_context;
+        adapter.draft_vocab = draft_vocab;
         adapter.split_id = Some(split_id);
         adapter.metadata = meta;
         Ok(adapter)
@@ -177,7 +216,9 @@ impl Adapter {
 
     /// Writes an adapter file: the f32 weights `tensors` named `adapter.layers.{i}.*` (and
     /// [`FUSE`] for a conditioned adapter) in `storage`, plus the metadata.
-    pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, draft_context: DraftContext, storage: Storage, training: &serde_json::Value) -> Result<()> {
+    /// With `vocab`, the draft vocabulary is stored too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn save(path: &Path, tensors: &HashMap<String, Tensor>, manifest: &Manifest, layers: usize, draft_context: DraftContext, storage: Storage, vocab: Option<&DraftVocab>, training: &serde_json::Value) -> Result<()> {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("split_id".to_string(), manifest.split_id.clone());
@@ -190,10 +231,36 @@ impl Adapter {
         meta.insert("hidden_size".to_string(), manifest.hidden_size.to_string());
         meta.insert("architecture".to_string(), serde_json::to_string(&manifest.config).unwrap_or_default());
         meta.insert("training".to_string(), training.to_string());
+        let mut stored = storage.encode(tensors)?;
+        if let Some(v) = vocab {
+            meta.insert("draft_vocab_size".to_string(), v.size.to_string());
+            meta.insert("draft_vocab_source".to_string(), v.source.clone());
+            stored.insert(DRAFT_VOCAB.to_string(), Tensor::new(v.ids.as_slice(), &Device::Cpu)?);
+        }
+        write_atomically(path, &stored, meta)
+    }
+
+    /// Rewrites the adapter file at `path` to `out` with `vocab` as its draft vocabulary (any
+    /// old one replaced); weights and other metadata are copied as stored.
+    pub fn set_draft_vocab(path: &Path, out: &Path, vocab: &DraftVocab) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::bad_file(path, format!("not safetensors: {e}")))?;
+        let mut meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(Error::bad_file(path, format!("not a hat adapter (metadata format is not {FORMAT})")));
+        }
+        let mut stored = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        meta.insert("draft_vocab_size".to_string(), vocab.size.to_string());
+        meta.insert("draft_vocab_source".to_string(), vocab.source.clone());
+        stored.insert(DRAFT_VOCAB.to_string(), Tensor::new(vocab.ids.as_slice(), &Device::Cpu)?);
+        write_atomically(out, &stored, meta)
+    }
+}
+
+/// Writes a safetensors file through a `.partial` file renamed into place.
+fn write_atomically(path: &Path, stored: &HashMap<String, Tensor>, meta: HashMap<String, String>) -> Result<()> {
         let tmp = path.with_extension("partial");
-        let stored = storage.encode(tensors)?;
         safetensors::serialize_to_file(stored.iter(), Some(meta), &tmp)
             .map_err(|e| Error::bad_file(&tmp, format!("cannot write adapter: {e}")))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    }
 }

@@ -20,6 +20,7 @@
 //! May use [`crate::model`], [`crate::split`] (manifests) and [`crate::util`]; never a role.
 
 pub mod file;
+pub mod head;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::model::{DecoderLayer, LayerStack, Rope, StackCache, Truth};
 use crate::split::Manifest;
 
-pub use file::{default_adapter_path, load_choice, Storage, FORMAT, FUSE};
+pub use file::{default_adapter_path, load_choice, DraftVocab, Storage, FORMAT, FUSE};
+pub use head::DraftHead;
 
 /// What the SLM's output submodel attends to at the positions before the one it drafts for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -72,6 +74,8 @@ pub struct Adapter {
     pub fuse: Option<Tensor>,
     pub layers: LayerStack,
     pub draft_context: DraftContext,
+    /// The draft vocabulary stored with it, if any ([`DraftHead`]).
+    pub draft_vocab: Option<DraftVocab>,
     /// The split it belongs to; `None` for the untrained default.
     pub split_id: Option<String>,
     pub metadata: HashMap<String, String>,
@@ -85,6 +89,7 @@ impl Adapter {
             fuse: None,
             layers: LayerStack::from_layers(0..0, Vec::new(), rope),
             draft_context: DraftContext::Drafted,
+            draft_vocab: None,
             split_id: None,
             metadata: HashMap::new(),
         }
@@ -106,7 +111,7 @@ impl Adapter {
             .map(|i| DecoderLayer::load(vb.pp(i), &manifest.config))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| Error::invalid(format!("adapter tensors do not fit the model: {e}")))?;
-        Ok(Self { fuse, layers: LayerStack::from_layers(0..n, layers, rope), draft_context: DraftContext::Drafted, split_id: None, metadata: HashMap::new() })
+        Ok(Self { fuse, layers: LayerStack::from_layers(0..n, layers, rope), draft_context: DraftContext::Drafted, draft_vocab: None, split_id: None, metadata: HashMap::new() })
     }
 
     /// Whether the adapter reads the previous position's middle output (EAGLE-style).

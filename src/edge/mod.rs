@@ -26,9 +26,12 @@
 //! [`crate::model`] and [`crate::util`]; never `cloud` or `train`.
 
 mod draft;
+pub mod drafter;
 mod prefill;
 pub mod report;
 mod state;
+
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -39,9 +42,11 @@ use crate::decode::{accept_greedy, accept_sampled, probs, Acceptance, DraftStats
 use crate::error::Result;
 use crate::net::MiddleLink;
 use crate::split::DeviceBundle;
-use draft::Drafted;
+use draft::{Ahead, Drafted, Limits};
+use drafter::DraftLength;
 use state::Edge;
 
+pub use drafter::{DraftOptions, Drafter, DraftingReport};
 pub use report::EdgeReport;
 
 /// How the edge generates.
@@ -66,12 +71,29 @@ pub struct EdgeOptions {
     pub max_tokens: usize,
     /// The cloud's context limit (positions), from the handshake.
     pub max_context: usize,
+    /// How the device drafts (hat mode).
+    pub draft: DraftOptions,
 }
 
-/// Generates after `prompt`, calling `on_token` with each committed token.
+/// Generates after `prompt`, calling `on_token` with each committed token; prepares the
+/// [`Drafter`] for `opts.draft` first (see [`generate_with`] to prepare it once for many).
 pub fn generate<L: MiddleLink>(
     dev: &DeviceBundle,
     adapter: &Adapter,
+    link: &mut L,
+    prompt: &[u32],
+    opts: &EdgeOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<EdgeReport> {
+    let options = if opts.mode == Mode::Hat { opts.draft } else { DraftOptions::plain() };
+    let drafter = Drafter::new(dev, adapter, options)?;
+    generate_with(dev, &drafter, link, prompt, opts, on_token)
+}
+
+/// [`generate`] with a prepared [`Drafter`] (its options replace `opts.draft`).
+pub fn generate_with<L: MiddleLink>(
+    dev: &DeviceBundle,
+    drafter: &Drafter,
     link: &mut L,
     prompt: &[u32],
     opts: &EdgeOptions,
@@ -81,17 +103,23 @@ pub fn generate<L: MiddleLink>(
     check_prompt(prompt, 0, limit)?;
     let eos = &dev.tokenizer.eos_token_ids;
     let drafting = opts.mode == Mode::Hat && opts.draft_len > 0;
+    let overlap = drafting && drafter.options.overlap;
     let mut sampler = Sampler::new(opts.sampling)?;
-    let mut edge = Edge::new(dev, adapter, link);
+    let mut steps = DraftLength::new(drafter.options.threshold, sampler.is_greedy());
+    let mut edge = Edge::new(dev, drafter, link);
     let mut clock = TokenClock::start();
 
     let logits = edge.prefill(prompt, opts.chunk_size, drafting)?;
     let mut next = sampler.select(&logits)?;
     clock.token();
+    let decoding = Instant::now();
     let mut tokens = vec![next];
     on_token(next)?;
     let mut stats = DraftStats::new(opts.draft_len);
     let mut stop = StopReason::MaxTokens;
+    let mut times = RoundTimes::default();
+    // The round of `next`, when it was drafted ahead during the previous round.
+    let mut prepared: Option<Drafted> = None;
 
     let done = |tokens: &[u32], stop: &mut StopReason| {
         if tokens.last().is_some_and(|t| eos.contains(t)) {
@@ -101,21 +129,59 @@ pub fn generate<L: MiddleLink>(
             tokens.len() >= opts.max_tokens
         }
     };
+    // Most drafts for a round at position `base` after `committed` tokens: γ, fewer near the
+    // token and context limits.
+    let gamma_at = |committed: usize, base: usize| {
+        if drafting {
+            opts.draft_len.min(opts.max_tokens.saturating_sub(committed + 1)).min(limit.saturating_sub(base + 1))
+        } else {
+            0
+        }
+    };
     while !done(&tokens, &mut stop) {
-        let base = edge.input.len(); // position of `next`
+        let base = prompt.len() + tokens.len() - 1; // position of `next`
         if base + 1 > limit {
             stop = StopReason::ContextFull;
             break;
         }
-        // Draft: γ tokens, fewer near the token and context limits.
-        let budget = opts.max_tokens - tokens.len();
-        let gamma = if drafting { opts.draft_len.min(budget.saturating_sub(1)).min(limit - base - 1) } else { 0 };
-        let Drafted { verify, drafts, draft_probs } = edge.draft(next, gamma, drafting, &mut sampler, eos)?;
+        let threshold = steps.threshold();
+        let t = Instant::now();
+        let limits = Limits { gamma: gamma_at(tokens.len(), base), threshold, eos, until_reply: false };
+        let round = match prepared.take() {
+            // Drafted ahead, cut short by the reply: drafting goes on.
+            Some(mut round) if round.open => {
+                edge.extend_draft(&mut round, &limits, &mut sampler, &mut steps)?;
+                round
+            }
+            Some(round) => round,
+            None => edge.draft(next, &limits, drafting, &mut sampler, &mut steps)?,
+        };
+        times.draft += t.elapsed();
+        let Drafted { verify, drafts, draft_probs, .. } = round;
 
-        // Verify: the cloud runs positions base..=base+k in one round trip.
+        // Verify: the cloud runs positions base..=base+k in one round trip; meanwhile the
+        // device drafts the next round on the guess that all k drafts are accepted.
         let x = if verify.len() == 1 { verify[0].clone() } else { Tensor::cat(&verify, 1)? };
         edge.link.submit(base, &x)?;
+        let k = drafts.len();
+        let ends = drafts.last().is_some_and(|d| eos.contains(d));
+        let (next_committed, next_base) = (tokens.len() + k + 1, base + k + 1);
+        let mut ahead = None;
+        if overlap && !ends && next_committed < opts.max_tokens && next_base < limit {
+            let t = Instant::now();
+            let until_reply = sampler.is_greedy();
+            // Greedy: drafting ahead only fills time the device would wait, so it drafts whatever the
+            // odds until the reply is in. Sampling: the reply must not decide the draws, so the
+            // threshold bounds the work instead.
+            let threshold = if until_reply { 0.0 } else { threshold };
+            ahead = edge.draft_ahead(&Limits { gamma: gamma_at(next_committed, next_base), threshold, eos, until_reply }, &mut sampler, &mut steps)?;
+            times.ahead += t.elapsed();
+            times.ahead_rounds += usize::from(ahead.is_some());
+        }
+        let ahead_llm_len = edge.llm_output.len();
         let reply = edge.receive()?;
+
+        let t = Instant::now();
         let logits = edge.llm_logits(&reply, true)?; // (k + 1, vocab)
         let Acceptance { accepted: a, next: new_token } = if sampler.is_greedy() {
             accept_greedy(&drafts, |i| sampler.select(&logits.get(i)?))?
@@ -123,8 +189,16 @@ pub fn generate<L: MiddleLink>(
             let params = sampler.params();
             accept_sampled(&drafts, &draft_probs, |i| probs(&logits.get(i)?, &params), &mut sampler)?
         };
-        stats.record(drafts.len(), a);
-        edge.keep_accepted(base, a, drafts.len(), &verify, &reply, drafting)?;
+        stats.record(k, a);
+        match ahead {
+            Some(Ahead { bonus, round }) if a == k && bonus == new_token => {
+                edge.keep_ahead(ahead_llm_len)?;
+                prepared = Some(round);
+                times.ahead_hits += 1;
+            }
+            _ => edge.keep_accepted(base, a, &verify, &reply, drafting)?,
+        }
+        times.verify += t.elapsed();
         for &t in drafts[..a].iter().chain(std::iter::once(&new_token)) {
             tokens.push(t);
             clock.token();
@@ -134,9 +208,24 @@ pub fn generate<L: MiddleLink>(
             }
         }
         next = new_token;
+        steps.ms_per_token = Some(ms(decoding.elapsed()) / (tokens.len() - 1) as f64);
     }
     stats.committed = tokens.len() - 1;
     let link_stats = edge.link.stats();
+    let drafting_report = DraftingReport {
+        draft_vocab: drafter.head.len(),
+        draft_int8: drafter.options.int8,
+        overlap,
+        draft_threshold: if drafting { steps.threshold() } else { 0.0 },
+        threshold_source: if drafting { steps.source().to_string() } else { "off".to_string() },
+        draft_step_ms: steps.step_ms().unwrap_or(0.0),
+        ms_per_token: steps.ms_per_token.unwrap_or(0.0),
+        draft_ms: ms(times.draft),
+        verify_ms: ms(times.verify),
+        ahead_ms: ms(times.ahead),
+        ahead_rounds: times.ahead_rounds,
+        ahead_hits: times.ahead_hits,
+    };
     Ok(EdgeReport {
         mode: opts.mode,
         prompt_tokens: prompt.len(),
@@ -156,6 +245,17 @@ pub fn generate<L: MiddleLink>(
         cloud_compute_ms: ms(edge.cloud_time),
         network_wait_ms: ms(edge.wait_time),
         stop_reason: stop,
+        drafting: drafting_report,
         token_ids: tokens,
     })
+}
+
+/// Where a generation's decoding rounds spent the device's time.
+#[derive(Debug, Default)]
+struct RoundTimes {
+    draft: Duration,
+    ahead: Duration,
+    verify: Duration,
+    ahead_rounds: usize,
+    ahead_hits: usize,
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::decode::{DraftStats, StopReason};
-use crate::edge::Mode;
+use crate::edge::{DraftingReport, Mode};
 
 /// What a generation did, how fast, and what it cost on the link.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +35,9 @@ pub struct EdgeReport {
     /// Time the device waited for replies (network and cloud queueing included).
     pub network_wait_ms: f64,
     pub stop_reason: StopReason,
+    /// How it drafted: draft head, threshold and its inputs, time per phase, drafting ahead.
+    #[serde(flatten)]
+    pub drafting: DraftingReport,
 }
 
 

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, DraftHead};
+use crate::edge::drafter::Drafter;
 use crate::error::Result;
 use crate::model::StackCache;
 use crate::net::{MiddleLink, MiddleReply};
@@ -16,6 +17,9 @@ use crate::split::DeviceBundle;
 pub(super) struct Edge<'a, L: MiddleLink> {
     pub(super) dev: &'a DeviceBundle,
     pub(super) adapter: &'a Adapter,
+    pub(super) head: &'a DraftHead,
+    /// The output submodel for drafted positions ([`Drafter::output`]).
+    pub(super) draft_output: &'a crate::model::LayerStack,
     pub(super) link: &'a mut L,
     pub(super) input: StackCache,
     pub(super) adapter_cache: StackCache,
@@ -27,13 +31,19 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     /// Conditioned adapters: middle outputs (the cloud's, or drafted) of positions
     /// `[adapter_cache.len() - 1, …)` (position -1 is a zero row), `(1, n, hidden)`.
     pub(super) features: Option<Tensor>,
+    /// The draft logits at the last position when drafting stopped there on low confidence
+    /// (the tail is then empty); cleared when positions are added or rolled back.
+    pub(super) last_logits: Option<Tensor>,
+    /// A reply that arrived while the device was drafting ahead.
+    early: Option<MiddleReply>,
     pub(super) device_time: Duration,
     pub(super) wait_time: Duration,
     pub(super) cloud_time: Duration,
 }
 
 impl<'a, L: MiddleLink> Edge<'a, L> {
-    pub(super) fn new(dev: &'a DeviceBundle, adapter: &'a Adapter, link: &'a mut L) -> Self {
+    pub(super) fn new(dev: &'a DeviceBundle, drafter: &'a Drafter, link: &'a mut L) -> Self {
+        let adapter = &drafter.adapter;
         Self {
             input: dev.input.new_cache(),
             adapter_cache: adapter.layers.new_cache(),
@@ -41,9 +51,13 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             llm_output: dev.output.new_cache(),
             dev,
             adapter,
+            head: &drafter.head,
+            draft_output: &drafter.output,
             link,
             tail: None,
             features: None,
+            last_logits: None,
+            early: None,
             device_time: Duration::ZERO,
             wait_time: Duration::ZERO,
             cloud_time: Duration::ZERO,
@@ -59,7 +73,21 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         Ok(h)
     }
 
+    /// Whether the pending reply has arrived (it is kept for [`Edge::receive`]).
+    pub(super) fn reply_arrived(&mut self) -> Result<bool> {
+        if self.early.is_none() {
+            self.early = self.link.try_receive()?;
+            if let Some(r) = &self.early {
+                self.cloud_time += r.cloud_compute;
+            }
+        }
+        Ok(self.early.is_some())
+    }
+
     pub(super) fn receive(&mut self) -> Result<MiddleReply> {
+        if let Some(r) = self.early.take() {
+            return Ok(r);
+        }
         let t = Instant::now();
         let r = self.link.receive()?;
         self.wait_time += t.elapsed();
@@ -78,28 +106,40 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         Ok(logits)
     }
 
-    /// After verification of the round at `base` (the committed token, then `drafted` drafts of
+    /// After verification of the round at `base` (the committed token, then its drafts, of
     /// which `accepted` were accepted): every device cache keeps the accepted prefix (the cloud
     /// follows from the start position of the next block), and the draft path's queues are made
-    /// to match.
-    pub(super) fn keep_accepted(&mut self, base: usize, accepted: usize, drafted: usize, verify: &[Tensor], reply: &MiddleReply, drafting: bool) -> Result<()> {
+    /// to match, whatever the draft path ran beyond the round (drafting ahead).
+    pub(super) fn keep_accepted(&mut self, base: usize, accepted: usize, verify: &[Tensor], reply: &MiddleReply, drafting: bool) -> Result<()> {
         self.rollback(base + accepted + 1);
-        if self.adapter.is_conditioned() {
+        if self.adapter.is_conditioned() && self.adapter_cache.len() > base {
             // Drafts after the first were conditioned on predictions: run the accepted ones again
             // on the cloud's middle outputs.
-            if self.adapter_cache.len() > base {
-                self.adapter_cache.truncate(base + 1);
-                self.slm_output.truncate(base + 1);
-                self.tail = if accepted > 0 { Some(Tensor::cat(&verify[1..=accepted], 1)?) } else { None };
-                self.features = None;
-            }
-            if drafting {
-                self.push_features(&reply.hidden.narrow(1, 0, accepted + 1)?)?;
-            }
-        } else if accepted < drafted {
-            self.tail = None;
+            self.adapter_cache.truncate(base + 1);
+            self.slm_output.truncate(base + 1);
+            self.features = None;
+            self.tail = if accepted > 0 { Some(Tensor::cat(&verify[1..=accepted], 1)?) } else { None };
+        } else {
+            // The queue held positions [adapter_cache.len(), …): keep those still valid.
+            let keep = (base + accepted + 1).saturating_sub(self.adapter_cache.len());
+            self.tail = match self.tail.take() {
+                Some(t) if keep > 0 => Some(t.narrow(1, 0, keep.min(t.dim(1)?))?),
+                _ => None,
+            };
+        }
+        if self.adapter.is_conditioned() && drafting {
+            self.push_features(&reply.hidden.narrow(1, 0, accepted + 1)?)?;
         }
         Ok(())
+    }
+
+    /// After verification when the round drafted ahead was guessed right (every draft accepted,
+    /// the bonus token as guessed): every cache keeps what drafting ahead put in. Only the LLM
+    /// output cache changed: verification truncated it to the round's start and wrote the
+    /// round's exact positions; it takes back the drafted-ahead positions after them, up to
+    /// `ahead_len`, its length when drafting ahead stopped.
+    pub(super) fn keep_ahead(&mut self, ahead_len: usize) -> Result<()> {
+        self.llm_output.restore(ahead_len)
     }
 
     pub(super) fn rollback(&mut self, valid: usize) {
@@ -107,5 +147,6 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         self.adapter_cache.truncate(valid);
         self.slm_output.truncate(valid);
         self.llm_output.truncate(valid);
+        self.last_logits = None;
     }
 }

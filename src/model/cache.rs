@@ -16,6 +16,9 @@ pub struct KvCache {
     /// Pre-allocated storage, `(batch, kv_heads, capacity, head_dim)` each.
     storage: Option<(Tensor, Tensor)>,
     len: usize,
+    /// Positions of `storage` written since the last [`KvCache::clear`] (truncation keeps them;
+    /// [`KvCache::restore`] may take them back).
+    written: usize,
 }
 
 impl KvCache {
@@ -37,10 +40,24 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Takes back positions up to `len` that a truncation dropped and no append has written
+    /// over since (their keys and values are still in the storage). Whether they still belong
+    /// after the positions before them changed is the caller's business: the speculative
+    /// decoder uses it for draft-path states computed ahead, whose only effect is which tokens are
+    /// drafted. Errors if positions up to `len` were never written.
+    pub fn restore(&mut self, len: usize) -> Result<()> {
+        if len > self.written {
+            candle_core::bail!("cannot restore {len} positions: only {} were written", self.written)
+        }
+        self.len = self.len.max(len);
+        Ok(())
+    }
+
     /// Forgets everything and frees the storage.
     pub fn clear(&mut self) {
         self.storage = None;
         self.len = 0;
+        self.written = 0;
     }
 
     /// Views of the cached keys and values, `(batch, kv_heads, len, head_dim)`, if any.
@@ -63,9 +80,10 @@ impl KvCache {
             let grown_k = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
             let grown_v = Tensor::zeros((b, h, capacity, d), v.dtype(), v.device())?;
             if let Some((old_k, old_v)) = &self.storage {
-                if self.len > 0 {
-                    grown_k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    grown_v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                // Every written position, so that truncated ones stay restorable.
+                if self.written > 0 {
+                    grown_k.slice_set(&old_k.narrow(2, 0, self.written)?.contiguous()?, 2, 0)?;
+                    grown_v.slice_set(&old_v.narrow(2, 0, self.written)?.contiguous()?, 2, 0)?;
                 }
             }
             self.storage = Some((grown_k, grown_v));
@@ -75,6 +93,8 @@ impl KvCache {
         };
         sk.slice_set(&k.contiguous()?, 2, self.len)?;
         sv.slice_set(&v.contiguous()?, 2, self.len)?;
+        // Positions after the block keep what they held: still restorable.
+        self.written = self.written.max(needed);
         self.len = needed;
         Ok((sk.narrow(2, 0, needed)?, sv.narrow(2, 0, needed)?))
     }
@@ -103,6 +123,13 @@ mod tests {
         assert_eq!(k.dims()[2], 3 + GROW_BY);
         assert_eq!(k.i((0, 0, 2, 0))?.to_scalar::<f32>()?, 11.);
         assert_eq!(k.i((0, 0, 3 + GROW_BY - 1, 0))?.to_scalar::<f32>()?, 100. + GROW_BY as f32 - 1.);
+        // Restoring takes back truncated positions an append did not write over.
+        cache.truncate(2);
+        cache.append(&block(50., 1)?, &block(60., 1)?)?;
+        cache.restore(5)?;
+        let (k, _) = cache.current()?.expect("cached");
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?[..5], [0., 10., 50., 100., 101.]);
+        assert!(cache.restore(3 + GROW_BY + 1).is_err());
         Ok(())
     }
 }

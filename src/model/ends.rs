@@ -3,6 +3,8 @@
 use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
+use crate::model::ops::Proj;
+
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::ops::{load_rms_norm, project, rms_norm, Ops};
@@ -42,7 +44,7 @@ impl Embedder {
 #[derive(Debug, Clone)]
 pub struct Head {
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: Proj,
     eps: f64,
     ops: Ops,
 }
@@ -57,7 +59,7 @@ impl Head {
         } else {
             vb.pp("lm_head").get(shape, "weight")?
         };
-        Ok(Self { norm, lm_head: Linear::new(w, None), eps: cfg.rms_norm_eps, ops: Ops::Fused })
+        Ok(Self { norm, lm_head: Linear::new(w, None).into(), eps: cfg.rms_norm_eps, ops: Ops::Fused })
     }
 
     pub fn with_ops(mut self, ops: Ops) -> Self {

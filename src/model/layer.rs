@@ -2,12 +2,12 @@
 //! the attention masks a forward pass decides once for all of a stack's layers.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::error::Result;
 use crate::model::cache::KvCache;
 use crate::model::config::ModelConfig;
-use crate::model::ops::{fused_linear, load_rms_norm, project, rms_norm, softmax, Ops};
+use crate::model::ops::{fused_linear, load_rms_norm, project, rms_norm, softmax, Ops, Proj};
 use crate::model::rope::Rope;
 
 /// How a block of queries is kept from seeing later positions; decided once per forward pass
@@ -50,8 +50,8 @@ pub(crate) fn causal_mask(seq: usize, pos: usize, n_rep: usize, sees_itself: boo
 #[derive(Debug, Clone)]
 pub(crate) struct Attention {
     /// `q_proj`, `k_proj`, `v_proj` fused: hidden → `q_dim + 2 * kv_dim`.
-    pub(crate) qkv_proj: Linear,
-    pub(crate) o_proj: Linear,
+    pub(crate) qkv_proj: Proj,
+    pub(crate) o_proj: Proj,
     pub(crate) num_heads: usize,
     pub(crate) num_kv_heads: usize,
     pub(crate) head_dim: usize,
@@ -63,7 +63,7 @@ impl Attention {
         let outs = [cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()];
         Ok(Self {
             qkv_proj: fused_linear(&vb, &["q_proj", "k_proj", "v_proj"], h, &outs, bias)?,
-            o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?,
+            o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?.into(),
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -137,8 +137,8 @@ impl Attention {
 #[derive(Debug, Clone)]
 pub(crate) struct Mlp {
     /// `gate_proj` and `up_proj` fused: hidden → `2 * intermediate`.
-    pub(crate) gate_up_proj: Linear,
-    pub(crate) down_proj: Linear,
+    pub(crate) gate_up_proj: Proj,
+    pub(crate) down_proj: Proj,
     pub(crate) intermediate: usize,
 }
 
@@ -147,7 +147,7 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_up_proj: fused_linear(&vb, &["gate_proj", "up_proj"], h, &[i, i], false)?,
-            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?.into(),
             intermediate: i,
         })
     }
@@ -185,6 +185,17 @@ impl DecoderLayer {
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
             eps: cfg.rms_norm_eps,
         })
+    }
+
+    /// A copy whose projections compute blocks of up to [`crate::model::kernels::SMALL_M`]
+    /// positions from row-scaled 8-bit weights (draft compute).
+    pub fn with_q8(&self) -> Result<Self> {
+        let mut l = self.clone();
+        l.self_attn.qkv_proj = l.self_attn.qkv_proj.with_q8()?;
+        l.self_attn.o_proj = l.self_attn.o_proj.with_q8()?;
+        l.mlp.gate_up_proj = l.mlp.gate_up_proj.with_q8()?;
+        l.mlp.down_proj = l.mlp.down_proj.with_q8()?;
+        Ok(l)
     }
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → same shape.

@@ -27,6 +27,7 @@ pub mod ends;
 pub mod kernels;
 pub mod layer;
 pub mod ops;
+pub mod q8;
 pub mod rope;
 pub mod stack;
 
@@ -39,7 +40,8 @@ pub use beside::Truth;
 pub use config::ModelConfig;
 pub use ends::{Embedder, Head};
 pub use layer::{AttentionMask, DecoderLayer};
-pub use ops::Ops;
+pub use ops::{Ops, Proj};
+pub use q8::Q8Matrix;
 pub use rope::{Rope, MAX_CONTEXT};
 pub use stack::{LayerStack, StackCache};
 

@@ -2,11 +2,14 @@
 //! layer shares: RMS norm, softmax, projections (the small-m kernel, the frozen-weight matmul of
 //! training, or candle's gemm) and fused linear layers.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
 use crate::error::Result;
 use crate::model::config::ModelConfig;
+use crate::model::q8::Q8Matrix;
 
 /// Which implementation of the non-matmul ops to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,11 +31,15 @@ pub(crate) fn rms_norm(norm: &RmsNorm, x: &Tensor, eps: f64, ops: Ops) -> Result
 /// A linear layer: the small-m kernel for short blocks on CPU (decode, drafts, verification), a
 /// matmul whose backward skips the weight's gradient for frozen layers in training, candle-nn's
 /// `Linear` (gemm) otherwise.
-pub(crate) fn project(lin: &Linear, x: &Tensor, ops: Ops) -> Result<Tensor> {
+pub(crate) fn project(proj: &Proj, x: &Tensor, ops: Ops) -> Result<Tensor> {
+    let lin = &proj.lin;
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
     let cpu_f32 = crate::model::kernels::is_cpu_f32(x) && crate::model::kernels::is_cpu_f32(lin.weight());
-    let y = if ops == Ops::Fused && rows <= crate::model::kernels::SMALL_M && cpu_f32 {
+    let small = ops == Ops::Fused && rows <= crate::model::kernels::SMALL_M && cpu_f32;
+    let y = if let (true, Some(q8)) = (small, &proj.q8) {
+        q8.matmul(x)?
+    } else if small {
         crate::model::kernels::small_m_matmul(x, lin.weight())?
     } else if ops == Ops::Differentiable && !lin.weight().track_op() && cpu_f32 {
         // A frozen layer in training: gradients flow to the input only.
@@ -52,7 +59,34 @@ pub(crate) fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm
 
 /// Loads several linear layers that read the same input as one: their weights (and biases)
 /// concatenated along the output axis, so one matmul serves them all (fewer, larger gemm calls).
-pub(crate) fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> Result<Linear> {
+/// A linear layer's weights: f32 (candle-nn's [`Linear`]), and optionally a row-scaled 8-bit copy
+/// ([`Q8Matrix`]) that then serves every block of up to [`crate::model::kernels::SMALL_M`] rows
+/// (draft compute only; the LLM path never has one).
+#[derive(Debug, Clone)]
+pub struct Proj {
+    pub(crate) lin: Linear,
+    pub(crate) q8: Option<Arc<Q8Matrix>>,
+}
+
+impl From<Linear> for Proj {
+    fn from(lin: Linear) -> Self {
+        Self { lin, q8: None }
+    }
+}
+
+impl Proj {
+    /// The f32 weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        self.lin.weight()
+    }
+
+    /// A copy whose short blocks compute from 8-bit weights.
+    pub fn with_q8(&self) -> Result<Self> {
+        Ok(Self { lin: self.lin.clone(), q8: Some(Arc::new(Q8Matrix::quantize(self.lin.weight())?)) })
+    }
+}
+
+pub(crate) fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> Result<Proj> {
     let mut weights = Vec::with_capacity(names.len());
     let mut biases = Vec::with_capacity(names.len());
     for (name, &out) in names.iter().zip(out_dims) {
@@ -62,7 +96,7 @@ pub(crate) fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_d
         }
     }
     let bias = if bias { Some(Tensor::cat(&biases, 0)?) } else { None };
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias).into())
 }
 
 /// Softmax over the last axis: candle-nn's fused kernel, or its differentiable composition.

@@ -38,6 +38,15 @@ impl StackCache {
         self.len = self.len.min(len);
     }
 
+    /// Takes back truncated positions up to `len` ([`KvCache::restore`]).
+    pub fn restore(&mut self, len: usize) -> Result<()> {
+        for c in &mut self.layers {
+            c.restore(len)?;
+        }
+        self.len = self.len.max(len);
+        Ok(())
+    }
+
     /// Forgets every position and frees the memory.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(KvCache::clear);
@@ -74,6 +83,12 @@ impl LayerStack {
     /// Builds a stack from layers made elsewhere (e.g. a trained adapter).
     pub fn from_layers(range: Range<usize>, layers: Vec<DecoderLayer>, rope: Arc<Rope>) -> Self {
         Self { range, layers, rope, ops: Ops::Fused }
+    }
+
+    /// A copy whose layers compute short blocks from 8-bit weights ([`DecoderLayer::with_q8`]).
+    pub fn with_q8(&self) -> Result<Self> {
+        let layers = self.layers.iter().map(DecoderLayer::with_q8).collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, ..self.clone() })
     }
 
     pub fn with_ops(mut self, ops: Ops) -> Self {

@@ -112,5 +112,5 @@ pub fn oracle_adapter(
         out.insert(crate::adapter::FUSE.to_string(), f);
     }
     let storage = crate::adapter::Storage::F16;
-    crate::adapter::Adapter::save(path, &out, &cloud.manifest, layers.len(), context, storage, &serde_json::json!({"kind": "test oracle"}))
+    crate::adapter::Adapter::save(path, &out, &cloud.manifest, layers.len(), context, storage, None, &serde_json::json!({"kind": "test oracle"}))
 }

@@ -95,6 +95,10 @@ pub struct TrainConfig {
     /// of the weights as stored).
     #[serde(default)]
     pub storage: Storage,
+    /// Tokens of the draft vocabulary stored with the adapter (its training data's most
+    /// frequent; 0 = none: the draft head scores the whole vocabulary).
+    #[serde(default)]
+    pub draft_vocab: usize,
 }
 
 pub(crate) fn one() -> usize {
@@ -136,6 +140,7 @@ impl Default for TrainConfig {
             self_distill_tokens: 0,
             self_distill_batch: default_self_distill_batch(),
             storage: Storage::F16,
+            draft_vocab: 0,
         }
     }
 }

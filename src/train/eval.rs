@@ -75,6 +75,8 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
         sampling: SamplingParams::greedy(),
         max_tokens: t.config.eval_tokens,
         max_context: usize::MAX,
+        // The adapter itself: every draft of γ scored by the full head in f32, none ahead.
+        draft: crate::edge::DraftOptions::plain(),
     };
     let mut stats = DraftStats::new(opts.draft_len);
     for ids in &held.prompts {

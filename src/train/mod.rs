@@ -36,6 +36,6 @@ pub use batches::epoch_batches;
 pub use config::{AdapterInit, TrainConfig};
 pub use eval::{evaluate, evaluate_adapter, HeldOut};
 pub use report::{CurvePoint, Evaluation, StepTimes, TrainReport};
-pub use run::{train, TrainRun};
+pub use run::{conversations_vocab, draft_vocab, train, TrainRun};
 pub use teacher::{split_conversations, Sample, Trainer};
 pub use weights::AdapterWeights;

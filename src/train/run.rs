@@ -41,6 +41,24 @@ pub struct TrainRun<'a> {
     pub progress: indicatif::ProgressBar,
 }
 
+/// The draft vocabulary of training sequences `ids`: every token seen, most frequent first,
+/// `size` of them scored by default.
+pub fn draft_vocab<'a>(ids: impl IntoIterator<Item = &'a [u32]>, size: usize, source: &str) -> crate::adapter::DraftVocab {
+    let ids = crate::adapter::head::by_frequency(ids);
+    crate::adapter::DraftVocab { size: size.min(ids.len()), ids, source: source.to_string() }
+}
+
+/// The draft vocabulary of conversations `train` as training tokenises them (at most
+/// `seq_len` tokens each; the model's own replies are not generated here).
+pub fn conversations_vocab(device: &crate::split::DeviceBundle, train: &[Conversation], seq_len: usize, size: usize) -> Result<crate::adapter::DraftVocab> {
+    let ids = train.iter().map(|c| crate::train::teacher::sequence_ids(device, c, seq_len)).collect::<Result<Vec<_>>>()?;
+    let ids: Vec<Vec<u32>> = ids.into_iter().flatten().collect();
+    if ids.is_empty() {
+        return Err(Error::invalid("no usable conversation to count tokens in"));
+    }
+    Ok(draft_vocab(ids.iter().map(Vec::as_slice), size, &format!("{} training conversations", ids.len())))
+}
+
 /// Trains, checkpointing every `checkpoint_every` steps and when stopped; writes the adapter and
 /// `OUT.report.json`.
 pub fn train(run: TrainRun) -> Result<TrainReport> {
@@ -189,7 +207,8 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     let training = serde_json::json!({
         "config": cfg, "steps_done": state.step, "final_eval": state.evals.last(), "train_tokens": train_tokens,
     });
-    weights.save(&run.out, manifest, cfg.storage, &training)?;
+    let vocab = (cfg.draft_vocab > 0).then(|| draft_vocab(samples.iter().map(|s| s.ids.as_slice()), cfg.draft_vocab, "training sequences (with self-distilled replies when on)"));
+    weights.save(&run.out, manifest, cfg.storage, vocab.as_ref(), &training)?;
     let report_path = run.out.with_extension("report.json");
     let text = serde_json::to_string_pretty(&report).map_err(|e| Error::bad_file(&report_path, e))?;
     std::fs::write(&report_path, text).map_err(|e| Error::io(&report_path, e))?;

@@ -97,8 +97,8 @@ impl AdapterWeights {
     }
 
     /// Saves the adapter file, its weights in `storage`.
-    pub fn save(&self, path: &Path, manifest: &crate::split::Manifest, storage: Storage, training: &serde_json::Value) -> Result<()> {
-        Adapter::save(path, &self.map(), manifest, self.num_layers, self.draft_context, storage, training)
+    pub fn save(&self, path: &Path, manifest: &crate::split::Manifest, storage: Storage, vocab: Option<&crate::adapter::DraftVocab>, training: &serde_json::Value) -> Result<()> {
+        Adapter::save(path, &self.map(), manifest, self.num_layers, self.draft_context, storage, vocab, training)
     }
 }
 

@@ -1,0 +1,143 @@
+//! The draft head: the SLM's LM head while it drafts. It scores only a reduced draft vocabulary
+//! (the N most frequent tokens of the adapter's training data, stored in the adapter file; as
+//! FR-Spec and EAGLE-3 do), optionally from 8-bit rows. Verification always uses the model's full
+//! f32 head, so a draft outside the reduced vocabulary is never produced but the output stays
+//! exact; only how many drafts are accepted changes.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::model::ops::project;
+use crate::model::{Head, Ops, Proj};
+
+/// Rows of the head scored while drafting: `(n, hidden)`, and the token id of each.
+#[derive(Debug, Clone)]
+pub struct DraftHead {
+    /// Token id of each row; `None`: the whole vocabulary in id order.
+    ids: Option<Vec<u32>>,
+    rows: Proj,
+    vocab: usize,
+}
+
+impl DraftHead {
+    /// The draft head over `head`'s rows `ids` (`None`: all of them); `int8`: computed from
+    /// row-scaled 8-bit copies of those rows.
+    pub fn new(head: &Head, ids: Option<&[u32]>, int8: bool) -> Result<Self> {
+        let w = head.weight();
+        let vocab = w.dim(0)?;
+        let rows = match ids {
+            None => w.clone(),
+            Some(ids) => {
+                if ids.is_empty() {
+                    return Err(Error::invalid("an empty draft vocabulary"));
+                }
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(Error::invalid(format!("draft vocabulary token {bad} is outside the model's vocabulary of {vocab}")));
+                }
+                w.index_select(&Tensor::new(ids, w.device())?, 0)?
+            }
+        };
+        let rows: Proj = candle_nn::Linear::new(rows, None).into();
+        let rows = if int8 { rows.with_q8()? } else { rows };
+        Ok(Self { ids: ids.map(<[u32]>::to_vec), rows, vocab })
+    }
+
+    /// Rows scored per draft step.
+    pub fn len(&self) -> usize {
+        self.ids.as_ref().map_or(self.vocab, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether it scores the whole vocabulary.
+    pub fn is_full(&self) -> bool {
+        self.ids.is_none()
+    }
+
+    /// Draft logits of the last position of `y`, the output submodel's states `(1, seq,
+    /// hidden)`: `(len,)`, one per row.
+    pub fn logits(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
+        let seq = y.dim(1)?;
+        let last = head.norm(&y.narrow(1, seq - 1, 1)?)?;
+        Ok(project(&self.rows, &last, Ops::Fused)?.flatten_all()?)
+    }
+
+    /// The token id of row `row`.
+    pub fn token(&self, row: u32) -> u32 {
+        match &self.ids {
+            Some(ids) => ids.get(row as usize).copied().unwrap_or(row),
+            None => row,
+        }
+    }
+
+    /// A distribution over the rows as one over the whole vocabulary (zero outside the rows).
+    pub fn to_vocab(&self, q: Vec<f32>) -> Vec<f32> {
+        match &self.ids {
+            None => q,
+            Some(ids) => {
+                let mut full = vec![0f32; self.vocab];
+                for (&id, p) in ids.iter().zip(q) {
+                    full[id as usize] = p;
+                }
+                full
+            }
+        }
+    }
+}
+
+/// Tokens ordered by how often they occur in `sequences`, most frequent first (ties: lower id
+/// first); tokens never seen are left out.
+pub fn by_frequency<'a>(sequences: impl IntoIterator<Item = &'a [u32]>) -> Vec<u32> {
+    let mut counts: HashMap<u32, u64> = HashMap::new();
+    for s in sequences {
+        for &t in s {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    let mut ids: Vec<(u32, u64)> = counts.into_iter().collect();
+    ids.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ids.into_iter().map(|(t, _)| t).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequency_order_and_scatter() -> Result<()> {
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 3, 5, 7], vec![3, 5, 9]];
+        assert_eq!(by_frequency(seqs.iter().map(Vec::as_slice)), [5, 3, 7, 9]);
+
+        let dev = candle_core::Device::Cpu;
+        let dir = tempfile::tempdir().map_err(|e| Error::io(std::path::Path::new("tempdir"), e))?;
+        crate::testing::tiny_model(dir.path(), crate::testing::TinySpec::default())?;
+        let loaded = crate::io::source::LoadedModel::load(&crate::io::source::ModelSpec::HfDir(dir.path().to_path_buf()))?;
+        let model = loaded.model(candle_core::DType::F32, &dev)?;
+        let y = Tensor::randn(0f32, 1.0, (1, 3, loaded.config.hidden_size), &dev)?;
+        let full = model.head.forward_last(&y)?.flatten_all()?.to_vec1::<f32>()?;
+        // The full draft head is the model's head; a reduced one scores exactly its rows.
+        let all = DraftHead::new(&model.head, None, false)?;
+        assert_eq!(all.logits(&model.head, &y)?.to_vec1::<f32>()?, full);
+        let ids = [4u32, 0, 9];
+        let some = DraftHead::new(&model.head, Some(&ids), false)?;
+        let got = some.logits(&model.head, &y)?.to_vec1::<f32>()?;
+        for (i, &id) in ids.iter().enumerate() {
+            assert!((got[i] - full[id as usize]).abs() < 1e-5);
+            assert_eq!(some.token(i as u32), id);
+        }
+        let q8 = DraftHead::new(&model.head, Some(&ids), true)?.logits(&model.head, &y)?.to_vec1::<f32>()?;
+        for (a, b) in q8.iter().zip(&got) {
+            assert!((a - b).abs() < 0.05 * b.abs().max(1.0), "int8 logit {a} vs {b}");
+        }
+        let q = some.to_vocab(vec![0.5, 0.25, 0.25]);
+        assert_eq!(q.len(), full.len());
+        assert_eq!((q[4], q[0], q[9], q[1]), (0.5, 0.25, 0.25, 0.0));
+        assert!(DraftHead::new(&model.head, Some(&[u32::MAX]), false).is_err());
+        assert!(DraftHead::new(&model.head, Some(&[]), false).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+//! What the device drafts with, and how far: the [`Drafter`] (the adapter, with 8-bit copies of
+//! its matrices when asked, and the [`DraftHead`] over the draft vocabulary) and the stopping
+//! rule ([`DraftLength`]), with the costs it is derived from.
+//!
+//! ## When to stop drafting
+//! Before each further draft step the edge knows the chain's cumulative draft probability `p`
+//! (the product of the draft's probabilities of the tokens drafted this round: an estimate of
+//! the chance that all of them, and so the next one, are accepted), what a draft step costs the
+//! device (`c`, measured) and what a committed token costs (`T`, measured: milliseconds per
+//! token so far). A draft kept adds about `p` tokens worth `T` each for `c`: the edge drafts on
+//! while `p ≥ c / T` (as SpecDec++ and llama.cpp's `p_min` stop on low confidence, with the
+//! threshold from measured costs instead of a constant). `--draft-threshold` fixes it. With
+//! sampling and no `--draft-threshold` the threshold stays at its prior, so that a seeded run
+//! does not depend on timings.
+
+use serde::Serialize;
+
+use crate::adapter::{Adapter, DraftHead};
+use crate::error::{Error, Result};
+use crate::model::LayerStack;
+use crate::split::DeviceBundle;
+
+/// The threshold used before the costs are measured (and with sampling, unless given).
+pub const PRIOR_THRESHOLD: f32 = 0.15;
+/// Bounds of the measured threshold.
+const THRESHOLD_RANGE: (f32, f32) = (0.02, 0.6);
+
+/// How the device drafts; each mechanism can be switched off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DraftOptions {
+    /// Rows of the draft head: `None`, the adapter's stored draft vocabulary at its default size
+    /// (the whole vocabulary for an adapter without one); `Some(0)`, the whole vocabulary;
+    /// `Some(n)`, the adapter's `n` most frequent tokens.
+    pub vocab: Option<usize>,
+    /// Draft compute (adapter layers, draft head) from row-scaled 8-bit matrices.
+    pub int8: bool,
+    /// Stop drafting on low confidence: `None`, the threshold from measured costs; `Some(t)`,
+    /// fixed (`Some(0.0)`: always draft `--draft-len`).
+    pub threshold: Option<f32>,
+    /// Draft the next round while the cloud verifies this one.
+    pub overlap: bool,
+}
+
+impl Default for DraftOptions {
+    fn default() -> Self {
+        Self { vocab: None, int8: true, threshold: None, overlap: true }
+    }
+}
+
+impl DraftOptions {
+    /// Everything off: the full head in f32, fixed draft length, no drafting ahead.
+    pub fn plain() -> Self {
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self.threshold {
+            Some(t) if !(0.0..=1.0).contains(&t) => Err(Error::invalid(format!("--draft-threshold {t} is not a probability in [0, 1]"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The adapter as the device drafts with it, the output submodel's layers as drafts run
+/// through them, and the draft head.
+#[derive(Debug, Clone)]
+pub struct Drafter {
+    pub adapter: Adapter,
+    /// The output submodel for drafted positions: the device bundle's layers, with 8-bit copies
+    /// of their matrices when `options.int8` (their states at drafted positions are replaced by
+    /// exact ones when the cloud's reply is verified).
+    pub output: LayerStack,
+    pub head: DraftHead,
+    pub options: DraftOptions,
+}
+
+impl Drafter {
+    pub fn new(dev: &DeviceBundle, adapter: &Adapter, options: DraftOptions) -> Result<Self> {
+        options.validate()?;
+        let ids = match (options.vocab, &adapter.draft_vocab) {
+            (Some(0), _) | (None, None) => None,
+            (None, Some(v)) => Some(v.first(None)),
+            (Some(n), Some(v)) => Some(v.first(Some(n))),
+            (Some(n), None) => {
+                return Err(Error::invalid(format!(
+                    "a draft vocabulary of {n} needs an adapter that stores one (this one does not; add one with `hat train-adapter --set-draft-vocab`)"
+                )))
+            }
+        };
+        let head = DraftHead::new(&dev.head, ids, options.int8)?;
+        let mut adapter = adapter.clone();
+        let mut output = dev.output.clone();
+        if options.int8 {
+            adapter.layers = adapter.layers.with_q8()?;
+            output = output.with_q8()?;
+        }
+        Ok(Self { adapter, output, head, options })
+    }
+}
+
+/// The stopping rule of one generation and the measurements it uses.
+#[derive(Debug, Clone)]
+pub(super) struct DraftLength {
+    fixed: Option<f32>,
+    /// Sampling without a fixed threshold: the prior stays.
+    frozen: bool,
+    /// Milliseconds of recent draft steps (critical-path ones).
+    step_ms: Vec<f64>,
+    pub(super) ms_per_token: Option<f64>,
+}
+
+impl DraftLength {
+    pub(super) fn new(threshold: Option<f32>, greedy: bool) -> Self {
+        Self { fixed: threshold, frozen: !greedy && threshold.is_none(), step_ms: Vec::new(), ms_per_token: None }
+    }
+
+    pub(super) fn record_step(&mut self, ms: f64) {
+        self.step_ms.push(ms);
+        if self.step_ms.len() > 64 {
+            self.step_ms.remove(0);
+        }
+    }
+
+    /// The median draft step, ms.
+    pub(super) fn step_ms(&self) -> Option<f64> {
+        if self.step_ms.is_empty() {
+            return None;
+        }
+        let mut v = self.step_ms.clone();
+        v.sort_by(f64::total_cmp);
+        Some(v[v.len() / 2])
+    }
+
+    /// The cumulative draft probability below which drafting stops.
+    pub(super) fn threshold(&self) -> f32 {
+        if let Some(t) = self.fixed {
+            return t;
+        }
+        match (self.frozen, self.step_ms(), self.ms_per_token) {
+            (false, Some(c), Some(t)) if t > 0.0 => ((c / t) as f32).clamp(THRESHOLD_RANGE.0, THRESHOLD_RANGE.1),
+            _ => PRIOR_THRESHOLD,
+        }
+    }
+
+    pub(super) fn source(&self) -> &'static str {
+        match (self.fixed, self.frozen) {
+            (Some(_), _) => "fixed",
+            (None, true) => "prior (sampling)",
+            (None, false) if self.ms_per_token.is_some() && !self.step_ms.is_empty() => "measured",
+            _ => "prior",
+        }
+    }
+}
+
+/// What the edge reports about its drafting.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DraftingReport {
+    /// Rows of the draft head (the model's vocabulary when not reduced).
+    pub draft_vocab: usize,
+    pub draft_int8: bool,
+    pub overlap: bool,
+    /// The threshold at the end, and where it came from (`measured`, `prior`, `fixed`).
+    pub draft_threshold: f32,
+    pub threshold_source: String,
+    /// Its inputs: median draft step (ms) and ms per committed token.
+    pub draft_step_ms: f64,
+    pub ms_per_token: f64,
+    /// Device time on the critical path drafting, verifying (output submodel, head, acceptance,
+    /// rollback), and drafting ahead while the cloud verifies, ms in all.
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+    pub ahead_ms: f64,
+    /// Rounds that drafted ahead, and those whose work ahead was used (the guess of the
+    /// verification's outcome was right).
+    pub ahead_rounds: usize,
+    pub ahead_hits: usize,
+}

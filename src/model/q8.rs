@@ -1,0 +1,215 @@
+//! Row-scaled 8-bit matrices and their small-m matmul: the draft path's compact compute.
+//!
+//! A [`Q8Matrix`] holds `w` `(n, k)` as `q` (i8, `(n, k)`) and one f32 scale per row, with
+//! `w[j, c] ≈ q[j, c] · scale[j]`, `scale[j] = max_c |w[j, c]| / 127` (the rule of the adapter
+//! file's int8 storage, so quantising an int8-stored adapter gives its stored integers back).
+//! [`Q8Matrix::matmul`] computes `x · wᵀ` for `x` `(..., k)` with at most [`SMALL_M`] rows, reading
+//! a quarter of the bytes an f32 matrix needs: for a decode step, memory-bound, that is most of
+//! the time. Only draft compute uses it (the adapter's layers and the reduced draft head); the
+//! LLM path stays f32 and exact.
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::kernels::SMALL_M;
+
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// A row-scaled 8-bit matrix `(rows, cols)`.
+#[derive(Debug, Clone)]
+pub struct Q8Matrix {
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Q8Matrix {
+    /// Quantises an f32 matrix `(rows, cols)` row by row (symmetric, `max |w| / 127`).
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        let (rows, cols) = w.dims2()?;
+        let data = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut q = vec![0i8; rows * cols];
+        let mut scale = vec![0f32; rows];
+        for (j, (row, out)) in data.chunks(cols.max(1)).zip(q.chunks_mut(cols.max(1))).enumerate() {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = (max / 127.0).max(f32::MIN_POSITIVE);
+            scale[j] = s;
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = (v / s).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        Ok(Self { q, scale, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (integers and scales).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * self.scale.len()
+    }
+
+    /// The matrix as f32, `(rows, cols)` (what [`Q8Matrix::matmul`] multiplies by).
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let w: Vec<f32> = self.q.chunks(self.cols.max(1)).zip(&self.scale).flat_map(|(r, &s)| r.iter().map(move |&v| v as f32 * s)).collect();
+        Ok(Tensor::from_vec(w, (self.rows, self.cols), device)?)
+    }
+
+    /// `x · wᵀ` for `x` f32 `(..., cols)` with at most [`SMALL_M`] rows on the CPU: `(..., rows)`.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = self.cols;
+        if dims.last() != Some(&k) {
+            return Err(Error::invalid(format!("q8 matmul: input {dims:?} does not end in {k}")));
+        }
+        let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let m = xs.len() / k.max(1);
+        if m > SMALL_M {
+            return Err(Error::invalid(format!("q8 matmul: {m} rows (at most {SMALL_M})")));
+        }
+        let out = self.matmul_rows(&xs, m);
+        let mut shape = dims;
+        if let Some(last) = shape.last_mut() {
+            *last = self.rows;
+        }
+        Ok(Tensor::from_vec(out, shape, x.device())?)
+    }
+
+    /// `x` `(m, cols)` row-major → `(m, rows)` row-major.
+    pub fn matmul_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.rows, self.cols);
+        let avx = has_avx2_fma();
+        // Weight-row-major (n, m) first, then transposed.
+        let mut t = vec![0f32; n * m];
+        let task = |(i, block): (usize, &mut [f32])| {
+            for (r, out) in block.chunks_mut(m).enumerate() {
+                let j = i * ROWS_PER_TASK + r;
+                let w = &self.q[j * k..(j + 1) * k];
+                dots(w, x, k, out, avx);
+                out.iter_mut().for_each(|o| *o *= self.scale[j]);
+            }
+        };
+        if n * k > 1 << 18 {
+            t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
+        } else {
+            t.chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
+        }
+        if m == 1 {
+            return t;
+        }
+        let mut o = vec![0f32; m * n];
+        for j in 0..n {
+            for i in 0..m {
+                o[i * n + j] = t[j * m + i];
+            }
+        }
+        o
+    }
+}
+
+fn dots(w: &[i8], x: &[f32], k: usize, out: &mut [f32], avx: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        let m = out.len();
+        let mut i = 0;
+        while i < m {
+            // SAFETY: AVX2 and FMA are present (checked by the caller); slices bound every read.
+            unsafe {
+                match m - i {
+                    1 => dots_group::<1>(w, x, k, i, out),
+                    2 => dots_group::<2>(w, x, k, i, out),
+                    3 => dots_group::<3>(w, x, k, i, out),
+                    _ => dots_group::<4>(w, x, k, i, out),
+                }
+            }
+            i += (m - i).min(4);
+        }
+        return;
+    }
+    let _ = avx;
+    for (i, o) in out.iter_mut().enumerate() {
+        let xi = &x[i * k..(i + 1) * k];
+        *o = w.iter().zip(xi).map(|(&a, &b)| a as f32 * b).sum();
+    }
+}
+
+/// Dot products of one i8 weight row with `G` f32 input rows from row `first`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_group<const G: usize>(w: &[i8], x: &[f32], k: usize, first: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let blocks = k / 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; G];
+    let xp = x.as_ptr().add(first * k);
+    for c in 0..blocks {
+        let raw = _mm_loadu_si128(w.as_ptr().add(c * 16) as *const __m128i);
+        let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+        let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
+        for (g, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + c * 16)), a[0]);
+            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(g * k + c * 16 + 8)), a[1]);
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        let v = _mm256_add_ps(a[0], a[1]);
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), s4);
+        let mut sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+        for j in blocks * 16..k {
+            sum += w[j] as f32 * x[(first + g) * k + j];
+        }
+        out[first + g] = sum;
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel multiplies by exactly the dequantised matrix (up to f32 summation order), for
+    /// every row count it serves and a width that is not a multiple of 16; quantisation keeps
+    /// each weight within half a step.
+    #[test]
+    fn matmul_matches_dequantized_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, k) = (37, 50);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let q = Q8Matrix::quantize(&w)?;
+        let deq = q.dequantize(&dev)?;
+        let step = (w.abs()?.max_keepdim(1)? / 127.0)?;
+        let err = (w.sub(&deq)?.abs()?.broadcast_div(&step)?).max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 0.5 + 1e-4, "quantisation error {err} steps");
+        for m in 1..=SMALL_M {
+            let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
+            let got = q.matmul(&x)?;
+            let want = x.broadcast_matmul(&deq.t()?)?;
+            assert_eq!(got.dims(), [1, m, n]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "m = {m}: max diff {diff}");
+        }
+        assert!(q.matmul(&Tensor::zeros((1, SMALL_M + 1, k), candle_core::DType::F32, &dev)?).is_err());
+        assert!(q.matmul(&Tensor::zeros((1, 1, k + 1), candle_core::DType::F32, &dev)?).is_err());
+        Ok(())
+    }
+}
