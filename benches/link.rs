@@ -226,7 +226,7 @@ fn main() -> anyhow::Result<()> {
 
     let gguf = default_gguf()?;
     let split = root.join("target/bench-split");
-    let status = Command::new(HAT).args(["split", "--force", "--input-layers", "2", "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stderr(Stdio::null()).status()?;
+    let status = Command::new(HAT).args(["split", "--force", "--input-layers", "2", "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     anyhow::ensure!(status.success(), "hat split failed");
     let adapter = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
     let b = Bench { split, adapter, tokens };

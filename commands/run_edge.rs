@@ -19,8 +19,12 @@ use crate::{PromptArgs, SamplingArgs, Streamer};
 /// --draft-len tokens that the cloud verifies in one round trip; --mode u-shape is the baseline
 /// (one round trip per token). Prompts are sent in chunks of --chunk-size positions so that
 /// device compute, link and cloud compute overlap. --json prints one JSON object with the text,
-/// timings (ttft_ms, tbt_ms), rounds, mean_accepted, acceptance_rate, bytes_up/bytes_down and a
-/// breakdown of device compute, cloud compute and network wait.
+/// timings (ttft_ms, tbt_ms), rounds, mean_accepted, acceptance_rate, bytes_up/bytes_down, a
+/// breakdown of device compute, cloud compute and network wait, and how it drafted (draft
+/// vocabulary, threshold and the costs it came from, time drafting, verifying and drafting ahead).
+/// Drafting is cheap by default (reduced draft vocabulary, int8 draft compute), stops on low
+/// confidence (--draft-threshold) and runs ahead while the cloud verifies (--draft-ahead); each
+/// can be switched off.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The device bundle (DIR/device from `hat split`).
@@ -115,6 +119,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = args.prompt.read()?;
     let sampling = args.sampling.params()?;
+    let draft = draft_options(&args)?;
     let mode = if args.mode == "u-shape" { Mode::UShape } else { Mode::Hat };
     let wire = WireDtype::parse(&args.wire_dtype)?;
     let emulation = LinkEmulation { up_mbps: args.link_up_mbps, down_mbps: args.link_down_mbps, rtt_ms: args.link_rtt_ms };
@@ -152,7 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampling,
         max_tokens: args.sampling.max_tokens,
         max_context: link.max_context,
-        draft: draft_options(&args)?,
+        draft,
     };
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
     let report = hat::edge::generate(&bundle, &adapter, &mut link, &ids, &opts, |id| out.push(id))?;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# HAT vs U-shape over emulated links (10/50/200 Mbit/s, 20 ms RTT), chunked prefill on a
-# ~1000-token prompt, and how often f16/bf16 hidden states change a greedy token.
-# Uses the shipped adapter for the default split if present (HAT_BENCH_ADAPTER to override).
+# HAT vs U-shape over emulated links (10/50/200 Mbit/s at 20 ms RTT, 50 Mbit/s at 80 ms), with
+# serve-cloud and run-edge as two processes: first as two one-core machines (taskset), then on
+# shared cores; the 16 prompts of benches/prompts.json; then how often f16/bf16 hidden states
+# change a greedy token and chunked prefill of a ~1000-token prompt. ~30 minutes here.
+# Settings (HAT_BENCH_TABLES, _PROMPTS, _LINKS, _CONFIGS, _ADAPTER, _TOKENS): benches/link.rs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 recipes/fetch-assets.sh >/dev/null

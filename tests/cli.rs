@@ -103,6 +103,10 @@ fn bad_inputs_are_errors_not_panics() {
         &["generate", "--model", "not a hub id", "--prompt", "x"],
         &["generate", "--model", "x/y", "--prompt", "x", "--temperature", "-1"],
         &["generate", "--model", "x/y", "--prompt-file", "/no/such/prompt.txt"],
+        &["--threads", "0", "generate", "--model", "x/y", "--prompt", "x"],
+        // Refused before any connection is tried (no cloud listens on this port).
+        &["run-edge", "--bundle", "/no/such", "--cloud", "127.0.0.1:9", "--cloud-fingerprint", "sha256:00", "--prompt", "x", "--draft-threshold", "1.5"],
+        &["run-edge", "--bundle", "/no/such", "--cloud", "127.0.0.1:9", "--cloud-fingerprint", "sha256:00", "--prompt", "x", "--draft-vocab", "many"],
     ];
     for args in cases {
         let o = hat(args, &[("HF_HUB_OFFLINE", "1")]);

@@ -77,3 +77,37 @@ fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
         assert!(tv < 0.06, "{name}: sampled tokens are {tv:.3} (total variation) from the model's distribution");
     }
 }
+
+/// A draft vocabulary added to an adapter file loads back as written (an adapter without one
+/// still loads, with none); one naming tokens outside the model's vocabulary is refused.
+#[test]
+fn draft_vocabularies_round_trip_through_adapter_files() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(&dir.path().join("model"), TinySpec::default()).unwrap();
+    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().join("model"))).unwrap();
+    let world = SplitWorld::new(&loaded, 2, 2).unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, DraftContext::Verified, &plain).unwrap();
+    let load = |p: &std::path::Path| Adapter::load(p, &world.device.manifest, world.device.rope.clone(), &Device::Cpu);
+    assert!(load(&plain).unwrap().draft_vocab.is_none());
+
+    let vocab = DraftVocab { ids: vec![7, 3, 250, 0], size: 3, source: "test counts".into() };
+    let with = dir.path().join("with.safetensors");
+    Adapter::set_draft_vocab(&plain, &with, &vocab).unwrap();
+    let a = load(&with).unwrap();
+    assert_eq!(a.draft_vocab.as_ref(), Some(&vocab));
+    assert_eq!(a.num_layers(), 1);
+    assert_eq!(vocab.first(None), [7, 3, 250]);
+    // The drafter scores the stored default size, or what is asked; asking an adapter without
+    // a vocabulary for a reduced one is an error.
+    let rows = |a: &Adapter, vocab| hat::edge::Drafter::new(&world.device, a, DraftOptions { vocab, ..DraftOptions::default() }).map(|d| d.head.len());
+    assert_eq!(rows(&a, None).unwrap(), 3);
+    assert_eq!(rows(&a, Some(2)).unwrap(), 2);
+    assert_eq!(rows(&a, Some(0)).unwrap(), 264);
+    assert!(rows(&load(&plain).unwrap(), Some(100)).is_err());
+
+    let bad = dir.path().join("bad.safetensors");
+    Adapter::set_draft_vocab(&plain, &bad, &DraftVocab { ids: vec![1, 9999], size: 2, source: String::new() }).unwrap();
+    let e = load(&bad).unwrap_err().to_string();
+    assert!(e.contains("outside the model's vocabulary"), "{e}");
+}

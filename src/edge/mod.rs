@@ -18,9 +18,18 @@
 //! verification its cache is rolled back to the round's first position and the accepted drafts
 //! are run again with the cloud's middle outputs (the next round does that in one block).
 //!
+//! Drafting is made cheap and sized to its odds by the [`Drafter`] (a reduced draft vocabulary,
+//! 8-bit draft compute) and the stopping rule in [`drafter`]; while the cloud verifies a round,
+//! the device drafts the next one on the guess that every draft is accepted and the bonus token
+//! is the draft's most likely one. When the reply agrees, every cache keeps what drafting ahead
+//! put in (the LLM output cache takes back the drafted-ahead positions verification truncated,
+//! [`crate::model::StackCache::restore`]) and the prepared round goes up at once; otherwise the
+//! usual rollback discards it.
+//!
 //! Files: `state` (caches, timers, the steps every phase uses), `prefill` (chunked prefill),
-//! `draft` (drafting a round, the draft path), [`report`] ([`EdgeReport`]); verification and the round loop are
-//! here, with the acceptance rule from [`crate::decode::accept`].
+//! `draft` (drafting a round and the next one ahead, the draft path), [`drafter`] (what drafts
+//! and when to stop), [`report`] ([`EdgeReport`]); verification and the round loop are here,
+//! with the acceptance rule from [`crate::decode::accept`].
 //!
 //! May use [`crate::adapter`], [`crate::net`], [`crate::split`], [`crate::decode`],
 //! [`crate::model`] and [`crate::util`]; never `cloud` or `train`.

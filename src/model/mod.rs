@@ -15,8 +15,9 @@
 //! Files: [`config`] (checkpoint configs and the runtime [`ModelConfig`]), [`rope`], [`ops`]
 //! (norms, softmax, projections), [`layer`] ([`DecoderLayer`], attention masks), [`stack`]
 //! ([`LayerStack`], [`StackCache`]), [`cache`] (the truncatable KV cache), [`ends`]
-//! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels); [`beside`]: the training-only pass
-//! of a drafted stream beside the true one.
+//! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q8`] (row-scaled 8-bit matrices
+//! and their small-m matmul, for draft compute); [`beside`]: the training-only pass of a drafted
+//! stream beside the true one.
 //!
 //! The bottom of the library: uses only [`crate::util`] and the error type.
 

@@ -1,4 +1,5 @@
-//! Small helpers every layer may use: content hashes, progress bars, allocator settings. They
+//! Small helpers every layer may use: content hashes, progress bars, allocator settings, the
+//! compute thread count. They
 //! import nothing from the rest of hat but its error type.
 
 pub mod digest;
