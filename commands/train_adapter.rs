@@ -222,9 +222,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device = DeviceBundle::load(&args.split.join("device"), &cpu)?;
     let cloud = CloudBundle::load(&args.split.join("cloud"), &cpu)?;
     if let Some(path) = &args.set_draft_vocab {
+        anyhow::ensure!(config.draft_vocab > 0, "--set-draft-vocab needs --draft-vocab N of at least 1 (the rows scored by default)");
         let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
         let (train, _) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
-        let vocab = hat::train::conversations_vocab(&device, &train, config.seq_len, config.draft_vocab.max(1))?;
+        let vocab = hat::train::conversations_vocab(&device, &train, config.seq_len, config.draft_vocab)?;
         // Fails early, before rewriting, if the file is not an adapter for this split.
         hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
         let out = args.out.clone().unwrap_or_else(|| path.clone());
