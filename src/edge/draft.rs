@@ -157,8 +157,7 @@ impl<L: MiddleLink> Edge<'_, L> {
     /// Runs the queued positions that can run (for a conditioned adapter, those whose previous
     /// middle output is known) through adapter and SLM output submodel. With `logits`, every
     /// queued position must run; returns the SLM's draft logits at the last one (one per row of
-    /// the draft head), and the
-    /// adapter's prediction of its middle output `(1, 1, hidden)`.
+    /// the draft head), and the adapter's prediction of its middle output `(1, 1, hidden)`.
     pub(super) fn run_draft_path(&mut self, logits: bool) -> Result<Option<(Tensor, Tensor)>> {
         let Some(tail) = self.tail.take() else { return Ok(None) };
         let queued = tail.dim(1)?;
@@ -227,19 +226,14 @@ impl<L: MiddleLink> Edge<'_, L> {
 
 /// The largest logit's index and its softmax probability.
 fn argmax_prob(logits: &[f32]) -> (u32, f32) {
-    let (mut best, mut max) = (0usize, f32::NEG_INFINITY);
-    for (i, &l) in logits.iter().enumerate() {
-        if l > max {
-            (best, max) = (i, l);
-        }
-    }
+    let (best, max) = argmax(logits);
     let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    (best as u32, if sum > 0.0 { 1.0 / sum } else { 0.0 })
+    (best, if sum > 0.0 { 1.0 / sum } else { 0.0 })
 }
 
-/// The most likely index of a distribution and its probability.
-fn argmax(q: &[f32]) -> (u32, f32) {
-    q.iter().enumerate().fold((0u32, f32::NEG_INFINITY), |best, (i, &p)| if p > best.1 { (i as u32, p) } else { best })
+/// The index of the largest value (the first of equals) and the value.
+fn argmax(v: &[f32]) -> (u32, f32) {
+    v.iter().enumerate().fold((0u32, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i as u32, x) } else { best })
 }
 
 /// Appends `x` to an optional `(1, n, hidden)` queue along the positions.

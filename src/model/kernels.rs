@@ -167,16 +167,24 @@ unsafe fn dots_group<const G: usize>(w: &[f32], x: &[f32], k: usize, first: usiz
     }
     let tail = pairs * 16 + rest8 * 8;
     for (g, a) in acc.iter().enumerate() {
-        let v = _mm256_add_ps(a[0], a[1]);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let mut lanes = [0f32; 4];
-        _mm_storeu_ps(lanes.as_mut_ptr(), s4);
-        let mut sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+        let mut sum = sum_pair(a[0], a[1]);
         for j in tail..k {
             sum = w[j].mul_add(x[(first + g) * k + j], sum);
         }
         out[first + g] = sum;
     }
+}
+
+/// `a + b` summed across its eight lanes, in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn sum_pair(a: std::arch::x86_64::__m256, b: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let v = _mm256_add_ps(a, b);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let mut lanes = [0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), s4);
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
 }
 
 /// All `out.len()` rows, in groups of at most four.
@@ -196,7 +204,7 @@ unsafe fn dots_avx2(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
     }
 }
 
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

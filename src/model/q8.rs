@@ -12,7 +12,9 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::kernels::SMALL_M;
+use crate::model::kernels::{has_avx2_fma, SMALL_M};
+#[cfg(target_arch = "x86_64")]
+use crate::model::kernels::sum_pair;
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -159,27 +161,11 @@ unsafe fn dots_group<const G: usize>(w: &[i8], x: &[f32], k: usize, first: usize
         }
     }
     for (g, a) in acc.iter().enumerate() {
-        let v = _mm256_add_ps(a[0], a[1]);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let mut lanes = [0f32; 4];
-        _mm_storeu_ps(lanes.as_mut_ptr(), s4);
-        let mut sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+        let mut sum = sum_pair(a[0], a[1]);
         for j in blocks * 16..k {
             sum += w[j] as f32 * x[(first + g) * k + j];
         }
         out[first + g] = sum;
-    }
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
     }
 }
 
