@@ -13,19 +13,18 @@
 //! round. Every run's JSON goes to `target/bench-link.json`.
 //!
 //! Table 3 (in-process): how often f16/bf16 hidden states on the wire change a greedy token.
-//! Table 4 (two processes, two machines): TTFT of a ~1000-token prompt at 10 Mbit/s by chunk size.
+//! Prefill chunking (TTFT) has its own benchmark: `benches/chunking.rs`.
 //!
 //! `cargo bench --bench link` (or `recipes/bench-link.sh`). Environment:
-//! - HAT_BENCH_TABLES: which tables, default `machines,shared,wire,chunk`;
+//! - HAT_BENCH_TABLES: which tables, default `machines,shared,wire`;
 //! - HAT_BENCH_PROMPTS: how many of the prompts (default all);
 //! - HAT_BENCH_TOKENS (64); HAT_BENCH_LINKS (`10/20,50/20,200/20,50/80`: Mbit/s / RTT ms);
 //! - HAT_BENCH_ADAPTER (`auto`: the shipped one);
 //! - HAT_BENCH_CONFIGS: extra hat configurations, `name=run-edge flags;…` (e.g.
 //!   `plain=--draft-len 1 --draft-threshold 0 --draft-compute f32 --draft-vocab full --draft-ahead off`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use hat::decode::SamplingParams;
 use hat::edge::{EdgeOptions, Mode};
@@ -33,6 +32,7 @@ use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
 use hat::net::LocalMiddle;
 use hat::testing::bench::{env_or, median};
+use hat::testing::procs::{run_edge, Cloud, Link, Placement};
 use hat::testing::{default_gguf, SplitWorld};
 use serde_json::Value;
 
@@ -49,86 +49,6 @@ const WIRE_PROMPTS: [&str; 8] = [
     "Describe the water cycle.",
 ];
 
-/// One emulated link.
-#[derive(Debug, Clone, Copy)]
-struct Link {
-    mbps: f64,
-    rtt_ms: f64,
-}
-
-impl Link {
-    fn flags(&self) -> Vec<String> {
-        let m = self.mbps.to_string();
-        vec!["--link-up-mbps".into(), m.clone(), "--link-down-mbps".into(), m, "--link-rtt-ms".into(), self.rtt_ms.to_string()]
-    }
-
-    fn name(&self) -> String {
-        format!("{:.0} Mbit/s, {:.0} ms", self.mbps, self.rtt_ms)
-    }
-}
-
-/// Where the processes run.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Placement {
-    /// Cloud on core 1, edge on core 0, one thread each.
-    TwoMachines,
-    /// Both on every core, default threads.
-    Shared,
-}
-
-impl Placement {
-    fn command(self, core: usize) -> Command {
-        match self {
-            Placement::TwoMachines => {
-                let mut c = Command::new("taskset");
-                c.args(["-c", &core.to_string(), HAT, "--threads", "1"]);
-                c
-            }
-            Placement::Shared => Command::new(HAT),
-        }
-    }
-}
-
-/// A running `hat serve-cloud`; killed when dropped.
-struct Cloud {
-    child: Child,
-    addr: String,
-    fingerprint: String,
-}
-
-impl Cloud {
-    fn start(placement: Placement, split: &Path, port: u16) -> anyhow::Result<Self> {
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = placement
-            .command(1)
-            .args(["serve-cloud", "--bundle"])
-            .arg(split.join("cloud"))
-            .args(["--listen", &addr, "--state-dir"])
-            .arg(split.join(format!("state-{port}")))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut fingerprint = None;
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            if let Some(fp) = line.strip_prefix("fingerprint ") {
-                fingerprint = Some(fp.trim().to_string());
-                break;
-            }
-        }
-        let fingerprint = fingerprint.ok_or_else(|| anyhow::anyhow!("serve-cloud exited without a fingerprint"))?;
-        Ok(Self { child, addr, fingerprint })
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 struct Bench {
     split: PathBuf,
     adapter: String,
@@ -137,29 +57,15 @@ struct Bench {
 
 impl Bench {
     fn edge(&self, placement: Placement, cloud: &Cloud, prompt: &str, link: Link, flags: &[String], max_tokens: usize) -> anyhow::Result<Value> {
-        let out = placement
-            .command(0)
-            .args(["run-edge", "--bundle"])
-            .arg(self.split.join("device"))
-            .args(["--cloud", &cloud.addr, "--cloud-fingerprint", &cloud.fingerprint, "--adapter", &self.adapter, "--json"])
-            .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
-            .args(link.flags())
-            .args(flags)
-            .stderr(Stdio::inherit())
-            .output()?;
-        if !out.status.success() {
-            anyhow::bail!("run-edge {flags:?} failed: {}", String::from_utf8_lossy(&out.stdout));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+        let mut all: Vec<String> = ["--adapter", &self.adapter, "--max-tokens", &max_tokens.to_string(), "--prompt", prompt].iter().map(|s| s.to_string()).collect();
+        all.extend_from_slice(flags);
+        run_edge(HAT, placement, &self.split, cloud, link, &all)
     }
 
     /// Table 1 or 2: every link, every prompt, u-shape and each hat configuration interleaved.
     fn table(&self, placement: Placement, links: &[Link], prompts: &[String], configs: &[(String, Vec<String>)], all: &mut Vec<Value>) -> anyhow::Result<()> {
-        let cloud = Cloud::start(placement, &self.split, if placement == Placement::Shared { 4601 } else { 4600 })?;
-        let title = match placement {
-            Placement::TwoMachines => "two machines: cloud `taskset -c 1 … --threads 1`, edge `taskset -c 0 … --threads 1`",
-            Placement::Shared => "shared cores: both processes on both cores, default threads",
-        };
+        let cloud = Cloud::start(HAT, placement, &self.split, if placement == Placement::Shared { 4601 } else { 4600 }, &[])?;
+        let title = placement.title();
         println!("\n### {title}; {} prompts × {} tokens, greedy, f16 wire\n", prompts.len(), self.tokens);
         println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | wait ms/round | cloud ms/round |");
         println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -209,15 +115,9 @@ impl Bench {
 }
 
 fn main() -> anyhow::Result<()> {
-    let tables = env_or("HAT_BENCH_TABLES", "machines,shared,wire,chunk".to_string());
+    let tables = env_or("HAT_BENCH_TABLES", "machines,shared,wire".to_string());
     let tokens = env_or("HAT_BENCH_TOKENS", 64usize);
-    let links: Vec<Link> = env_or("HAT_BENCH_LINKS", "10/20,50/20,200/20,50/80".to_string())
-        .split(',')
-        .filter_map(|l| {
-            let (m, r) = l.split_once('/')?;
-            Some(Link { mbps: m.trim().parse().ok()?, rtt_ms: r.trim().parse().ok()? })
-        })
-        .collect();
+    let links = Link::parse_list(&env_or("HAT_BENCH_LINKS", "10/20,50/20,200/20,50/80".to_string()));
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let file: Value = serde_json::from_str(&std::fs::read_to_string(root.join("benches/prompts.json"))?)?;
     let mut prompts: Vec<String> = file["prompts"].as_array().into_iter().flatten().filter_map(|p| p["text"].as_str().map(String::from)).collect();
@@ -235,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         let (name, flags) = c.split_once('=').unwrap_or((c, ""));
         configs.push((name.trim().to_string(), flags.split_whitespace().map(String::from).collect()));
     }
-    let pinning = Command::new("taskset").arg("--version").output().is_ok() && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let pinning = Placement::can_pin();
     eprintln!("adapter: {}; {} prompts; links {links:?}; configurations {:?}", b.adapter, prompts.len(), configs.iter().map(|c| &c.0).collect::<Vec<_>>());
     let mut all = Vec::new();
     if tables.contains("machines") {
@@ -254,24 +154,6 @@ fn main() -> anyhow::Result<()> {
 
     if tables.contains("wire") {
         wire_table(&gguf)?;
-    }
-    if tables.contains("chunk") && pinning {
-        let cloud = Cloud::start(Placement::TwoMachines, &b.split, 4602)?;
-        let long_text = WIRE_PROMPTS.iter().cycle().take(120).cloned().collect::<Vec<_>>().join(" ");
-        let link = Link { mbps: 10.0, rtt_ms: 20.0 };
-        println!("\n| prompt (two machines) | chunk size | TTFT ms (median of 3) | vs unchunked |");
-        println!("|---|---|---|---|");
-        let mut base = f64::NAN;
-        for chunk in [0usize, 16, 64, 256] {
-            let flags = vec!["--chunk-size".to_string(), chunk.to_string(), "--no-chat-template".to_string()];
-            let runs = (0..3).map(|_| b.edge(Placement::TwoMachines, &cloud, &long_text, link, &flags, 1)).collect::<anyhow::Result<Vec<_>>>()?;
-            let ttft = median(&runs.iter().map(|v| v["ttft_ms"].as_f64().unwrap_or(f64::NAN)).collect::<Vec<_>>());
-            if chunk == 0 {
-                base = ttft;
-            }
-            let n = runs[0]["prompt_tokens"].as_u64().unwrap_or(0);
-            println!("| {n} tokens, 10 Mbit/s, 20 ms | {chunk} | {ttft:.0} | {:.2}x |", ttft / base);
-        }
     }
     Ok(())
 }
@@ -300,7 +182,7 @@ fn wire_table(gguf: &Path) -> anyhow::Result<()> {
     println!("|---|---|---|");
     let greedy = |dtype: WireDtype, ids: &[u32]| -> anyhow::Result<Vec<u32>> {
         let mut link = LocalMiddle::new(&world.cloud.middle, dtype);
-        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunk_size: 0, sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192, draft: Default::default() };
+        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunking: hat::edge::Chunking::Fixed(0), sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192, draft: Default::default() };
         Ok(hat::edge::generate(&world.device, &adapter, &mut link, ids, &opts, |_| Ok(()))?.token_ids)
     };
     let reference: Vec<Vec<u32>> = prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;

@@ -2,7 +2,7 @@
 
 mod download;
 mod generate;
-mod pending;
+mod profile;
 mod run_edge;
 mod serve_cloud;
 mod split;
@@ -34,7 +34,7 @@ enum Command {
     Generate(generate::Args),
     Split(split::Args),
     TrainAdapter(train_adapter::Args),
-    Profile(pending::ProfileArgs),
+    Profile(profile::Args),
     ServeCloud(serve_cloud::Args),
     RunEdge(run_edge::Args),
     Download(download::Args),
@@ -52,7 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Split(a) => split::run(a),
         Command::Download(a) => download::run(a),
         Command::TrainAdapter(a) => train_adapter::run(a),
-        Command::Profile(a) => pending::run("profile", &a.args),
+        Command::Profile(a) => profile::run(a),
         Command::ServeCloud(a) => serve_cloud::run(a),
         Command::RunEdge(a) => run_edge::run(a),
     };
@@ -97,6 +97,90 @@ impl ModelArgs {
             t.elapsed().as_secs_f64()
         );
         Ok(model)
+    }
+}
+
+/// How the edge reaches the cloud: address, trust, token, wire dtype and link emulation
+/// (`run-edge`, and `profile` when it measures the link).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// The cloud's address, host:port (run-edge: default 127.0.0.1:4433).
+    #[arg(long)]
+    pub cloud: Option<String>,
+
+    /// Pin the cloud's certificate by its fingerprint (sha256:<hex>, printed by serve-cloud).
+    #[arg(long, conflicts_with = "cloud_cert")]
+    pub cloud_fingerprint: Option<String>,
+
+    /// Trust the cloud's certificate file (DER or PEM; serve-cloud keeps it in its state dir).
+    #[arg(long)]
+    pub cloud_cert: Option<std::path::PathBuf>,
+
+    /// Shared secret the cloud asks for (also $HAT_TOKEN).
+    #[arg(long, env = "HAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// How hidden states are encoded on the wire.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+    pub wire_dtype: String,
+
+    /// Emulated uplink rate, Mbit/s (emulation on this side of a real connection).
+    #[arg(long)]
+    pub link_up_mbps: Option<f64>,
+
+    /// Emulated downlink rate, Mbit/s.
+    #[arg(long)]
+    pub link_down_mbps: Option<f64>,
+
+    /// Emulated round-trip propagation delay, ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub link_rtt_ms: f64,
+}
+
+/// What [`ConnectArgs::resolve`] checks before anything is loaded.
+pub type Resolved = (std::net::SocketAddr, hat::net::tls::Trust, hat::net::LinkEmulation, hat::net::protocol::WireDtype);
+
+impl ConnectArgs {
+    /// The address, trust, emulation and wire dtype, checked (before any model is loaded).
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        use anyhow::Context;
+        use std::net::ToSocketAddrs;
+        let wire = hat::net::protocol::WireDtype::parse(&self.wire_dtype)?;
+        let emulation = hat::net::LinkEmulation { up_mbps: self.link_up_mbps, down_mbps: self.link_down_mbps, rtt_ms: self.link_rtt_ms };
+        emulation.validate()?;
+        let trust = match (&self.cloud_fingerprint, &self.cloud_cert) {
+            (Some(fp), _) => hat::net::tls::Trust::Fingerprint(hat::net::tls::parse_fingerprint(fp)?),
+            (None, Some(cert)) => hat::net::tls::Trust::CertFile(cert.clone()),
+            (None, None) => anyhow::bail!("give --cloud-fingerprint or --cloud-cert"),
+        };
+        let cloud = self.cloud.as_deref().unwrap_or("127.0.0.1:4433");
+        let addr = cloud
+            .to_socket_addrs()
+            .with_context(|| format!("--cloud {cloud}: not a host:port"))?
+            .next()
+            .with_context(|| format!("--cloud {cloud}: no address"))?;
+        Ok((addr, trust, emulation, wire))
+    }
+
+    /// Opens a session for `bundle`'s split.
+    pub fn open(
+        &self,
+        bundle: &hat::split::DeviceBundle,
+        addr: std::net::SocketAddr,
+        trust: hat::net::tls::Trust,
+        emulation: hat::net::LinkEmulation,
+        wire: hat::net::protocol::WireDtype,
+    ) -> anyhow::Result<hat::net::QuicLink> {
+        Ok(hat::net::QuicLink::connect(hat::net::ConnectOptions {
+            addr,
+            trust,
+            token: self.token.clone(),
+            split_id: bundle.manifest.split_id.clone(),
+            hidden_size: bundle.manifest.hidden_size,
+            dtype: wire,
+            emulation,
+            tap: None,
+        })?)
     }
 }
 

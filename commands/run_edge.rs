@@ -1,16 +1,11 @@
 //! `hat run-edge`: the device side, against a `hat serve-cloud`.
 
-use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 
-use anyhow::Context;
-use hat::edge::{DraftOptions, EdgeOptions, Mode};
-use hat::net::{ConnectOptions, LinkEmulation, QuicLink};
-use hat::net::protocol::WireDtype;
+use hat::edge::{Chunking, DraftOptions, EdgeOptions, Mode};
 use hat::split::DeviceBundle;
-use hat::net::tls::Trust;
 
-use crate::{PromptArgs, SamplingArgs, Streamer};
+use crate::{ConnectArgs, PromptArgs, SamplingArgs, Streamer};
 
 /// Generate with a device bundle, the middle layers running on a hat cloud over QUIC.
 ///
@@ -31,21 +26,8 @@ pub struct Args {
     #[arg(long)]
     pub bundle: PathBuf,
 
-    /// The cloud's address, host:port.
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    pub cloud: String,
-
-    /// Pin the cloud's certificate by its fingerprint (sha256:<hex>, printed by serve-cloud).
-    #[arg(long, conflicts_with = "cloud_cert", required_unless_present = "cloud_cert")]
-    pub cloud_fingerprint: Option<String>,
-
-    /// Trust the cloud's certificate file (DER or PEM; serve-cloud keeps it in its state dir).
-    #[arg(long)]
-    pub cloud_cert: Option<PathBuf>,
-
-    /// Shared secret the cloud asks for (also $HAT_TOKEN).
-    #[arg(long, env = "HAT_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     #[command(flatten)]
     pub prompt: PromptArgs,
@@ -90,77 +72,99 @@ pub struct Args {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_ahead: String,
 
-    /// Prompt positions per prefill chunk; 0 = the whole prompt at once. Default: 64 in hat
-    /// mode, 0 (no chunking) in u-shape mode.
+    /// How the prompt is cut into prefill chunks: `auto` (default in hat mode) plans the
+    /// chunks that minimise the predicted TTFT for this prompt from the device's profile, the
+    /// cloud's cost model and load (sent in the handshake) and the measured link; N = chunks
+    /// of N positions; 0 = the whole prompt at once (default in u-shape mode).
     #[arg(long)]
-    pub chunk_size: Option<usize>,
+    pub chunk_size: Option<String>,
 
-    /// How hidden states are encoded on the wire.
-    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
-    pub wire_dtype: String,
-
-    /// Emulated uplink rate, Mbit/s (emulation on this side of a real connection).
+    /// The device's profile for `--chunk-size auto` (`hat profile --bundle DIR/device --out
+    /// FILE`, with `--cloud` to include the link). Without it a quick profile is measured once
+    /// and cached in $HAT_CACHE_DIR (default ~/.cache/hat; `off` = never cache), and the link is
+    /// probed at the start of the session.
     #[arg(long)]
-    pub link_up_mbps: Option<f64>,
-
-    /// Emulated downlink rate, Mbit/s.
-    #[arg(long)]
-    pub link_down_mbps: Option<f64>,
-
-    /// Emulated round-trip propagation delay, ms.
-    #[arg(long, default_value_t = 0.0)]
-    pub link_rtt_ms: f64,
+    pub profile: Option<PathBuf>,
 
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Chunk size when `auto` cannot plan (no usable cost model).
+const FALLBACK_CHUNK: usize = 128;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = args.prompt.read()?;
     let sampling = args.sampling.params()?;
     let draft = draft_options(&args)?;
     let mode = if args.mode == "u-shape" { Mode::UShape } else { Mode::Hat };
-    let wire = WireDtype::parse(&args.wire_dtype)?;
-    let emulation = LinkEmulation { up_mbps: args.link_up_mbps, down_mbps: args.link_down_mbps, rtt_ms: args.link_rtt_ms };
-    emulation.validate()?;
-    let trust = match (&args.cloud_fingerprint, &args.cloud_cert) {
-        (Some(fp), _) => Trust::Fingerprint(hat::net::tls::parse_fingerprint(fp)?),
-        (None, Some(cert)) => Trust::CertFile(cert.clone()),
-        (None, None) => anyhow::bail!("give --cloud-fingerprint or --cloud-cert"),
+    let (addr, trust, emulation, wire) = args.connect.resolve()?;
+    let chunk_size = match args.chunk_size.as_deref() {
+        None if mode == Mode::Hat => None,
+        None => Some(0),
+        Some("auto") => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| anyhow::anyhow!("--chunk-size {n}: not `auto` or a number of positions"))?),
     };
-    let addr = args
-        .cloud
-        .to_socket_addrs()
-        .with_context(|| format!("--cloud {}: not a host:port", args.cloud))?
-        .next()
-        .with_context(|| format!("--cloud {}: no address", args.cloud))?;
-
     let device = candle_core::Device::Cpu;
     let bundle = DeviceBundle::load(&args.bundle, &device)?;
+    let profile = match &args.profile {
+        Some(p) => Some(hat::profile::Profile::load(p, &bundle.manifest.split_id)?),
+        None => None,
+    };
+    if let Some(p) = &profile {
+        if p.threads != hat::util::threads::count() {
+            eprintln!("hat-edge: warning: the profile was measured with {} threads, this run computes with {}", p.threads, hat::util::threads::count());
+        }
+    }
     let (adapter, adapter_name) = hat::adapter::load_choice(&args.adapter, &bundle, &device)?;
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
-    let mut link = QuicLink::connect(ConnectOptions {
-        addr,
-        trust,
-        token: args.token.clone(),
-        split_id: bundle.manifest.split_id.clone(),
-        hidden_size: bundle.manifest.hidden_size,
-        dtype: wire,
-        emulation,
-        tap: None,
-    })?;
+    let mut link = args.connect.open(&bundle, addr, trust, emulation, wire)?;
+    let drafter = hat::edge::Drafter::new(&bundle, &adapter, if mode == Mode::Hat { draft } else { DraftOptions::plain() })?;
+    let drafting = mode == Mode::Hat && args.draft_len > 0;
+    let planned = match chunk_size {
+        Some(_) => None,
+        None => match hat::profile::plan_session(&bundle, &drafter, &mut link, profile.as_ref().zip(args.profile.as_deref()), ids.len(), wire, drafting) {
+            // Planning is an optimisation: without it the prompt goes in fixed chunks.
+            Err(e) => {
+                eprintln!("hat-edge: warning: cannot plan the prompt's chunks ({e}); using chunks of {FALLBACK_CHUNK}");
+                None
+            }
+            Ok(p) => {
+                if !args.json {
+                    eprintln!(
+                        "hat-edge: {} prompt positions in {} chunks {:?}, predicted TTFT {:.0} ms (link {:.1} ms round trip, {:.0}/{:.0} Mbit/s, {}; device profile: {})",
+                        ids.len(),
+                        p.plan.chunks.len(),
+                        p.plan.chunks,
+                        p.plan.predicted_ttft_ms,
+                        p.link.rtt_ms,
+                        p.link.up_mbps,
+                        p.link.down_mbps,
+                        p.link_source,
+                        p.device_source
+                    );
+                }
+                Some(p)
+            }
+        },
+    };
+    let chunking = match (&planned, chunk_size) {
+        (Some(p), _) => Chunking::Planned(p.plan.chunks.clone()),
+        (None, Some(n)) => Chunking::Fixed(n),
+        (None, None) => Chunking::Fixed(FALLBACK_CHUNK),
+    };
     let opts = EdgeOptions {
         mode,
         draft_len: args.draft_len,
-        chunk_size: args.chunk_size.unwrap_or(if mode == Mode::Hat { 64 } else { 0 }),
+        chunking,
         sampling,
         max_tokens: args.sampling.max_tokens,
         max_context: link.max_context,
         draft,
     };
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
-    let report = hat::edge::generate(&bundle, &adapter, &mut link, &ids, &opts, |id| out.push(id))?;
+    let report = hat::edge::generate_with(&bundle, &drafter, &mut link, &ids, &opts, |id| out.push(id))?;
     out.finish()?;
     drop(link);
     if args.json {
@@ -168,7 +172,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         v["text"] = bundle.tokenizer.decode(&report.token_ids, true)?.into();
         v["wire_dtype"] = wire.name().into();
         v["draft_len"] = opts.draft_len.into();
-        v["chunk_size"] = opts.chunk_size.into();
+        v["chunk_size"] = opts.chunking.size().into();
+        if let Some(p) = &planned {
+            v["predicted_ttft_ms"] = p.plan.predicted_ttft_ms.into();
+            v["plan_link"] = serde_json::to_value(p.link)?;
+            v["plan_link_source"] = p.link_source.into();
+            v["plan_cloud_load"] = serde_json::to_value(p.cloud_load)?;
+            v["link_probe_ms"] = p.probe_ms.into();
+            v["device_profile"] = p.device_source.to_string().into();
+        }
         v["adapter"] = adapter_name.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {

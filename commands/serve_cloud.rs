@@ -14,7 +14,8 @@ use hat::split::CloudBundle;
 /// prints its fingerprint (`fingerprint sha256:<hex>`), which edges pin with
 /// --cloud-fingerprint (or they trust the certificate file, STATE_DIR/cert.der, with
 /// --cloud-cert). Each edge session gets its own middle-layer KV cache, freed when the session
-/// ends or idles out. Stop with Ctrl-C.
+/// ends or idles out. Each edge is told the middle layers' cost model (--profile, or a quick
+/// profile measured at start) and, with every reply, the cloud's load. Stop with Ctrl-C.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The cloud bundle (DIR/cloud from `hat split`).
@@ -48,11 +49,22 @@ pub struct Args {
     /// Where to compute: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+
+    /// The cloud's profile (`hat profile --bundle DIR/cloud --out FILE`): the cost model every
+    /// edge gets in the handshake to plan its prompt chunks. Without it a quick profile is
+    /// measured before listening (a few seconds) and kept in --state-dir for the next start.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = hat::io::source::select_device(&args.device)?;
     let bundle = Arc::new(CloudBundle::load(&args.bundle, &device)?);
+    let (cost, source) = hat::profile::cloud_model(&bundle, args.profile.as_deref(), &args.state_dir)?;
+    eprintln!(
+        "hat-cloud: cost model from {source}: {:.3} ms + {:.3} ms/row + {:.5} ms/(row·position)",
+        cost.middle.fixed_ms, cost.middle.per_row_ms, cost.middle.per_row_ctx_ms
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(hat::util::threads::count()).max_blocking_threads(hat::util::threads::count()).enable_all().build()?;
     rt.block_on(async {
         let m = &bundle.manifest;
@@ -63,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_sessions: args.max_sessions,
             max_context: args.max_context,
             idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
+            cost,
         };
         let server = CloudServer::bind(bundle.clone(), config)?;
         let r = m.plan.middle_range();

@@ -22,7 +22,7 @@ log=$runs/serve-cloud.log
 "$hat" serve-cloud --bundle "$split/cloud" --listen 127.0.0.1:0 --state-dir "$runs/cloud-state" >"$log" 2>"$runs/serve-cloud.err" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 300); do
+for _ in $(seq 1 900); do
   grep -q '^fingerprint ' "$log" 2>/dev/null && break
   kill -0 $server 2>/dev/null || { cat "$runs/serve-cloud.err" >&2; exit 1; }
   sleep 0.1

@@ -13,16 +13,17 @@
 //!
 //! ```text
 //!   layer     folder      uses (besides util/ and error.rs, which every folder may use)
-//!   roles     train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
-//!             edge/   ──▶ adapter/ split/ decode/ net/ model/
-//!             cloud/  ──▶ split/ net/ model/
+//!   roles     profile/ ─▶ edge/ adapter/ split/ net/ sched/ model/
+//!             train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
+//!             edge/   ──▶ adapter/ split/ decode/ net/ sched/ model/
+//!             cloud/  ──▶ split/ net/ sched/ model/
 //!   shared    adapter/ ─▶ split/ model/
 //!             split/  ──▶ decode/ io/ model/
-//!             net/    ──▶ model/
+//!             net/    ──▶ sched/ model/
 //!             decode/ ──▶ model/
 //!   engine    io/     ──▶ model/
 //!             model/  ──▶ (nothing)
-//!   base      util/, error.rs
+//!   base      sched/ (arithmetic over measured costs), util/, error.rs
 //! ```
 //!
 //! - [`model`]: the splittable engine: config, rope, decoder layers, layer stacks with their KV
@@ -36,12 +37,15 @@
 //!   (QUIC or in-process) and link emulation;
 //! - [`adapter`]: the draft adapter at run time and its file format;
 //! - [`edge`]: the device's side of inference (prefill, drafting, verification, report);
-//! - [`cloud`]: `hat serve-cloud`: the server and its sessions;
-//! - [`train`]: distilling the draft adapter.
+//! - [`cloud`]: `hat serve-cloud`: the server, its sessions and its load;
+//! - [`train`]: distilling the draft adapter;
+//! - [`sched`]: cost models of the pipeline's stages, their least-squares fit, the prefill
+//!   pipeline as a schedule that predicts TTFT, and the chunk planner;
+//! - [`profile`]: `hat profile`: measuring the device, the cloud and the link into those cost
+//!   models, the profile file, charts, and planning one session's prefill.
 //!
-//! Folders still to come sit beside these: `profile/` and `plan/` (measured costs and chunk
-//! planning, using `split`, `net` and `model`), a batch scheduler inside `cloud/`, `api/` (an
-//! HTTP service over `edge`), `audit/` (a curious cloud, over `split` and `train`).
+//! Folders still to come sit beside these: a batch scheduler inside `cloud/`, `api/` (an HTTP
+//! service over `edge`), `audit/` (a curious cloud, over `split` and `train`).
 //!
 //! The `testing` feature adds `hat::testing`: tiny random models and the shared model → split →
 //! cloud → connected edge set-up of the integration tests and benchmarks.
@@ -54,6 +58,8 @@ pub mod error;
 pub mod io;
 pub mod model;
 pub mod net;
+pub mod profile;
+pub mod sched;
 pub mod split;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

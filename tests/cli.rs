@@ -41,13 +41,76 @@ fn help_lists_every_subcommand() {
 }
 
 #[test]
-fn unbuilt_subcommands_refuse_clearly() {
-    for cmd in ["profile"] {
-        let o = hat(&[cmd, "--bundle", "x"], &[]);
-        assert!(!o.status.success(), "{cmd} must exit non-zero");
-        assert!(stderr(&o).contains("not implemented yet"), "{cmd}: {}", stderr(&o));
-        assert!(o.stdout.is_empty(), "{cmd} printed output");
+fn profile_measures_a_tiny_split_and_run_edge_checks_the_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
+    let split = dir.path().join("split");
+    let o = hat(&["split", "--model", model.to_str().unwrap(), "--input-layers", "1", "--output-layers", "1", "--out", split.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("p.json");
+    let plots = dir.path().join("plots");
+    let (cloud, device) = (split.join("cloud"), split.join("device"));
+    let o = hat(&["--threads", "1", "profile", "--bundle", cloud.to_str().unwrap(), "--quick", "--out", out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("middle"), "the table names the stage");
+    // The device part is added to the same file; charts drawn.
+    let o = hat(&["--threads", "1", "profile", "--bundle", device.to_str().unwrap(), "--quick", "--out", out.to_str().unwrap(), "--plot", plots.to_str().unwrap(), "--adapter", "none"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["version"], hat::profile::PROFILE_VERSION);
+    for part in ["device", "cloud"] {
+        assert!(v[part].is_object(), "{part} missing: {v}");
     }
+    assert!(v["device"]["input"]["residuals"]["points"].as_u64().unwrap() >= 6, "{v}");
+    assert!(plots.join("device-stages.svg").exists());
+
+    // run-edge refuses a profile of another split, and a bad --chunk-size, before connecting.
+    let mut other = v.clone();
+    other["split_id"] = "0123456789abcdef0123456789abcdef".into();
+    let other_path = dir.path().join("other.json");
+    std::fs::write(&other_path, other.to_string()).unwrap();
+    let fp = format!("sha256:{}", "00".repeat(32));
+    let base = ["run-edge", "--bundle", device.to_str().unwrap(), "--cloud", "127.0.0.1:9", "--cloud-fingerprint", &fp, "--prompt", "x"];
+    let o = hat(&[&base[..], &["--profile", other_path.to_str().unwrap()]].concat(), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("measured on split 0123456789abcdef0123456789abcdef"), "{}", stderr(&o));
+    let o = hat(&[&base[..], &["--chunk-size", "lots"]].concat(), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--chunk-size lots"), "{}", stderr(&o));
+    let o = hat(&["profile", "--bundle", "/no/such", "--out", out.to_str().unwrap()], &[]);
+    assert!(!o.status.success() && stderr(&o).starts_with("error: "), "{}", stderr(&o));
+
+    // serve-cloud without --profile measures a quick one before it listens; run-edge plans the
+    // chunks (`auto` is the default) from a quick device profile it measures once and caches.
+    let state = dir.path().join("state");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["serve-cloud", "--bundle", cloud.to_str().unwrap(), "--listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let addr = lines.next().unwrap().unwrap().trim_start_matches("listening ").to_string();
+    let fingerprint = lines.next().unwrap().unwrap().trim_start_matches("fingerprint ").to_string();
+    let cache = dir.path().join("cache");
+    let edge = ["run-edge", "--bundle", device.to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", "hello there, how are you today?", "--max-tokens", "3", "--adapter", "none", "--json"];
+    let envs = [("HAT_CACHE_DIR", cache.to_str().unwrap())];
+    let runs: Vec<serde_json::Value> = (0..2)
+        .map(|_| {
+            let o = hat(&edge, &envs);
+            assert!(o.status.success(), "{}", stderr(&o));
+            serde_json::from_slice(&o.stdout).unwrap()
+        })
+        .collect();
+    let _ = server.kill();
+    let _ = server.wait();
+    for v in &runs {
+        let plan: Vec<u64> = v["chunk_plan"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        assert_eq!(plan.iter().sum::<u64>(), v["prompt_tokens"].as_u64().unwrap(), "{v}");
+        assert!(v["predicted_ttft_ms"].as_f64().unwrap() > 0.0 && v["chunk_size"] == 0, "{v}");
+        assert_eq!(v["plan_link_source"], "probed in this session");
+    }
+    assert!(runs[0]["device_profile"].as_str().unwrap().starts_with("quick profile measured now, cached"), "{}", runs[0]);
+    assert!(runs[1]["device_profile"].as_str().unwrap().starts_with("cached quick profile"), "{}", runs[1]);
+    assert!(state.read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("profile-cloud-")), "the cloud keeps its quick profile");
 }
 
 #[test]

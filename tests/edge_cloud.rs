@@ -81,7 +81,7 @@ fn adapter(w: &World, which: &str) -> Adapter {
 }
 
 fn options(mode: Mode, draft_len: usize, chunk_size: usize, sampling: SamplingParams, max_tokens: usize) -> EdgeOptions {
-    EdgeOptions { mode, draft_len, chunk_size, sampling, max_tokens, max_context: 4096, draft: DraftOptions::default() }
+    EdgeOptions { mode, draft_len, chunking: hat::edge::Chunking::Fixed(chunk_size), sampling, max_tokens, max_context: 4096, draft: DraftOptions::default() }
 }
 
 fn run(w: &World, adapter: &Adapter, ids: &[u32], opts: EdgeOptions, dtype: WireDtype) -> EdgeReport {
@@ -220,6 +220,44 @@ fn u_shape_equals_hat_generate() {
 }
 
 #[test]
+fn any_chunking_keeps_greedy_exact_and_the_planner_plans_from_measurements() {
+    let w = world();
+    let ids = &prompts(w)[1];
+    let want = reference(w, ids, 12);
+    let n = ids.len();
+    let a = adapter(w, "conditioned");
+    let plans = [vec![1, n - 1], vec![3, 9, n - 12], hat::sched::equal_chunks(n, 5), vec![n - 2, 1, 1]];
+    for plan in plans {
+        let opts = EdgeOptions { chunking: hat::edge::Chunking::Planned(plan.clone()), ..options(Mode::Hat, 4, 0, SamplingParams::greedy(), 12) };
+        let r = run(w, &a, ids, opts, WireDtype::F32);
+        assert_eq!(r.token_ids, want, "plan {plan:?}");
+        assert_eq!(r.chunk_plan, plan);
+    }
+    // A plan that does not cover the prompt is refused.
+    let bad = EdgeOptions { chunking: hat::edge::Chunking::Planned(vec![1, 2]), ..options(Mode::Hat, 4, 0, SamplingParams::greedy(), 4) };
+    let mut link = connect(w, WireDtype::F32, None);
+    let e = hat::edge::generate(&w.device, &a, &mut link, ids, &bad, |_| Ok(())).err().expect("refused").to_string();
+    assert!(e.contains("does not cover"), "{e}");
+
+    // The planner end to end: a quick device profile, the cloud's cost model and load from the
+    // handshake, the link probed on the session; its plan covers the prompt and keeps greedy exact.
+    let drafter = hat::edge::Drafter::new(&w.device, &a, DraftOptions::default()).unwrap();
+    let mut profile = hat::profile::Profile::new(&w.device.manifest.split_id, "test", w.device.manifest.hidden_size, hat::util::threads::count(), true);
+    profile.device = Some(hat::profile::profile_device(&w.device, &drafter, &hat::profile::Grid::quick(), &mut || {}).unwrap());
+    let mut link = connect(w, WireDtype::F32, None);
+    let fake = Path::new("profile.json");
+    let p = hat::profile::plan_session(&w.device, &drafter, &mut link, Some((&profile, fake)), n, WireDtype::F32, true).unwrap();
+    assert_eq!(p.plan.chunks.iter().sum::<usize>(), n, "{p:?}");
+    assert!(p.plan.predicted_ttft_ms > 0.0 && p.plan.predicted_ttft_ms <= p.plan.best_equal_ms + 1e-9, "{p:?}");
+    assert_eq!(p.link_source, "probed in this session");
+    assert_eq!(p.device_source, hat::profile::Source::File(fake.to_path_buf()));
+    let opts = EdgeOptions { chunking: hat::edge::Chunking::Planned(p.plan.chunks.clone()), ..options(Mode::Hat, 4, 0, SamplingParams::greedy(), 12) };
+    let r = hat::edge::generate_with(&w.device, &drafter, &mut link, ids, &opts, |_| Ok(())).unwrap();
+    assert_eq!(r.token_ids, want);
+    assert!(link.load.sessions >= 1, "every reply carries the cloud's load: {:?}", link.load);
+}
+
+#[test]
 fn sampling_is_deterministic_per_seed() {
     let w = world();
     let ids = &prompts(w)[0];
@@ -251,6 +289,8 @@ fn refusals_are_clear() {
     assert!(e.contains("split") && e.contains(&w.device.manifest.split_id) && e.ends_with("(SplitMismatch)"), "{e}");
     let e = err(ConnectOptions { trust: Trust::Fingerprint(format!("sha256:{}", "ab".repeat(32))), ..base.clone() });
     assert!(e.contains("fingerprint"), "{e}");
+    let e = QuicLink::connect_with_version(base.clone(), 1).err().expect("refused").to_string();
+    assert!(e.contains("protocol version 1") && e.contains(&format!("speaks {}", hat::net::protocol::PROTOCOL_VERSION)) && e.ends_with("(VersionMismatch)"), "{e}");
     let e = err(ConnectOptions { hidden_size: 64, ..base.clone() });
     assert!(e.contains("hidden size 64") && e.ends_with("(BadRequest)"), "{e}");
 
@@ -324,6 +364,9 @@ fn only_hidden_states_cross_the_network() {
     let f = frames.clone();
     let tap: FrameTap = Arc::new(move |d, body| f.lock().unwrap().push((d, body.to_vec())));
     let mut link = connect(w, WireDtype::F32, Some(tap));
+    // The link is probed first (as `--chunk-size auto` does without a profile's link figures).
+    let measured = link.measure_link(4096, 2).unwrap();
+    assert!(measured.rtt_ms >= 0.0 && measured.up_mbps > 0.0 && measured.down_mbps > 0.0, "{measured:?}");
     let a = adapter(w, "partial");
     let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16), |_| Ok(())).unwrap();
     drop(link);
@@ -338,13 +381,19 @@ fn only_hidden_states_cross_the_network() {
     let h = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
     let first16: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
 
-    let mut hidden_frames = 0;
+    let (mut hidden_frames, mut probes) = (0, 0);
     for (d, body) in frames.iter() {
         let allowed = match d {
-            Direction::Up => [kind::HELLO, kind::HIDDEN, kind::CLOSE].contains(&body[0]),
-            Direction::Down => [kind::WELCOME, kind::MIDDLE].contains(&body[0]),
+            Direction::Up => [kind::HELLO, kind::HIDDEN, kind::PROBE, kind::CLOSE].contains(&body[0]),
+            Direction::Down => [kind::WELCOME, kind::MIDDLE, kind::PROBE_ECHO].contains(&body[0]),
         };
         assert!(allowed, "frame kind {} {d:?}", body[0]);
+        // Probes carry their echo size and zero padding, nothing else.
+        if body[0] == kind::PROBE || body[0] == kind::PROBE_ECHO {
+            let padding = if body[0] == kind::PROBE { &body[5..] } else { &body[1..] };
+            assert!(padding.iter().all(|&b| b == 0), "probe padding must be zeros");
+            probes += 1;
+        }
         // Neither the text nor its ids (as u32 or u16 runs) appear in any frame.
         let hay = body.as_slice();
         assert!(!hay.windows(12).any(|w| w == &prompt.as_bytes()[..12]));
@@ -353,7 +402,8 @@ fn only_hidden_states_cross_the_network() {
         let ids16: Vec<u8> = ids[5..9].iter().flat_map(|&i| u16::try_from(i).expect("the default vocabulary fits u16").to_le_bytes()).collect();
         assert!(!hay.windows(ids16.len()).any(|w| w == ids16.as_slice()));
         if body[0] == kind::HIDDEN || body[0] == kind::MIDDLE {
-            let off = if body[0] == kind::HIDDEN { 1 } else { 9 };
+            // Middle: kind, compute time (8 bytes), the cloud's load (4 numbers), then the block.
+            let off = if body[0] == kind::HIDDEN { 1 } else { 9 + hat::net::protocol::CloudLoad::WIRE_SIZE };
             let count = u32::from_le_bytes(body[off + 4..off + 8].try_into().unwrap()) as usize;
             assert_eq!(body.len(), off + 9 + count * hidden * 4, "payload is exactly count × hidden f32 values");
             if body[0] == kind::HIDDEN && hidden_frames == 0 {
@@ -366,6 +416,7 @@ fn only_hidden_states_cross_the_network() {
         }
     }
     assert!(hidden_frames >= 3 + r.rounds, "prefill chunks and one block per round: {hidden_frames}");
+    assert_eq!(probes, 2 * 4, "two round-trip probes and one each way for throughput, each answered");
 }
 
 /// How often do half-precision hidden states on the wire change a greedy token? (Measured and

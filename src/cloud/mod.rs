@@ -6,12 +6,14 @@
 //! and ends that session only; the server keeps serving every other one.
 //!
 //! Files: [`server`] (the endpoint and its connections), `session` (one edge's session: the
-//! handshake, limits, compute), [`background`] (a server on its own thread).
+//! handshake, limits, compute, probes), [`load`] (how busy the cloud has been, sent with every
+//! reply), [`background`] (a server on its own thread).
 //!
-//! May use [`crate::net`], [`crate::split`], [`crate::model`] and [`crate::util`]; never `edge`
+//! May use [`crate::net`], [`crate::split`], [`crate::sched`], [`crate::model`] and [`crate::util`]; never `edge`
 //! or `train`.
 
 pub mod background;
+pub mod load;
 pub mod server;
 mod session;
 
@@ -35,5 +37,8 @@ pub struct CloudConfig {
     pub max_context: usize,
     /// A session that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// The middle layers' cost model, told to every edge in the handshake (from `hat profile`
+    /// or measured at start).
+    pub cost: crate::sched::CloudModel,
 }
 

@@ -14,6 +14,15 @@ pub(crate) struct Shared {
     pub(crate) config: CloudConfig,
     pub(crate) sessions: Arc<tokio::sync::Semaphore>,
     pub(crate) next_session: AtomicU64,
+    pub(crate) load: crate::cloud::load::LoadMeter,
+}
+
+impl Shared {
+    /// The load the other sessions put on the cloud, as `session` sees it (sessions open from
+    /// the session limit's free permits).
+    pub(crate) fn load(&self, session: u64) -> crate::net::protocol::CloudLoad {
+        self.load.load(self.config.max_sessions - self.sessions.available_permits(), session)
+    }
 }
 
 /// A bound server: its address and certificate fingerprint are known before it serves.
@@ -50,6 +59,7 @@ impl CloudServer {
                 bundle,
                 config,
                 next_session: AtomicU64::new(1),
+                load: Default::default(),
             }),
         })
     }

@@ -1,5 +1,6 @@
 //! One edge's session: the handshake (version, token, split, hidden size), the session limit,
-//! then blocks of hidden states through the middle layers, each checked before it is computed.
+//! then blocks of hidden states through the middle layers, each checked before it is computed,
+//! and link probes answered with zero padding.
 //! A malformed or refused request gets an error frame and ends that session only.
 
 use std::net::SocketAddr;
@@ -9,7 +10,16 @@ use std::time::Instant;
 
 use crate::cloud::server::{log, Shared};
 use crate::error::{Error, Result};
-use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, PROTOCOL_VERSION};
+use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, MAX_PROBE, PROTOCOL_VERSION};
+
+/// Drops a session's compute intervals from the load when the session ends.
+struct ForgetOnDrop(Arc<crate::cloud::server::Shared>, u64);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.0.load.forget(self.1);
+    }
+}
 
 /// Sends an error frame, logs it and ends the session.
 async fn refuse(send: &mut quinn::SendStream, code: ErrorCode, message: String) -> Result<()> {
@@ -57,14 +67,23 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         return refuse(&mut send, ErrorCode::Busy, format!("the cloud already serves its maximum of {} sessions", cfg.max_sessions)).await;
     };
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    // However the session ends, its work stops counting as load.
+    let _forget = ForgetOnDrop(shared.clone(), id);
     let range = manifest.plan.middle_range();
-    let welcome = Message::Welcome { session: id, max_context: cfg.max_context as u32, middle_start: range.start as u32, middle_end: range.end as u32 };
+    let welcome = Message::Welcome {
+        session: id,
+        max_context: cfg.max_context as u32,
+        middle_start: range.start as u32,
+        middle_end: range.end as u32,
+        cost: cfg.cost.clone(),
+        load: shared.load(id),
+    };
     write_frame(&mut send, &welcome.encode()).await?;
     log(format!("session {id} from {remote}: open ({} on the wire)", dtype.name()));
 
     let bundle = shared.bundle.clone();
     let mut cache = Some(bundle.middle.new_cache());
-    let max_frame = MAX_FRAME.min(cfg.max_context * hidden * 4 + 64);
+    let max_frame = MAX_FRAME.min((cfg.max_context * hidden * 4 + 64).max(MAX_PROBE + 64));
     let (mut blocks, started) = (0u64, Instant::now());
     loop {
         let body = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, max_frame)).await {
@@ -76,6 +95,10 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         let block = match Message::decode(&body) {
             Ok(Message::Hidden(b)) => b,
             Ok(Message::Close) => break,
+            Ok(Message::Probe { echo, .. }) => {
+                write_frame(&mut send, &Message::ProbeEcho { padding: vec![0; echo as usize] }.encode()).await?;
+                continue;
+            }
             Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("unexpected {other:?}")).await,
             Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
         };
@@ -92,14 +115,16 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         }
         let mut c = cache.take().ok_or_else(|| Error::invalid("cache lost"))?;
         let bundle = bundle.clone();
+        let meter = shared.clone();
         let computed = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
+            let t = meter.load.begin(id);
             let out = (|| {
                 let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
                 c.truncate(start);
                 let y = bundle.middle.forward(&x, start, &mut c)?;
                 HiddenBlock::from_tensor(&y, start, dtype)
             })();
+            meter.load.end(id, t, count);
             (c, out, t.elapsed())
         })
         .await
@@ -108,7 +133,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         cache = Some(c);
         match out {
             Ok(block) => {
-                let msg = Message::Middle { block, compute_us: took.as_micros() as u64 };
+                let msg = Message::Middle { block, compute_us: took.as_micros() as u64, load: shared.load(id) };
                 write_frame(&mut send, &msg.encode()).await?;
                 blocks += 1;
             }

@@ -31,7 +31,7 @@
 //! and when to stop), [`report`] ([`EdgeReport`]); verification and the round loop are here,
 //! with the acceptance rule from [`crate::decode::accept`].
 //!
-//! May use [`crate::adapter`], [`crate::net`], [`crate::split`], [`crate::decode`],
+//! May use [`crate::adapter`], [`crate::net`], [`crate::split`], [`crate::decode`], [`crate::sched`],
 //! [`crate::model`] and [`crate::util`]; never `cloud` or `train`.
 
 mod draft;
@@ -68,14 +68,47 @@ pub enum Mode {
     UShape,
 }
 
+/// How the prompt is cut into prefill chunks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunking {
+    /// Chunks of this many positions (the last one shorter); 0 = the whole prompt at once.
+    Fixed(usize),
+    /// These chunk lengths, in order (from the planner, [`crate::sched::plan`]); they must sum
+    /// to the prompt's length.
+    Planned(Vec<usize>),
+}
+
+impl Chunking {
+    /// The chunk lengths for a prompt of `len` positions.
+    pub fn chunks(&self, len: usize) -> Result<Vec<usize>> {
+        match self {
+            Chunking::Fixed(size) => Ok(crate::sched::fixed_chunks(len, *size)),
+            Chunking::Planned(c) if c.iter().sum::<usize>() == len && c.iter().all(|&x| x > 0) => Ok(c.clone()),
+            Chunking::Planned(c) => Err(crate::error::Error::invalid(format!(
+                "a chunk plan of {} positions in {} chunks does not cover the prompt's {len}",
+                c.iter().sum::<usize>(),
+                c.len()
+            ))),
+        }
+    }
+
+    /// The fixed chunk size (0 when planned), as `--json` reports it.
+    pub fn size(&self) -> usize {
+        match self {
+            Chunking::Fixed(s) => *s,
+            Chunking::Planned(_) => 0,
+        }
+    }
+}
+
 /// Settings of one generation.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EdgeOptions {
     pub mode: Mode,
     /// γ: most tokens drafted per round.
     pub draft_len: usize,
-    /// Prompt positions per prefill chunk; 0 = the whole prompt at once.
-    pub chunk_size: usize,
+    /// How the prompt is cut into prefill chunks.
+    pub chunking: Chunking,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     /// The cloud's context limit (positions), from the handshake.
@@ -118,7 +151,8 @@ pub fn generate_with<L: MiddleLink>(
     let mut edge = Edge::new(dev, drafter, link);
     let mut clock = TokenClock::start();
 
-    let logits = edge.prefill(prompt, opts.chunk_size, drafting)?;
+    let chunk_plan = opts.chunking.chunks(prompt.len())?;
+    let logits = edge.prefill(prompt, &chunk_plan, drafting)?;
     let mut next = sampler.select(&logits)?;
     clock.token();
     let decoding = Instant::now();
@@ -191,7 +225,7 @@ pub fn generate_with<L: MiddleLink>(
         let reply = edge.receive()?;
 
         let t = Instant::now();
-        let logits = edge.llm_logits(&reply, true)?; // (k + 1, vocab)
+        let logits = edge.llm_logits(&reply, state::Logits::All)?.ok_or_else(|| crate::error::Error::invalid("internal: no logits"))?; // (k + 1, vocab)
         let Acceptance { accepted: a, next: new_token } = if sampler.is_greedy() {
             accept_greedy(&drafts, |i| sampler.select(&logits.get(i)?))?
         } else {
@@ -254,6 +288,7 @@ pub fn generate_with<L: MiddleLink>(
         cloud_compute_ms: ms(edge.cloud_time),
         network_wait_ms: ms(edge.wait_time),
         stop_reason: stop,
+        chunk_plan,
         drafting: drafting_report,
         token_ids: tokens,
     })

@@ -1,18 +1,19 @@
 //! Chunked prefill: each chunk of the prompt goes up as soon as its input hidden states exist,
-//! replies run through the output submodel as they arrive, and the draft path's own prefill
-//! overlaps with the cloud's work on the last chunks.
+//! replies run through the output submodel as they arrive (the head only on the last position),
+//! and the draft path's own prefill runs while the cloud works on the last chunks; what is left
+//! of it waits for the first draft round, after the first token.
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::edge::state::Edge;
+use crate::edge::state::{Edge, Logits};
 use crate::error::{Error, Result};
 use crate::net::{MiddleLink, MiddleReply};
 
 impl<L: MiddleLink> Edge<'_, L> {
-    /// Chunked prefill: each chunk goes up as soon as its input hidden states exist; replies
-    /// are run through the output submodel as they arrive. Returns the last position's logits.
-    pub(super) fn prefill(&mut self, prompt: &[u32], chunk: usize, drafting: bool) -> Result<Tensor> {
-        let chunk = if chunk == 0 { prompt.len() } else { chunk };
+    /// Chunked prefill: each chunk (`chunks`: lengths summing to the prompt's) goes up as soon
+    /// as its input hidden states exist; replies are run through the output submodel as they
+    /// arrive. Returns the last position's logits.
+    pub(super) fn prefill(&mut self, prompt: &[u32], chunks: &[usize], drafting: bool) -> Result<Tensor> {
         let mut pending = 0usize;
         let mut last = None;
         if drafting && self.adapter.is_conditioned() {
@@ -23,13 +24,17 @@ impl<L: MiddleLink> Edge<'_, L> {
             if drafting {
                 edge.push_features(&r.hidden)?;
             }
-            let logits = edge.llm_logits(&r, false)?;
-            if is_last {
-                last = Some(logits.squeeze(0)?);
+            // The head runs on the prompt's last position only.
+            let logits = edge.llm_logits(&r, if is_last { Logits::Last } else { Logits::None })?;
+            if let (true, Some(l)) = (is_last, logits) {
+                last = Some(l.squeeze(0)?);
             }
             Ok(())
         };
-        for ids in prompt.chunks(chunk) {
+        let mut from = 0;
+        for &len in chunks {
+            let ids = &prompt[from..from + len];
+            from += len;
             let pos = self.input.len();
             let h = self.input_hidden(ids)?;
             self.link.submit(pos, &h)?;
@@ -48,12 +53,11 @@ impl<L: MiddleLink> Edge<'_, L> {
         if drafting {
             self.run_draft_path(false)?;
         }
+        // The draft path of the chunks still out waits for the first draft round (it is not
+        // needed for the first token): the cloud's last replies go straight to the head.
         for _ in 0..pending {
             let r = self.receive()?;
             handle(self, r)?;
-            if drafting {
-                self.run_draft_path(false)?;
-            }
         }
         last.ok_or_else(|| Error::invalid("the cloud never answered the last prompt chunk"))
     }

@@ -35,6 +35,8 @@ pub struct EdgeReport {
     /// Time the device waited for replies (network and cloud queueing included).
     pub network_wait_ms: f64,
     pub stop_reason: StopReason,
+    /// The prefill chunks' lengths, in order.
+    pub chunk_plan: Vec<usize>,
     /// How it drafted: draft head, threshold and its inputs, time per phase, drafting ahead.
     #[serde(flatten)]
     pub drafting: DraftingReport,

@@ -13,6 +13,14 @@ use crate::model::StackCache;
 use crate::net::{MiddleLink, MiddleReply};
 use crate::split::DeviceBundle;
 
+/// Which logits [`Edge::llm_logits`] computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Logits {
+    All,
+    Last,
+    None,
+}
+
 /// The device's caches and timers for one generation.
 pub(super) struct Edge<'a, L: MiddleLink> {
     pub(super) dev: &'a DeviceBundle,
@@ -96,12 +104,18 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
     }
 
     /// Runs the LLM output submodel on a reply; returns logits `(count, vocab)` for every
-    /// position, or only the last `(1, vocab)` when `all` is false.
-    pub(super) fn llm_logits(&mut self, r: &MiddleReply, all: bool) -> Result<Tensor> {
+    /// position ([`Logits::All`]), only the last `(1, vocab)` ([`Logits::Last`]), or none
+    /// ([`Logits::None`]: the reply only extends the output cache, e.g. a prompt chunk before
+    /// the last).
+    pub(super) fn llm_logits(&mut self, r: &MiddleReply, which: Logits) -> Result<Option<Tensor>> {
         let t = Instant::now();
         self.llm_output.truncate(r.start);
         let y = self.dev.output.forward(&r.hidden, r.start, &mut self.llm_output)?;
-        let logits = if all { self.dev.head.forward(&y)?.squeeze(0)? } else { self.dev.head.forward_last(&y)? };
+        let logits = match which {
+            Logits::All => Some(self.dev.head.forward(&y)?.squeeze(0)?),
+            Logits::Last => Some(self.dev.head.forward_last(&y)?),
+            Logits::None => None,
+        };
         self.device_time += t.elapsed();
         Ok(logits)
     }

@@ -6,9 +6,11 @@
 //!
 //! For a handful of query rows, candle's batched matmul + softmax + matmul costs ~100 µs per
 //! layer in thread-pool dispatch alone, far more than the arithmetic. [`causal_attention`]
-//! computes `softmax(q kᵀ · scale + causal mask) v` row by row in one pass, reading K/V straight
-//! from the (strided) cache views. Each row is computed the same way whatever the block size, so a
-//! token's result does not depend on how many tokens were fed with it.
+//! computes `softmax(q kᵀ · scale + causal mask) v` straight from the (strided) cache views, in
+//! tiles of up to 16 query rows of one K/V group that read each key and value once for all their
+//! rows (memory traffic, not arithmetic, bounds it at long contexts), with AVX2/FMA dot products
+//! when the CPU has them. Each row is computed the same way whatever the block or tile it is in,
+//! so a token's result does not depend on how many tokens were fed with it.
 //!
 //! ## Matmuls with few rows (decode steps, draft and verification blocks)
 //!
@@ -72,36 +74,42 @@ impl CustomOp3 for CausalAttention {
         let (k, v) = (&k[lk.start_offset()..], &v[lv.start_offset()..]);
         let pos = len - self.seq;
         let mut out = vec![0f32; b * g * rows * d];
-        let row_fn = |(idx, o): (usize, &mut [f32])| {
-            let (bi, rest) = (idx / (g * rows), idx % (g * rows));
-            let (gi, r) = (rest / rows, rest % rows);
-            let visible = pos + r % self.seq + 1;
-            let qr = &q[idx * d..(idx + 1) * d];
-            let kb = bi * ks[0] + gi * ks[1];
-            let vb = bi * vs[0] + gi * vs[1];
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|j| {
-                    let kr = &k[kb + j * ks[2]..kb + j * ks[2] + d];
-                    qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * self.scale
-                })
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+        let avx2 = has_avx2_fma();
+        // Tiles of up to ATTENTION_TILE rows of one K/V group read each key and value once for
+        // all their rows; each row's arithmetic is that of the row alone.
+        let tiles_per_group = rows.div_ceil(ATTENTION_TILE);
+        let tile_fn = |(t, o): (usize, &mut [f32])| {
+            let (group, tile) = (t / tiles_per_group, t % tiles_per_group);
+            let (bi, gi) = (group / g, group % g);
+            let first = tile * ATTENTION_TILE;
+            let n = o.len() / d;
+            let block = AttentionTile {
+                q: &q[(group * rows + first) * d..(group * rows + first + n) * d],
+                k: &k[bi * ks[0] + gi * ks[1]..],
+                v: &v[bi * vs[0] + gi * vs[1]..],
+                k_stride: ks[2],
+                v_stride: vs[2],
+                visible: (first..first + n).map(|r| pos + r % self.seq + 1).collect(),
+                scale: self.scale,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { attend_tile_avx2(&block, o) };
             }
-            for (j, s) in scores.iter().enumerate() {
-                let w = s / sum;
-                let vr = &v[vb + j * vs[2]..vb + j * vs[2] + d];
-                o.iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
-            }
+            let _ = avx2;
+            attend_tile(&block, o, dot8)
         };
+        // Output chunks: the tiles of each group (the last tile of a group may be shorter).
+        let mut chunks: Vec<&mut [f32]> = Vec::with_capacity(b * g * tiles_per_group);
+        for group in out.chunks_mut(rows * d) {
+            chunks.extend(group.chunks_mut(ATTENTION_TILE * d));
+        }
         let work = b * g * rows * len * d;
         if work > 1 << 16 {
-            out.par_chunks_mut(d).enumerate().for_each(row_fn);
+            chunks.into_par_iter().enumerate().for_each(tile_fn);
         } else {
-            out.chunks_mut(d).enumerate().for_each(row_fn);
+            chunks.into_iter().enumerate().for_each(tile_fn);
         }
         Ok((CpuStorage::F32(out), Shape::from((b, g, rows, d))))
     }
@@ -111,6 +119,105 @@ impl CustomOp3 for CausalAttention {
 /// in the op above. Returns `(b, g, rows, d)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, scale: f32) -> Result<Tensor> {
     q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale })
+}
+
+/// Query rows of one K/V group that [`CausalAttention`] computes together.
+const ATTENTION_TILE: usize = 16;
+
+/// Consecutive query rows of one K/V group: their keys and values from the group's start.
+struct AttentionTile<'a> {
+    /// `(n, d)` query rows.
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    k_stride: usize,
+    v_stride: usize,
+    /// Per row: keys `[0, visible)` are attended.
+    visible: Vec<usize>,
+    scale: f32,
+}
+
+/// `softmax(q kᵀ · scale) v` for each row of a tile into `o` (zeroed, `(n, d)`): scores key by
+/// key for every row, softmax per row, then values key by key. The arithmetic of a row (its
+/// dot products, the order of its sums) is the same whatever tile it is in.
+#[inline(always)]
+fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    let d = o.len() / t.visible.len().max(1);
+    let most = t.visible.iter().copied().max().unwrap_or(0);
+    let mut scores: Vec<Vec<f32>> = t.visible.iter().map(|&n| Vec::with_capacity(n)).collect();
+    for j in 0..most {
+        let kr = &t.k[j * t.k_stride..j * t.k_stride + d];
+        for (r, s) in scores.iter_mut().enumerate() {
+            if j < t.visible[r] {
+                s.push(dot(&t.q[r * d..(r + 1) * d], kr) * t.scale);
+            }
+        }
+    }
+    for s in scores.iter_mut() {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+    for j in 0..most {
+        let vr = &t.v[j * t.v_stride..j * t.v_stride + d];
+        for (r, s) in scores.iter().enumerate() {
+            if let Some(&w) = s.get(j) {
+                o[r * d..(r + 1) * d].iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
+            }
+        }
+    }
+}
+
+/// [`attend_tile`] compiled for AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_tile_avx2(t: &AttentionTile<'_>, o: &mut [f32]) {
+    attend_tile(t, o, |a, b| dot_avx2(a, b))
+}
+
+/// `a · b` in eight FMA lanes, summed as [`sum_pair`] does (the same order for every row).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let pairs = n / 16;
+    for c in 0..pairs {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(c * 16)), _mm256_loadu_ps(pb.add(c * 16)), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(c * 16 + 8)), _mm256_loadu_ps(pb.add(c * 16 + 8)), acc1);
+    }
+    let mut sum = sum_pair(acc0, acc1);
+    for j in pairs * 16..n {
+        sum = a[j].mul_add(b[j], sum);
+    }
+    sum
+}
+
+/// `a · b` with eight partial sums in a fixed order (vectorised; the same arithmetic for a row
+/// whatever the block it is in).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
 }
 
 /// Rows up to which [`small_m_matmul`] replaces gemm.
@@ -368,6 +475,7 @@ impl candle_core::CustomOp2 for FrozenMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use candle_core::Device;
 
     #[test]
@@ -388,6 +496,36 @@ mod tests {
         let wb = Tensor::randn(0f32, 1.0, (2, 7, 13), &dev).unwrap();
         let y = frozen_matmul(x.as_tensor(), &wb).unwrap();
         assert!(max_diff(&y, &x.as_tensor().matmul(&wb).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn causal_attention_is_row_invariant_across_tiles_and_matches_softmax() {
+        let (g, rep, seq, len, d) = (2, 3, 20, 50, 64);
+        let pos = len - seq;
+        let dev = candle_core::Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (1, g, rep * seq, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, g, len, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, g, len, d), &dev).unwrap();
+        let full = causal_attention(&q, &k, &v, seq, 0.125).unwrap();
+        let rows = |t: &Tensor| t.to_vec3::<f32>().unwrap_or_default();
+        let full4: Vec<Vec<Vec<f32>>> = full.squeeze(0).unwrap().to_vec3().unwrap();
+        for i in 0..seq {
+            // Query position i alone, after the keys it may see.
+            let qi = q.reshape((1, g, rep, seq, d)).unwrap().narrow(3, i, 1).unwrap().reshape((1, g, rep, d)).unwrap().contiguous().unwrap();
+            let (ki, vi) = (k.narrow(2, 0, pos + i + 1).unwrap(), v.narrow(2, 0, pos + i + 1).unwrap());
+            let one: Vec<Vec<Vec<f32>>> = causal_attention(&qi, &ki, &vi, 1, 0.125).unwrap().squeeze(0).unwrap().to_vec3().unwrap();
+            for gi in 0..g {
+                for r in 0..rep {
+                    assert_eq!(one[gi][r], full4[gi][r * seq + i], "group {gi}, head {r}, position {i}: bitwise the same alone or in a block");
+                }
+            }
+            // Against softmax(q kᵀ) v with candle's ops.
+            let att = (qi.matmul(&ki.t().unwrap()).unwrap() * 0.125).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&att).unwrap().matmul(&vi.contiguous().unwrap()).unwrap().squeeze(0).unwrap();
+            for (a, b) in rows(&want).iter().flatten().flatten().zip(one.iter().flatten().flatten()) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
     }
 
     #[test]

@@ -251,3 +251,12 @@ mod tests {
         assert!(LayerStack::load(&vb, &loaded.config, 4..7, rope).is_err());
     }
 }
+
+/// Block sizes (positions) at which this engine changes kernels on CPU: up to
+/// [`kernels::SMALL_M`] rows multiply through the small-block kernel, up to the returned
+/// `attention_rows` attend through the row-by-row kernel ([`kernels::causal_attention`]).
+/// Cost models treat the regimes apart.
+pub fn kernel_regimes(cfg: &ModelConfig) -> (usize, usize) {
+    let n_rep = (cfg.num_attention_heads / cfg.num_key_value_heads.max(1)).max(1);
+    (kernels::SMALL_M, kernels::MAX_FUSED_ROWS / n_rep)
+}

@@ -10,7 +10,8 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::net::emulation::{LinkEmulation, Pipe};
 use crate::net::link::{Direction, FrameTap, LinkStats, MiddleLink, MiddleReply};
-use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, WireDtype, MAX_FRAME, PROTOCOL_VERSION};
+use crate::net::protocol::{read_frame, write_frame, CloudLoad, ErrorCode, HiddenBlock, Message, WireDtype, MAX_FRAME, PROTOCOL_VERSION};
+use crate::sched::{CloudModel, LinkEstimate};
 use crate::net::transport::transport_config;
 
 /// How the edge opens a session.
@@ -30,7 +31,12 @@ pub struct ConnectOptions {
 /// thread only computes and waits for replies.
 pub struct QuicLink {
     runtime: Option<tokio::runtime::Runtime>,
-    up: tokio::sync::mpsc::UnboundedSender<(Instant, Vec<u8>)>,
+    /// Frames to send; `None` once closed (the writer then finishes the stream).
+    up: Option<tokio::sync::mpsc::UnboundedSender<(Instant, Vec<u8>)>>,
+    /// The writer task, awaited on close so that the last frames leave before the connection
+    /// closes.
+    writer: Option<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
     down: std::sync::mpsc::Receiver<Result<(Instant, Vec<u8>)>>,
     /// A frame received but not yet delivered by the emulated link.
     held: Option<(Instant, Vec<u8>)>,
@@ -42,7 +48,17 @@ pub struct QuicLink {
     pub session: u64,
     pub middle_layers: (u32, u32),
     pub max_context: usize,
+    /// The cloud's cost model and its load when the session opened, from the handshake.
+    pub cloud_model: CloudModel,
+    pub welcome_load: CloudLoad,
+    /// The load sent with the latest reply.
+    pub load: CloudLoad,
+    /// Hello sent → welcome received: a round trip on this session's link.
+    pub handshake_rtt: Duration,
 }
+
+/// Throughputs above this count as "unlimited" (loopback).
+const MAX_MEASURED_MBPS: f64 = 100_000.0;
 
 fn cloud_error(code: ErrorCode, message: &str) -> Error {
     Error::invalid(format!("the cloud refused: {message} ({code:?})"))
@@ -52,6 +68,12 @@ impl QuicLink {
     /// Connects, checks the cloud's certificate, and opens a session (split id, token, hidden
     /// size and dtype are checked by the cloud).
     pub fn connect(opts: ConnectOptions) -> Result<Self> {
+        Self::connect_with_version(opts, PROTOCOL_VERSION)
+    }
+
+    /// [`QuicLink::connect`] announcing another protocol version (tests of version refusals).
+    #[doc(hidden)]
+    pub fn connect_with_version(opts: ConnectOptions, version: u16) -> Result<Self> {
         opts.emulation.validate()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -64,7 +86,7 @@ impl QuicLink {
         let (down_tx, down_rx) = std::sync::mpsc::channel();
         let tap = opts.tap.clone();
         let emu = opts.emulation;
-        let connection = runtime.block_on(async {
+        let (connection, endpoint, writer) = runtime.block_on(async {
             let bind: SocketAddr = if opts.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| Error::invalid("bind address"))?;
             let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::invalid(format!("cannot open a UDP socket: {e}")))?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::invalid(format!("TLS: {e}")))?;
@@ -78,7 +100,7 @@ impl QuicLink {
                 .map_err(|e| Error::invalid(format!("cannot connect to the cloud at {}: {e}", opts.addr)))?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::invalid(format!("cannot open a stream: {e}")))?;
             let tap_up = tap.clone();
-            tokio::spawn(async move {
+            let writer = tokio::spawn(async move {
                 let mut pipe = Pipe::new(emu.up_mbps, emu.rtt_ms);
                 while let Some((queued, body)) = up_rx.recv().await {
                     let arrive = pipe.arrival(queued, body.len() + 4);
@@ -90,7 +112,11 @@ impl QuicLink {
                         break;
                     }
                 }
-                let _ = send.finish();
+                // Wait (briefly) until the cloud has read the stream, so closing the connection
+                // cannot drop the last frames.
+                if send.finish().is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                }
             });
             tokio::spawn(async move {
                 let mut pipe = Pipe::new(emu.down_mbps, emu.rtt_ms);
@@ -112,11 +138,13 @@ impl QuicLink {
                     }
                 }
             });
-            Ok::<_, Error>(conn)
+            Ok::<_, Error>((conn, endpoint, writer))
         })?;
         let mut link = Self {
             runtime: Some(runtime),
-            up: up_tx,
+            up: Some(up_tx),
+            writer: Some(writer),
+            endpoint,
             down: down_rx,
             held: None,
             connection,
@@ -126,16 +154,25 @@ impl QuicLink {
             session: 0,
             middle_layers: (0, 0),
             max_context: 0,
+            cloud_model: CloudModel::default(),
+            welcome_load: CloudLoad::default(),
+            load: CloudLoad::default(),
+            handshake_rtt: Duration::ZERO,
         };
+        let sent = Instant::now();
         link.send(&Message::Hello {
-            version: PROTOCOL_VERSION,
+            version,
             split_id: opts.split_id,
             token: opts.token.unwrap_or_default(),
             hidden_size: opts.hidden_size as u32,
             dtype: opts.dtype,
         })?;
         match link.next_message()? {
-            Message::Welcome { session, max_context, middle_start, middle_end } => {
+            Message::Welcome { session, max_context, middle_start, middle_end, cost, load } => {
+                link.handshake_rtt = sent.elapsed();
+                link.cloud_model = cost;
+                link.welcome_load = load;
+                link.load = load;
                 link.session = session;
                 link.max_context = max_context as usize;
                 link.middle_layers = (middle_start, middle_end);
@@ -168,9 +205,42 @@ impl QuicLink {
         self.deliver(item)
     }
 
-    fn reply(&self, msg: Message) -> Result<MiddleReply> {
+    /// One link probe: `up` zero bytes to the cloud, `down` back; the time from sending to the
+    /// echo's arrival. Only between blocks (no reply may be outstanding).
+    pub fn probe(&mut self, up: usize, down: usize) -> Result<Duration> {
+        let t = Instant::now();
+        self.send(&Message::Probe { echo: down as u32, padding: vec![0; up] })?;
+        match self.next_message()? {
+            Message::ProbeEcho { padding } if padding.len() == down => Ok(t.elapsed()),
+            Message::Error { code, message } => Err(cloud_error(code, &message)),
+            other => Err(Error::invalid(format!("expected a probe echo, got {}", other.kind_name()))),
+        }
+    }
+
+    /// Measures the link with probes: the round trip (least of `rounds` empty probes), then
+    /// the throughput each way from a probe of `bytes` (minus the round trip). Call before the
+    /// first block.
+    pub fn measure_link(&mut self, bytes: usize, rounds: usize) -> Result<LinkEstimate> {
+        let mut rtt = Duration::MAX;
+        for _ in 0..rounds.max(1) {
+            rtt = rtt.min(self.probe(0, 0)?);
+        }
+        let rate = |took: Duration| {
+            let secs = took.saturating_sub(rtt).as_secs_f64().max(1e-6);
+            ((bytes + 16) as f64 * 8.0 / secs / 1e6).min(MAX_MEASURED_MBPS)
+        };
+        let up = rate(self.probe(bytes, 0)?);
+        let down = rate(self.probe(0, bytes)?);
+        Ok(LinkEstimate { rtt_ms: rtt.as_secs_f64() * 1e3, up_mbps: up, down_mbps: down })
+    }
+
+    fn reply(&mut self, msg: Message) -> Result<MiddleReply> {
         match msg {
-            Message::Middle { block, compute_us } => Ok(MiddleReply {
+            Message::Middle { block, compute_us, load } => Ok(MiddleReply {
+                load: Some({
+                    self.load = load;
+                    load
+                }),
                 start: block.start as usize,
                 hidden: block.to_tensor(self.hidden_size, &Device::Cpu)?,
                 cloud_compute: Duration::from_micros(compute_us),
@@ -185,7 +255,8 @@ impl QuicLink {
     #[doc(hidden)]
     pub fn send_raw(&mut self, body: Vec<u8>) -> Result<()> {
         self.stats.bytes_up += body.len() as u64 + 4;
-        self.up.send((Instant::now(), body)).map_err(|_| Error::invalid("the connection to the cloud is closed"))
+        let up = self.up.as_ref().ok_or_else(|| Error::invalid("the connection to the cloud is closed"))?;
+        up.send((Instant::now(), body)).map_err(|_| Error::invalid("the connection to the cloud is closed"))
     }
 }
 
@@ -220,16 +291,23 @@ impl MiddleLink for QuicLink {
 }
 
 impl Drop for QuicLink {
+    /// Ends the session cleanly: the Close frame goes out (through the emulated link, so after
+    /// its delay), the stream finishes, then the connection closes and the close reaches the
+    /// cloud before the runtime stops; the cloud frees the session at once instead of waiting
+    /// for the idle timeout.
     fn drop(&mut self) {
         let _ = self.send(&Message::Close);
+        self.up = None;
         if let Some(rt) = self.runtime.take() {
-            let conn = self.connection.clone();
+            let (conn, endpoint, writer) = (self.connection.clone(), self.endpoint.clone(), self.writer.take());
             rt.block_on(async {
-                // Let the writer flush the Close frame, then close the connection.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(w) = writer {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
+                }
                 conn.close(0u32.into(), b"bye");
+                let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
             });
-            rt.shutdown_timeout(Duration::from_millis(200));
+            rt.shutdown_timeout(Duration::from_millis(100));
         }
     }
 }

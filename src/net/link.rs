@@ -17,6 +17,8 @@ pub struct MiddleReply {
     pub hidden: Tensor,
     /// Time the cloud spent computing it.
     pub cloud_compute: Duration,
+    /// The cloud's load when it sent the reply (`None` in process).
+    pub load: Option<crate::net::protocol::CloudLoad>,
 }
 
 /// Bytes that crossed the link (frames with their length prefixes).

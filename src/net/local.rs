@@ -39,7 +39,7 @@ impl MiddleLink for LocalMiddle<'_> {
         let payload = hidden.elem_count() * self.dtype.size();
         self.stats.bytes_up += (payload + HIDDEN_FRAME_OVERHEAD) as u64;
         self.stats.bytes_down += (payload + MIDDLE_FRAME_OVERHEAD) as u64;
-        self.ready.push_back(MiddleReply { start, hidden: y, cloud_compute: t.elapsed() });
+        self.ready.push_back(MiddleReply { start, hidden: y, cloud_compute: t.elapsed(), load: None });
         Ok(())
     }
 

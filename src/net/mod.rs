@@ -4,11 +4,12 @@
 //! - [`tls`]: the cloud's self-signed identity and the edge's pinning;
 //! - [`transport`]: the QUIC transport settings both ends use;
 //! - [`link`]: the device's view of the cloud ([`MiddleLink`]), byte counts, frame taps;
-//! - [`client`]: [`QuicLink`], the edge's QUIC session;
+//! - [`client`]: [`QuicLink`], the edge's QUIC session (and its link probes);
 //! - [`local`]: [`LocalMiddle`], the middle layers in-process (tests, training);
 //! - [`emulation`]: link rates and round-trip delay emulated on the edge's side.
 //!
-//! May use [`crate::model`] (the in-process link runs a layer stack) and [`crate::util`]; never
+//! May use [`crate::model`] (the in-process link runs a layer stack), [`crate::sched`] (the
+//! cost model and link estimate the handshake and probes carry) and [`crate::util`]; never
 //! `edge` or `cloud`.
 
 pub mod client;

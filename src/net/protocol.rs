@@ -3,9 +3,13 @@
 //! One long-lived bidirectional QUIC stream per session carries length-prefixed frames:
 //! `u32 length (LE) | u8 kind | body`. Every frame is checked against explicit size limits, and
 //! hidden-state frames against the session's hidden size and dtype. What crosses the network is
-//! exactly: the handshake (protocol version, split id, token, hidden size, wire dtype), hidden
-//! states with their start position and count, and errors. Never token ids, text, logits or
-//! probabilities.
+//! exactly: the handshake (protocol version, split id, token, hidden size, wire dtype; the
+//! cloud's cost model and load back), hidden states with their start position and count, the
+//! cloud's load with each reply, link probes (zero padding only, to measure round trip and
+//! throughput), and errors. Never token ids, text, logits or probabilities.
+//!
+//! Version 2 added the cost model, the load and the probes; a version-1 peer is refused with an
+//! error that names both versions.
 //!
 //! A `Hidden` frame for positions `start..start + count` tells the cloud to truncate its cache to
 //! `start` first: that is how it learns how many drafted positions were accepted, with no extra
@@ -14,9 +18,14 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::sched::{CloudModel, Regimes, StageCost};
 
+/// The ALPN stays `hat/1` across protocol versions, so that a peer of another version gets the
+/// handshake's error naming both versions instead of a bare TLS failure.
 pub const ALPN: &[u8] = b"hat/1";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Largest probe padding either way (bytes).
+pub const MAX_PROBE: usize = 8 << 20;
 /// Largest frame either side accepts (bytes, kind byte included).
 pub const MAX_FRAME: usize = 256 << 20;
 /// Longest string field (split id, token, error message).
@@ -24,8 +33,26 @@ const MAX_STR: usize = 4096;
 
 /// Bytes a `Hidden` frame adds to its payload: length prefix, kind, start, count, dtype.
 pub const HIDDEN_FRAME_OVERHEAD: usize = 4 + 1 + 4 + 4 + 1;
-/// Bytes a `Middle` frame adds to its payload (the same plus the compute time).
-pub const MIDDLE_FRAME_OVERHEAD: usize = HIDDEN_FRAME_OVERHEAD + 8;
+/// Bytes a `Middle` frame adds to its payload (the same plus the compute time and the load).
+pub const MIDDLE_FRAME_OVERHEAD: usize = HIDDEN_FRAME_OVERHEAD + 8 + CloudLoad::WIRE_SIZE;
+
+/// How busy the cloud is, sent with the handshake and every reply.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CloudLoad {
+    /// Sessions open (this one included).
+    pub sessions: u32,
+    /// Other sessions computing, averaged over the last seconds (their compute time / wall
+    /// time; sessions that closed do not count).
+    pub busy: f32,
+    /// Recent compute time per position (µs) of the other sessions; 0 when they computed none.
+    pub us_per_row: f32,
+    /// Recent compute time per block (ms) of the other sessions; 0 when they computed none.
+    pub block_ms: f32,
+}
+
+impl CloudLoad {
+    pub const WIRE_SIZE: usize = 16;
+}
 
 /// How hidden states are encoded on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,12 +211,16 @@ impl HiddenBlock {
 pub enum Message {
     /// Edge → cloud, first frame of a session.
     Hello { version: u16, split_id: String, token: String, hidden_size: u32, dtype: WireDtype },
-    /// Cloud → edge: the session is open.
-    Welcome { session: u64, max_context: u32, middle_start: u32, middle_end: u32 },
+    /// Cloud → edge: the session is open; the cloud's cost model and load.
+    Welcome { session: u64, max_context: u32, middle_start: u32, middle_end: u32, cost: CloudModel, load: CloudLoad },
     /// Edge → cloud: run the middle layers on these positions (after truncating to `start`).
     Hidden(HiddenBlock),
-    /// Cloud → edge: the middle layers' output for a `Hidden` block, and the compute time.
-    Middle { block: HiddenBlock, compute_us: u64 },
+    /// Cloud → edge: the middle layers' output for a `Hidden` block, the compute time and the load.
+    Middle { block: HiddenBlock, compute_us: u64, load: CloudLoad },
+    /// Edge → cloud: a link probe of `padding.len()` zero bytes; answer with `echo` zero bytes.
+    Probe { echo: u32, padding: Vec<u8> },
+    /// Cloud → edge: the answer to a probe.
+    ProbeEcho { padding: Vec<u8> },
     /// Either way: the request failed.
     Error { code: ErrorCode, message: String },
     /// Edge → cloud: the session ends.
@@ -204,6 +235,8 @@ pub mod kind {
     pub const MIDDLE: u8 = 4;
     pub const ERROR: u8 = 5;
     pub const CLOSE: u8 = 6;
+    pub const PROBE: u8 = 7;
+    pub const PROBE_ECHO: u8 = 8;
 }
 
 fn malformed(msg: impl std::fmt::Display) -> Error {
@@ -221,6 +254,36 @@ fn put_block(out: &mut Vec<u8>, b: &HiddenBlock) {
     out.extend(b.count.to_le_bytes());
     out.push(b.dtype.code());
     out.extend(&b.data);
+}
+
+fn put_load(out: &mut Vec<u8>, l: &CloudLoad) {
+    out.extend(l.sessions.to_le_bytes());
+    out.extend(l.busy.to_le_bytes());
+    out.extend(l.us_per_row.to_le_bytes());
+    out.extend(l.block_ms.to_le_bytes());
+}
+
+fn put_cost(out: &mut Vec<u8>, c: &CloudModel) {
+    for v in c.middle.coefficients() {
+        out.extend(v.to_le_bytes());
+    }
+    out.extend((c.middle.regimes.matmul_rows as u32).to_le_bytes());
+    out.extend((c.middle.regimes.attention_rows as u32).to_le_bytes());
+    out.extend((c.middle.max_rows as u32).to_le_bytes());
+    let n = c.slowdown.len().min(CloudModel::MAX_SLOWDOWN);
+    out.push(n as u8);
+    for v in &c.slowdown[..n] {
+        out.extend((*v as f32).to_le_bytes());
+    }
+}
+
+/// Probe padding: zeros only (nothing else may ride on a probe).
+fn zero_padding(r: &mut Reader<'_>) -> Result<Vec<u8>> {
+    let padding = r.take(r.b.len())?;
+    if padding.len() > MAX_PROBE || padding.iter().any(|&b| b != 0) {
+        return Err(malformed("probe padding must be at most 8 MiB of zero bytes"));
+    }
+    Ok(padding.to_vec())
 }
 
 /// A cursor over a frame body that fails cleanly on short input.
@@ -252,6 +315,36 @@ impl<'a> Reader<'a> {
         let b = self.take(8)?;
         Ok(u64::from_le_bytes(b.try_into().map_err(|_| malformed("u64"))?))
     }
+    fn f32(&mut self) -> Result<f32> {
+        Ok(f32::from_bits(self.u32()?))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_bits(self.u64()?))
+    }
+    fn load(&mut self) -> Result<CloudLoad> {
+        let load = CloudLoad { sessions: self.u32()?, busy: self.f32()?, us_per_row: self.f32()?, block_ms: self.f32()? };
+        if [load.busy, load.us_per_row, load.block_ms].iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err(malformed("load figures must be finite and non-negative"));
+        }
+        Ok(load)
+    }
+    fn cost(&mut self) -> Result<CloudModel> {
+        let mut coefficients = [0f64; crate::sched::cost::FEATURES];
+        for c in coefficients.iter_mut() {
+            *c = self.f64()?;
+        }
+        let regimes = Regimes { matmul_rows: self.u32()? as usize, attention_rows: self.u32()? as usize };
+        let middle = StageCost::from_coefficients(coefficients, regimes, self.u32()? as usize);
+        let n = self.u8()? as usize;
+        if n > CloudModel::MAX_SLOWDOWN {
+            return Err(malformed("too many slowdown entries"));
+        }
+        let slowdown = (0..n).map(|_| self.f32().map(f64::from)).collect::<Result<Vec<_>>>()?;
+        if slowdown.iter().chain(coefficients.iter()).any(|v| !v.is_finite() || *v < 0.0) {
+            return Err(malformed("cost figures must be finite and non-negative"));
+        }
+        Ok(CloudModel { middle, slowdown })
+    }
     fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
         if n > MAX_STR {
@@ -276,6 +369,20 @@ impl<'a> Reader<'a> {
 }
 
 impl Message {
+    /// The message's name (for errors that must not print a frame's contents).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Welcome { .. } => "welcome",
+            Message::Hidden(_) => "hidden states",
+            Message::Middle { .. } => "middle states",
+            Message::Probe { .. } => "probe",
+            Message::ProbeEcho { .. } => "probe echo",
+            Message::Error { .. } => "error",
+            Message::Close => "close",
+        }
+    }
+
     /// The frame body: kind byte and fields (without the length prefix).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -288,21 +395,33 @@ impl Message {
                 out.extend(hidden_size.to_le_bytes());
                 out.push(dtype.code());
             }
-            Message::Welcome { session, max_context, middle_start, middle_end } => {
+            Message::Welcome { session, max_context, middle_start, middle_end, cost, load } => {
                 out.push(kind::WELCOME);
                 out.extend(session.to_le_bytes());
                 out.extend(max_context.to_le_bytes());
                 out.extend(middle_start.to_le_bytes());
                 out.extend(middle_end.to_le_bytes());
+                put_cost(&mut out, cost);
+                put_load(&mut out, load);
             }
             Message::Hidden(b) => {
                 out.push(kind::HIDDEN);
                 put_block(&mut out, b);
             }
-            Message::Middle { block, compute_us } => {
+            Message::Middle { block, compute_us, load } => {
                 out.push(kind::MIDDLE);
                 out.extend(compute_us.to_le_bytes());
+                put_load(&mut out, load);
                 put_block(&mut out, block);
+            }
+            Message::Probe { echo, padding } => {
+                out.push(kind::PROBE);
+                out.extend(echo.to_le_bytes());
+                out.extend(padding);
+            }
+            Message::ProbeEcho { padding } => {
+                out.push(kind::PROBE_ECHO);
+                out.extend(padding);
             }
             Message::Error { code, message } => {
                 out.push(kind::ERROR);
@@ -325,12 +444,28 @@ impl Message {
                 hidden_size: r.u32()?,
                 dtype: WireDtype::from_code(r.u8()?)?,
             },
-            kind::WELCOME => Message::Welcome { session: r.u64()?, max_context: r.u32()?, middle_start: r.u32()?, middle_end: r.u32()? },
+            kind::WELCOME => Message::Welcome {
+                session: r.u64()?,
+                max_context: r.u32()?,
+                middle_start: r.u32()?,
+                middle_end: r.u32()?,
+                cost: r.cost()?,
+                load: r.load()?,
+            },
             kind::HIDDEN => Message::Hidden(r.block()?),
             kind::MIDDLE => {
                 let compute_us = r.u64()?;
-                Message::Middle { compute_us, block: r.block()? }
+                let load = r.load()?;
+                Message::Middle { compute_us, load, block: r.block()? }
             }
+            kind::PROBE => {
+                let echo = r.u32()?;
+                if echo as usize > MAX_PROBE {
+                    return Err(malformed("probe echo larger than 8 MiB"));
+                }
+                Message::Probe { echo, padding: zero_padding(&mut r)? }
+            }
+            kind::PROBE_ECHO => Message::ProbeEcho { padding: zero_padding(&mut r)? },
             kind::ERROR => Message::Error { code: ErrorCode::from_u16(r.u16()?), message: r.str()? },
             kind::CLOSE => Message::Close,
             k => return Err(malformed(format!("unknown frame kind {k}"))),
@@ -372,21 +507,36 @@ mod tests {
     #[test]
     fn messages_round_trip_and_garbage_is_refused() {
         let x = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((1, 3, 4)).unwrap();
+        let load = CloudLoad { sessions: 3, busy: 0.5, us_per_row: 1234.5, block_ms: 40.0 };
         for dtype in [WireDtype::F32, WireDtype::F16, WireDtype::BF16] {
             let block = HiddenBlock::from_tensor(&x, 7, dtype).unwrap();
             assert_eq!(block.data.len(), 12 * dtype.size());
             assert_eq!(Message::Hidden(block.clone()).encode().len() + 4, block.data.len() + HIDDEN_FRAME_OVERHEAD);
-            let m = Message::Middle { block: block.clone(), compute_us: 1 };
+            let m = Message::Middle { block: block.clone(), compute_us: 1, load: CloudLoad::default() };
             assert_eq!(m.encode().len() + 4, block.data.len() + MIDDLE_FRAME_OVERHEAD);
             let back = block.to_tensor(4, &Device::Cpu).unwrap();
             assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert!(block.to_tensor(5, &Device::Cpu).is_err(), "hidden size is checked");
-            for m in [Message::Hidden(block.clone()), Message::Middle { block: block.clone(), compute_us: 9 }] {
+            for m in [Message::Hidden(block.clone()), Message::Middle { block: block.clone(), compute_us: 9, load }] {
                 assert_eq!(Message::decode(&m.encode()).unwrap(), m);
             }
         }
         let hello = Message::Hello { version: 1, split_id: "abc".into(), token: "t".into(), hidden_size: 576, dtype: WireDtype::F16 };
         assert_eq!(Message::decode(&hello.encode()).unwrap(), hello);
+        let cost = CloudModel { middle: StageCost::from_coefficients([0.5, 1.75, 0.0001, 0.001, 0.003, 20.0], Regimes { matmul_rows: 12, attention_rows: 21 }, 512), slowdown: vec![1.0, 1.5, 2.25] };
+        let welcome = Message::Welcome { session: 7, max_context: 4096, middle_start: 2, middle_end: 28, cost, load: CloudLoad { sessions: 1, ..Default::default() } };
+        assert_eq!(Message::decode(&welcome.encode()).unwrap(), welcome);
+        for m in [Message::Probe { echo: 100, padding: vec![0; 5000] }, Message::ProbeEcho { padding: vec![0; 3] }] {
+            assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
+        // A probe carries zeros only, and bounded echoes.
+        let mut dirty = Message::Probe { echo: 0, padding: vec![0; 8] }.encode();
+        dirty[7] = 1;
+        assert!(Message::decode(&dirty).is_err());
+        assert!(Message::decode(&Message::Probe { echo: u32::MAX, padding: vec![] }.encode()).is_err());
+        let mut nan = Message::Middle { block: HiddenBlock::from_tensor(&x, 0, WireDtype::F32).unwrap(), compute_us: 1, load }.encode();
+        nan[13..17].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(Message::decode(&nan).is_err(), "a NaN load is refused");
         let err = Message::Error { code: ErrorCode::Busy, message: "full".into() };
         assert_eq!(Message::decode(&err.encode()).unwrap(), err);
         assert!(Message::decode(&[]).is_err());

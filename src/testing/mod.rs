@@ -3,10 +3,13 @@
 //! - [`tiny`]: tiny random models written to disk, for tests that need a real model directory
 //!   without any download;
 //! - [`bench`]: settings from the environment and medians, for the benchmarks;
+//! - [`procs`]: `hat serve-cloud` and `hat run-edge` as processes, pinned or not, over emulated
+//!   links, for the benchmarks;
 //! - [`world`]: the set-up the integration tests and benchmarks share: the default model, split,
 //!   its cloud serving on loopback, and edges connected to it.
 
 pub mod bench;
+pub mod procs;
 pub mod tiny;
 pub mod world;
 

@@ -71,7 +71,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
     let opts = EdgeOptions {
         mode: Mode::Hat,
         draft_len: t.config.eval_draft_len,
-        chunk_size: 0,
+        chunking: crate::edge::Chunking::Fixed(0),
         sampling: SamplingParams::greedy(),
         max_tokens: t.config.eval_tokens,
         max_context: usize::MAX,
