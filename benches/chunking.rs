@@ -20,7 +20,8 @@
 //! `cargo bench --bench chunking` (or `recipes/bench-chunking.sh`). Environment:
 //! HAT_BENCH_REPEATS (5), HAT_BENCH_LENGTHS (`128,512,1000,2000`), HAT_BENCH_LINKS
 //! (`10/20,50/20,200/20,50/80`), HAT_BENCH_SIZES (`0,16,32,64,128,256,512`),
-//! HAT_BENCH_PLACEMENTS (`machines,shared`), HAT_BENCH_BUSY (`1`: the busy-cloud table).
+//! HAT_BENCH_PLACEMENTS (`machines,shared`), HAT_BENCH_BUSY (`1`: the busy-cloud table, two
+//! machines only), HAT_BENCH_BUSY_LENGTHS (`1000,2000`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -275,7 +276,7 @@ fn main() -> anyhow::Result<()> {
         let cells = b.measure(placement, &cloud, &lengths, &files, &mut all, tag)?;
         b.table(&format!("{}; TTFT, {} repeats per cell, medians", placement.title(), repeats), &cells, &files, &cloud_profile)?;
         if busy && placement == Placement::TwoMachines {
-            let long: Vec<usize> = lengths.iter().copied().filter(|&l| l >= 1000).collect();
+            let long = list("HAT_BENCH_BUSY_LENGTHS", "1000,2000");
             let link = links.iter().copied().find(|l| l.mbps == 50.0 && l.rtt_ms == 20.0).unwrap_or(links[0]);
             let busy_files: Vec<(Link, PathBuf)> = files.iter().filter(|(l, _)| *l == link).cloned().collect();
             let load = Load::start(&b.split, &cloud, &b.prompts[0].1)?;
