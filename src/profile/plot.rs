@@ -110,18 +110,22 @@ pub fn stage_series(name: &str, stage: &FittedStage, timings: &[Timing]) -> Vec<
     out
 }
 
-/// Predicted TTFT against a fixed chunk size (1 … the prompt) for several prompt lengths.
+/// Predicted TTFT against a fixed chunk size (8 … the prompt) for several prompt lengths, within
+/// the block sizes the models were fitted on.
 pub fn ttft_series(costs: &PipelineCosts, lengths: &[usize]) -> Vec<Series> {
+    let limit = costs.max_chunk();
     lengths
         .iter()
         .map(|&len| {
             let mut points = Vec::new();
             let mut size = 8;
-            while size < len {
+            while size < len && size <= limit {
                 points.push((size as f64, costs.simulate(&fixed_chunks(len, size)).ttft_ms));
                 size *= 2;
             }
-            points.push((len as f64, costs.simulate(&[len]).ttft_ms));
+            if len <= limit {
+                points.push((len as f64, costs.simulate(&[len]).ttft_ms));
+            }
             Series { name: format!("{len} tokens"), points, markers: false }
         })
         .collect()
