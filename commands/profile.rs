@@ -11,17 +11,20 @@ use crate::ConnectArgs;
 
 /// Measure what a prompt's chunks cost, so that `run-edge --chunk-size auto` can plan them.
 ///
-/// On the device (`--bundle DIR/device`): the input submodel, the output submodel with the
-/// head, and the draft path's prefill, each on blocks of 1…512 positions at several context
-/// positions, and one draft step. With `--cloud ADDR` also the link to that cloud: round trip
-/// and throughput each way, measured through a real session with probe frames of zero padding
-/// (the `--link-*` flags emulate a link, measured like any other), and the cloud's cost model
-/// from its handshake. On the cloud (`--bundle DIR/cloud`): the middle layers the same way,
-/// alone and with 2 and 4 blocks computing at once (`serve-cloud --profile FILE` serves it).
+/// On the device (`--bundle DIR/device`): the input submodel, the output submodel and the draft
+/// path's prefill, each on blocks of 1…512 positions at several context positions, the head on one
+/// position, and one draft step. With `--cloud ADDR` also the link to that cloud: round trip and
+/// throughput each way, measured through a real session with probe frames of zero padding (the
+/// `--link-*` flags emulate a link, measured like any other), and the cloud's cost model from its
+/// handshake. On the cloud (`--bundle DIR/cloud`): the middle layers the same way, alone and with
+/// 2 and 4 blocks computing at once (`serve-cloud --profile FILE` serves it).
 ///
-/// Each stage is fitted by least squares to `fixed + per_row · rows + per_row_ctx · rows ·
-/// (start + rows/2)` ms; the table shows the fits and their residuals. An existing --out file of
-/// the same split keeps the parts not measured now, so one file can hold device, link and cloud.
+/// Each stage is fitted by least squares on relative error to `fixed + a·r + b·r² + c·r·(start +
+/// r/2)` ms for blocks of r positions from `start`, with the engine's kernel regimes apart (a step
+/// for blocks beyond the small-block matmul, its own attention term for blocks the row-by-row
+/// attention kernel runs); the table shows the fits and their residuals. An existing --out file of
+/// the same split and threads keeps the parts not measured now, so one file can hold device, link
+/// and cloud.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A device or cloud bundle (DIR/device or DIR/cloud from `hat split`).

@@ -327,7 +327,22 @@ fn self_distillation_generates_the_models_greedy_replies_in_batches() {
         // The recorded teacher outputs are those of one teacher-forced pass over the sequence.
         let taught = trainer.teach(&s.ids).unwrap();
         let close = |a: &candle_core::Tensor, b: &candle_core::Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(s.top_ids.to_vec2::<u32>().unwrap(), taught.top_ids.to_vec2::<u32>().unwrap());
+        // The same top-k, in the same order up to near-ties: the batched decode attends through
+        // the row kernel and the teacher-forced pass through matmuls, so two tokens whose
+        // probabilities differ by rounding may swap places (or the k-th with the (k+1)-th).
+        let (ids_a, ids_b) = (s.top_ids.to_vec2::<u32>().unwrap(), taught.top_ids.to_vec2::<u32>().unwrap());
+        let (pa, pb) = (s.top_probs.to_vec2::<f32>().unwrap(), taught.top_probs.to_vec2::<f32>().unwrap());
+        for (i, (ra, rb)) in ids_a.iter().zip(&ids_b).enumerate() {
+            for k in 0..ra.len() {
+                if ra[k] != rb[k] {
+                    let tie = match rb.iter().position(|&x| x == ra[k]) {
+                        Some(j) => j.abs_diff(k) <= 2 && (pa[i][k] - pb[i][j]).abs() < 1e-4 && (pa[i][k] - pa[i][j]).abs() < 1e-5,
+                        None => k + 1 >= ra.len().saturating_sub(1) && (pa[i][k] - pb[i][k]).abs() < 1e-5,
+                    };
+                    assert!(tie, "position {i}, rank {k}: {} vs {} is not a near-tie ({} vs {})", ra[k], rb[k], pa[i][k], pb[i][k]);
+                }
+            }
+        }
         assert!(close(&s.top_probs, &taught.top_probs) < 1e-4);
         assert!(close(&s.input_hidden, &taught.input_hidden) < 1e-4);
         assert!(close(s.middle_hidden.as_ref().unwrap(), taught.middle_hidden.as_ref().unwrap()) < 1e-3);
