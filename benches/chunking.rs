@@ -58,15 +58,6 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(f64::NAN)
 }
 
-/// The median, NaN for no values.
-fn med(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        median(v)
-    }
-}
-
 struct Bench {
     split: PathBuf,
     out: PathBuf,
@@ -153,9 +144,9 @@ impl Bench {
         println!("|---|---|---|---|---|{}---|---|---|---|---|", "---|".repeat(sizes.len()));
         let (mut within10, mut ratios, mut errors) = (0, Vec::new(), Vec::new());
         for c in cells {
-            let medians: Vec<f64> = c.runs.iter().map(|rs| med(&rs.iter().map(|v| f(v, "ttft_ms")).collect::<Vec<_>>())).collect();
+            let medians: Vec<f64> = c.runs.iter().map(|rs| median(&rs.iter().map(|v| f(v, "ttft_ms")).collect::<Vec<_>>())).collect();
             let auto = medians[0];
-            let predicted = med(&c.runs[0].iter().map(|v| f(v, "predicted_ttft_ms")).collect::<Vec<_>>());
+            let predicted = median(&c.runs[0].iter().map(|v| f(v, "predicted_ttft_ms")).collect::<Vec<_>>());
             let (best_i, best) = medians.iter().enumerate().skip(1).fold((0, f64::INFINITY), |b, (i, &m)| if m < b.1 { (i, m) } else { b });
             let unchunked = configs.iter().position(|c| c == "0").map_or(f64::NAN, |i| medians[i]);
             let chunks = c.runs[0].last().map(|v| v["chunk_plan"].as_array().map_or(0, |a| a.len())).unwrap_or(0);
@@ -179,9 +170,9 @@ impl Bench {
         println!(
             "\nauto within 10 % of the hindsight-best fixed size in {within10} of {} cells; median auto / best {:.3}; worst {:.3}; prediction error median {:.1} %, worst {:.1} %",
             cells.len(),
-            med(&ratios),
+            median(&ratios),
             ratios.iter().copied().fold(0.0, f64::max),
-            100.0 * med(&errors),
+            100.0 * median(&errors),
             100.0 * errors.iter().copied().fold(0.0, f64::max)
         );
         Ok(())

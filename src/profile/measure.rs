@@ -10,6 +10,7 @@ use crate::edge::Drafter;
 use crate::error::{Error, Result};
 use crate::model::{LayerStack, StackCache};
 use crate::sched::Timing;
+use crate::util::stats::median;
 use crate::split::{CloudBundle, DeviceBundle};
 
 /// Which blocks are timed.
@@ -59,11 +60,6 @@ impl Grid {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Times `run(rows, start)` on every point of `grid`; `fill(upto)` grows the context first
 /// (called with increasing starts), `tick` after each point.
 fn time_grid(grid: &Grid, mut fill: impl FnMut(usize) -> Result<()>, mut run: impl FnMut(usize, usize) -> Result<()>, tick: &mut dyn FnMut()) -> Result<Vec<Timing>> {
@@ -80,7 +76,7 @@ fn time_grid(grid: &Grid, mut fill: impl FnMut(usize) -> Result<()>, mut run: im
                 run(rows, start)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            out.push(Timing { rows, start, ms: median(times) });
+            out.push(Timing { rows, start, ms: median(&times) });
             tick();
         }
     }
@@ -157,7 +153,7 @@ pub fn device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut dyn
     let output = time_stack(&dev.output, size, &grid, tick, &|_| Ok(()))?;
     let one = hidden(1, size)?;
     let head_ms = median(
-        (0..7)
+        &(0..7)
             .map(|_| {
                 let t = Instant::now();
                 dev.head.forward_last(&one).map(|_| t.elapsed().as_secs_f64() * 1e3)
@@ -219,7 +215,7 @@ pub fn device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut dyn
         }
     }
     tick();
-    Ok(DeviceTimings { input, output, draft_prefill, head_ms, draft_step_ms: median(steps) })
+    Ok(DeviceTimings { input, output, draft_prefill, head_ms, draft_step_ms: median(&steps) })
 }
 
 /// The cloud's stage, as timed: alone, and the slowdown with `k` blocks computing at once.
@@ -261,7 +257,7 @@ pub fn cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut dyn FnMut()) -> Resul
             })?;
             runs.push(times.iter().sum::<f64>() / times.len() as f64);
         }
-        per_k.push((k, median(runs)));
+        per_k.push((k, median(&runs)));
         tick();
     }
     let alone = per_k[0].1.max(1e-9);

@@ -90,11 +90,6 @@ impl StageCost {
         Self { fixed_ms: c[0], per_row_ms: c[1], per_row_sq_ms: c[2], per_row_ctx_ms: c[3], small_per_row_ctx_ms: c[4], large_block_ms: c[5], regimes, max_rows }
     }
 
-    /// The same stage `factor` times slower.
-    pub fn scaled(&self, factor: f64) -> Self {
-        Self::from_coefficients(self.coefficients().map(|c| c * factor), self.regimes, self.max_rows)
-    }
-
     /// Relative errors of this model on `timings`.
     pub fn residuals(&self, timings: &[Timing]) -> Residuals {
         let rel: Vec<f64> = timings.iter().map(|t| (self.predict(t.rows, t.start) - t.ms).abs() / t.ms.max(1e-9)).collect();
