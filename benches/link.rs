@@ -8,7 +8,8 @@
 //! checked to be absent from the training data when it is present), 64 tokens each, greedy, f16
 //! on the wire; for each prompt `run-edge` at its default settings and `--mode u-shape` run
 //! back to back (interleaved), then any extra configurations. Per configuration: median TBT,
-//! the median of the per-prompt TBT ratios to u-shape, tokens per round, and where a round's
+//! the median of the per-prompt TBT ratios to u-shape, tokens per round, draft-tree nodes sent per
+//! round (0 for chains), and where a round's
 //! time goes (device drafting, verifying and drafting ahead, waiting, cloud compute), ms per
 //! round. Every run's JSON goes to `target/bench-link.json`.
 //!
@@ -67,8 +68,8 @@ impl Bench {
         let cloud = Cloud::start(HAT, placement, &self.split, if placement == Placement::Shared { 4601 } else { 4600 }, &[])?;
         let title = placement.title();
         println!("\n### {title}; {} prompts × {} tokens, greedy, f16 wire\n", prompts.len(), self.tokens);
-        println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | wait ms/round | cloud ms/round |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | tree nodes/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | wait ms/round | cloud ms/round |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for &link in links {
             let mut runs: Vec<Vec<Value>> = vec![Vec::new(); configs.len()];
@@ -87,12 +88,13 @@ impl Bench {
                 let ratio: Vec<f64> = rs.iter().zip(&base).map(|(v, b)| f(v, "tbt_ms") / b).collect();
                 let hits: f64 = rs.iter().map(|v| f(v, "ahead_hits")).sum::<f64>() / rs.iter().map(|v| f(v, "ahead_rounds")).sum::<f64>().max(1.0);
                 println!(
-                    "| {} | {name} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} ({:.0}%) | {:.1} | {:.1} |",
+                    "| {} | {name} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} ({:.0}%) | {:.1} | {:.1} |",
                     link.name(),
                     m(&|v| f(v, "tbt_ms")),
                     median(&ratio),
                     m(&|v| f(v, "ttft_ms")),
                     m(&|v| f(v, "mean_accepted")),
+                    m(&|v| f(v, "tree_nodes_per_round")),
                     100.0 * m(&|v| f(v, "acceptance_rate")),
                     m(&|v| f(v, "draft_step_ms")),
                     per_round("draft_ms"),

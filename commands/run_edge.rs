@@ -68,9 +68,19 @@ pub struct Args {
     #[arg(long, default_value = "int8", value_parser = ["int8", "f32"])]
     pub draft_compute: String,
 
-    /// Draft the next round while the cloud verifies this one (`on`), or not (`off`).
+    /// Draft the next round while the cloud verifies this one (`on`), or not (`off`); chains
+    /// only (--draft-tree chain).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_ahead: String,
+
+    /// The shape of each round's drafts: `auto` (default: a tree grown by cumulative draft
+    /// probability, EAGLE-2 style, nodes kept while their odds pay for a verified row and
+    /// levels while they pay for a draft step, both measured; at most 24 nodes, 6 per level,
+    /// --draft-len levels), `chain` (one chain, drafted ahead while the cloud verifies),
+    /// NODES or NODESxDEPTH (a tree of that many drafts in equal levels, no thresholds). The
+    /// cloud verifies every branch in one pass; the output stays exact.
+    #[arg(long, default_value = "auto")]
+    pub draft_tree: String,
 
     /// How the prompt is cut into prefill chunks: `auto` (default in hat mode) plans the
     /// chunks that minimise the predicted TTFT for this prompt from the device's profile, the
@@ -212,7 +222,8 @@ fn draft_options(args: &Args) -> anyhow::Result<DraftOptions> {
         "full" => Some(0),
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on" };
+    let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", tree };
     options.validate()?;
     Ok(options)
 }

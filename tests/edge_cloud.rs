@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::cloud::BackgroundServer;
 use hat::decode::{generate, ModelDecoder, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode};
+use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode, TreeChoice};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::model::Model;
 use hat::net::protocol::{kind, WireDtype};
@@ -156,7 +156,10 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
         ("int8", DraftOptions { int8: true, ..plain }),
         ("threshold", DraftOptions { threshold: Some(0.3), ..plain }),
         ("ahead", DraftOptions { overlap: true, ..plain }),
-        ("all (defaults)", DraftOptions::default()),
+        ("tree 12x3", DraftOptions { tree: TreeChoice::Fixed { nodes: 12, depth: Some(3) }, ..plain }),
+        ("tree 40, int8", DraftOptions { tree: TreeChoice::Fixed { nodes: 40, depth: None }, int8: true, ..plain }),
+        ("chain, all on", DraftOptions { tree: TreeChoice::Chain, ..DraftOptions::default() }),
+        ("all (defaults: auto tree)", DraftOptions::default()),
     ];
     for ids in prompts(w).iter().take(2) {
         let want = reference(w, ids, max);
@@ -173,7 +176,9 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
                     None => 4000, // the adapter's default size
                 };
                 assert_eq!(d.draft_vocab, rows, "{name}");
-                assert_eq!((d.draft_int8, d.overlap), (draft.int8, draft.overlap), "{name}");
+                let chain = draft.tree == TreeChoice::Chain;
+                assert_eq!((d.draft_int8, d.overlap), (draft.int8, draft.overlap && chain), "{name}");
+                assert_eq!(d.tree_nodes > 0, !chain, "{name}: {d:?}");
                 if !draft.overlap {
                     assert_eq!(d.ahead_rounds, 0, "{name}");
                 }
@@ -181,10 +186,35 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
                     // Every round but the last (no token left to draft) drafts.
                     assert!(r.draft_checks[0] + 1 >= r.rounds, "{name}: fixed γ: {r:?}");
                 }
-                if which == "conditioned-oracle" && name.starts_with("all") {
-                    eprintln!("{which}, all on: {:.2} tokens/round, {} of {} rounds drafted ahead and used", r.mean_accepted, d.ahead_hits, d.ahead_rounds);
+                if which == "conditioned-oracle" {
+                    eprintln!("{which}, {name}: {:.2} tokens/round, {:.1} nodes/round, {} of {} rounds drafted ahead and used", r.mean_accepted, d.tree_nodes_per_round, d.ahead_hits, d.ahead_rounds);
                 }
             }
+        }
+    }
+}
+
+/// A tree whose every branch is wrong: the draft vocabulary holds only tokens the model's greedy
+/// answer never uses, so verification rejects every node of every tree, and the output is still
+/// `hat generate`'s (each round commits the LLM's own token at the root).
+#[test]
+fn trees_whose_every_branch_is_wrong_keep_greedy_exact() {
+    let w = world();
+    let max = 16;
+    let ids = &prompts(w)[0];
+    let want = reference(w, ids, max);
+    let unused: Vec<u32> = (30_000u32..).filter(|t| !want.contains(t)).take(64).collect();
+    let mut a = adapter(w, "conditioned-oracle");
+    a.draft_vocab = Some(DraftVocab { ids: unused, size: 64, source: "test: never the answer".into() });
+    for tree in [TreeChoice::Fixed { nodes: 12, depth: Some(3) }, TreeChoice::Auto] {
+        let draft = DraftOptions { tree, threshold: Some(0.0), ..DraftOptions::default() };
+        let opts = EdgeOptions { draft, ..options(Mode::Hat, 4, 16, SamplingParams::greedy(), max) };
+        let r = run(w, &a, ids, opts, WireDtype::F32);
+        assert_eq!(r.token_ids, want, "{tree:?}");
+        assert_eq!(r.drafts_accepted, 0, "{tree:?}: {r:?}");
+        if matches!(tree, TreeChoice::Fixed { .. }) {
+            // Full trees but in the last rounds (fewer levels near --max-tokens).
+            assert!(r.drafting.tree_nodes >= 12 * (r.rounds - 3), "{tree:?}: full trees were sent: {r:?}");
         }
     }
 }
@@ -289,8 +319,10 @@ fn refusals_are_clear() {
     assert!(e.contains("split") && e.contains(&w.device.manifest.split_id) && e.ends_with("(SplitMismatch)"), "{e}");
     let e = err(ConnectOptions { trust: Trust::Fingerprint(format!("sha256:{}", "ab".repeat(32))), ..base.clone() });
     assert!(e.contains("fingerprint"), "{e}");
-    let e = QuicLink::connect_with_version(base.clone(), 1).err().expect("refused").to_string();
-    assert!(e.contains("protocol version 1") && e.contains(&format!("speaks {}", hat::net::protocol::PROTOCOL_VERSION)) && e.ends_with("(VersionMismatch)"), "{e}");
+    for old in [1, 2] {
+        let e = QuicLink::connect_with_version(base.clone(), old).err().expect("refused").to_string();
+        assert!(e.contains(&format!("protocol version {old}")) && e.contains(&format!("speaks {}", hat::net::protocol::PROTOCOL_VERSION)) && e.ends_with("(VersionMismatch)"), "{e}");
+    }
     let e = err(ConnectOptions { hidden_size: 64, ..base.clone() });
     assert!(e.contains("hidden size 64") && e.ends_with("(BadRequest)"), "{e}");
 
@@ -321,7 +353,17 @@ fn malformed_frames_end_one_session_not_the_server() {
     let limit = 4096 * w.device.manifest.hidden_size * 4 + 64;
     let mut oversized = vec![0u8; limit + 1];
     oversized[0] = kind::HIDDEN;
-    let cases: [(Vec<u8>, String); 3] = [
+    // Tree blocks (protocol 3) that a well-behaved edge never sends.
+    let tree = |start: u32, parents: Vec<u16>, keep: Vec<u16>| {
+        let rows = parents.len().max(1);
+        let block = hat::net::protocol::HiddenBlock { start, count: rows as u32, dtype: WireDtype::F16, data: vec![0; rows * w.device.manifest.hidden_size * 2] };
+        hat::net::protocol::Message::Tree { block, parents, keep }.encode()
+    };
+    let root = hat::model::tree::ROOT;
+    let cases: [(Vec<u8>, String); 6] = [
+        (tree(0, vec![root], vec![0]), "a kept path, but the previous block was not a tree".to_string()),
+        (tree(0, vec![root, 1], vec![]), "tree row 1 names row 1 as its parent".to_string()),
+        (tree(3, vec![root, 0], vec![]), "block starts at position 3 but only 0 are cached".to_string()),
         (oversized, format!("malformed frame: frame of {} bytes (limit {limit})", limit + 1)),
         (vec![42u8, 1, 2, 3], "malformed frame: unknown frame kind 42".to_string()),
         // A hidden block claiming 5 positions with 2 bytes of payload.
@@ -368,7 +410,10 @@ fn only_hidden_states_cross_the_network() {
     let measured = link.measure_link(4096, 2).unwrap();
     assert!(measured.rtt_ms >= 0.0 && measured.up_mbps > 0.0 && measured.down_mbps > 0.0, "{measured:?}");
     let a = adapter(w, "partial");
-    let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16), |_| Ok(())).unwrap();
+    // Draft trees with branches: blocks carry parent indices, and the next block the kept path.
+    let opts = options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16);
+    let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, ..opts.draft }, ..opts };
+    let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &opts, |_| Ok(())).unwrap();
     drop(link);
     // Per draft position: checked only after the ones before it were accepted.
     assert_eq!((r.draft_checks.len(), r.draft_hits.iter().sum::<usize>()), (4, r.drafts_accepted), "{r:?}");
@@ -381,10 +426,10 @@ fn only_hidden_states_cross_the_network() {
     let h = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
     let first16: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
 
-    let (mut hidden_frames, mut probes) = (0, 0);
+    let (mut hidden_frames, mut probes, mut branching, mut previous_rows) = (0, 0, 0, 0);
     for (d, body) in frames.iter() {
         let allowed = match d {
-            Direction::Up => [kind::HELLO, kind::HIDDEN, kind::PROBE, kind::CLOSE].contains(&body[0]),
+            Direction::Up => [kind::HELLO, kind::HIDDEN, kind::TREE, kind::PROBE, kind::CLOSE].contains(&body[0]),
             Direction::Down => [kind::WELCOME, kind::MIDDLE, kind::PROBE_ECHO].contains(&body[0]),
         };
         assert!(allowed, "frame kind {} {d:?}", body[0]);
@@ -401,21 +446,42 @@ fn only_hidden_states_cross_the_network() {
         assert!(!hay.windows(ids32.len()).any(|w| w == ids32.as_slice()));
         let ids16: Vec<u8> = ids[5..9].iter().flat_map(|&i| u16::try_from(i).expect("the default vocabulary fits u16").to_le_bytes()).collect();
         assert!(!hay.windows(ids16.len()).any(|w| w == ids16.as_slice()));
-        if body[0] == kind::HIDDEN || body[0] == kind::MIDDLE {
+        // A tree block: the kept rows of the previous block and one parent per row, each only an
+        // index into a block (u16), then the block itself.
+        let mut off = match body[0] {
+            kind::HIDDEN => 1,
+            kind::MIDDLE => 9 + hat::net::protocol::CloudLoad::WIRE_SIZE,
+            _ => 0,
+        };
+        if body[0] == kind::TREE {
+            let u16_at = |i: usize| u16::from_le_bytes([body[i], body[i + 1]]);
+            let n_keep = u16_at(1) as usize;
+            let keep: Vec<u16> = (0..n_keep).map(|i| u16_at(3 + 2 * i)).collect();
+            let n_parents = u16_at(3 + 2 * n_keep) as usize;
+            let parents: Vec<u16> = (0..n_parents).map(|i| u16_at(5 + 2 * n_keep + 2 * i)).collect();
+            assert!(keep.iter().all(|&k| (k as usize) < previous_rows) && keep.first().is_none_or(|&k| k == 0), "kept rows index the previous block: {keep:?}");
+            assert!(parents.first() == Some(&hat::model::tree::ROOT) && parents.iter().enumerate().skip(1).all(|(i, &p)| (p as usize) < i), "parents index earlier rows: {parents:?}");
+            branching += usize::from(parents.len() > 1 && parents.iter().skip(1).any(|&p| parents.iter().skip(1).filter(|&&q| q == p).count() > 1));
+            off = 5 + 2 * (n_keep + n_parents);
+        }
+        if off > 0 {
             // Middle: kind, compute time (8 bytes), the cloud's load (4 numbers), then the block.
-            let off = if body[0] == kind::HIDDEN { 1 } else { 9 + hat::net::protocol::CloudLoad::WIRE_SIZE };
             let count = u32::from_le_bytes(body[off + 4..off + 8].try_into().unwrap()) as usize;
             assert_eq!(body.len(), off + 9 + count * hidden * 4, "payload is exactly count × hidden f32 values");
+            if *d == Direction::Up {
+                previous_rows = count;
+            }
             if body[0] == kind::HIDDEN && hidden_frames == 0 {
                 let sent: Vec<f32> = body[off + 9..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
                 assert!(sent == first16, "the first chunk is exactly the input submodel's hidden states");
             }
-            if body[0] == kind::HIDDEN {
+            if *d == Direction::Up {
                 hidden_frames += 1;
             }
         }
     }
     assert!(hidden_frames >= 3 + r.rounds, "prefill chunks and one block per round: {hidden_frames}");
+    assert!(branching > 0 && r.drafting.tree_nodes > r.rounds, "the test sent trees that branch: {r:?}");
     assert_eq!(probes, 2 * 4, "two round-trip probes and one each way for throughput, each answered");
 }
 

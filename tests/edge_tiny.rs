@@ -1,14 +1,14 @@
 //! The edge's speculative sampling on a tiny in-process model (the middle layers behind a
 //! `LocalMiddle`): with every drafting mechanism on (reduced draft vocabulary, int8 draft
-//! compute, the draft-length threshold, drafting ahead), sampled tokens still follow the model's
-//! own distribution, and a seed still fixes the output.
+//! compute, the draft-length threshold, drafting ahead, draft trees), sampled tokens still follow
+//! the model's own distribution, and a seed still fixes the output.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::decode::{processed_probs, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, Mode};
+use hat::edge::{DraftOptions, EdgeOptions, Mode, TreeChoice};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
 use hat::net::LocalMiddle;
@@ -57,7 +57,10 @@ fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
     // All on, and the threshold alone at a level that stops often: deciding to stop on the drawn
     // draft itself (rather than before drawing) skewed the drafts and landed ~0.15 away here.
     let threshold_alone = DraftOptions { threshold: Some(0.15), ..DraftOptions::plain() };
-    for (name, draft) in [("all on", all_on), ("threshold alone", threshold_alone)] {
+    // Trees: the automatic one (default), and a fixed one whose levels hold several candidates.
+    let chain = DraftOptions { tree: TreeChoice::Chain, ..all_on };
+    let tree = DraftOptions { tree: TreeChoice::Fixed { nodes: 9, depth: Some(3) }, ..DraftOptions::plain() };
+    for (name, draft) in [("all on (auto tree)", all_on), ("chain, all on", chain), ("threshold alone", threshold_alone), ("tree 9x3", tree)] {
         let n = 2500;
         let mut counts: HashMap<u32, usize> = HashMap::new();
         let (mut drafts, mut accepted, mut outside) = (0, 0, 0);

@@ -63,7 +63,12 @@ impl DraftHead {
     pub fn logits(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
         let seq = y.dim(1)?;
         let last = head.norm(&y.narrow(1, seq - 1, 1)?)?;
-        Ok(project(&self.rows, &last, Ops::Fused)?.flatten_all()?)
+        Ok(project(&self.rows, &last, Ops::Fused, false)?.flatten_all()?)
+    }
+
+    /// Draft logits at every position of `y`, `(1, seq, hidden)`: `(seq, len)`.
+    pub fn logits_all(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
+        Ok(project(&self.rows, &head.norm(y)?, Ops::Fused, true)?.squeeze(0)?)
     }
 
     /// The token id of row `row`.

@@ -127,6 +127,12 @@ impl Adapter {
         self.layers.forward(&self.layer_input(h_in, prev)?, pos, cache)
     }
 
+    /// [`Adapter::forward`] for rows of a draft tree appended to `cache` (`prev`: the middle
+    /// output, predicted, of each row's parent), attending as `mask` says.
+    pub fn forward_tree(&self, h_in: &Tensor, prev: Option<&Tensor>, cache: &mut StackCache, mask: Arc<crate::model::tree::TreeMask>) -> Result<Tensor> {
+        self.layers.forward_tree(&self.layer_input(h_in, prev)?, cache, mask)
+    }
+
     /// The layers' input: `h_in`, or for conditioned adapters `fuse · [rms(prev) ; h_in]`.
     fn layer_input(&self, h_in: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
         Ok(match (&self.fuse, prev) {

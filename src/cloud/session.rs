@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use crate::cloud::server::{log, Shared};
 use crate::error::{Error, Result};
+use crate::model::tree::BlockCache;
 use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, MAX_PROBE, PROTOCOL_VERSION};
 
 /// Drops a session's compute intervals from the load when the session ends.
@@ -82,7 +83,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
     log(format!("session {id} from {remote}: open ({} on the wire)", dtype.name()));
 
     let bundle = shared.bundle.clone();
-    let mut cache = Some(bundle.middle.new_cache());
+    let mut cache = Some(BlockCache::new(&bundle.middle));
     let max_frame = MAX_FRAME.min((cfg.max_context * hidden * 4 + 64).max(MAX_PROBE + 64));
     let (mut blocks, started) = (0u64, Instant::now());
     loop {
@@ -92,8 +93,9 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             Ok(Ok(Some(b))) => b,
             Ok(Err(e)) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
         };
-        let block = match Message::decode(&body) {
-            Ok(Message::Hidden(b)) => b,
+        let (block, parents, keep) = match Message::decode(&body) {
+            Ok(Message::Hidden(b)) => (b, Vec::new(), Vec::new()),
+            Ok(Message::Tree { block, parents, keep }) => (block, parents, keep),
             Ok(Message::Close) => break,
             Ok(Message::Probe { echo, .. }) => {
                 write_frame(&mut send, &Message::ProbeEcho { padding: vec![0; echo as usize] }.encode()).await?;
@@ -102,13 +104,12 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("unexpected {other:?}")).await,
             Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
         };
-        let held = cache.as_ref().map_or(0, |c| c.len());
         let (start, count) = (block.start as usize, block.count as usize);
         if let Err(e) = block.check(hidden, dtype) {
             return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await;
         }
-        if start > held {
-            return refuse(&mut send, ErrorCode::BadRequest, format!("block starts at position {start} but only {held} are cached")).await;
+        if let Some(Err(e)) = cache.as_ref().map(|c| c.check(start, count, &parents, &keep)) {
+            return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await;
         }
         if start + count > cfg.max_context {
             return refuse(&mut send, ErrorCode::ContextTooLong, format!("{} positions exceed this cloud's limit of {}", start + count, cfg.max_context)).await;
@@ -120,8 +121,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             let t = meter.load.begin(id);
             let out = (|| {
                 let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
-                c.truncate(start);
-                let y = bundle.middle.forward(&x, start, &mut c)?;
+                let y = c.run(&bundle.middle, &x, start, &parents, &keep)?;
                 HiddenBlock::from_tensor(&y, start, dtype)
             })();
             meter.load.end(id, t, count);

@@ -12,6 +12,14 @@
 //!   token is drawn from the residual `max(0, p_i - q_i)`, renormalised (from `p_i` itself if that
 //!   is empty, which happens only when `q_i = p_i`); after `k` acceptances the bonus is drawn
 //!   from `p_k`. Every committed token is distributed exactly as the target's `p`.
+//! - **Trees** ([`accept_tree`]): the candidates at each node (its children's tokens) are chosen
+//!   without randomness (the draft's most likely tokens). Starting at the root, the target's
+//!   token at the node is selected as decoding would select it (argmax, or a draw from `p`); if
+//!   a child carries that token, verification moves to it, else the token is committed and the
+//!   round ends. Each committed token is therefore exactly the target's selection (for greedy,
+//!   token for token; for sampling, a draw from `p` itself) — the point-mass case of recursive
+//!   rejection sampling, where a candidate `c` is accepted with probability `p(c)` and the
+//!   residual excludes it.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +45,32 @@ pub fn accept_greedy(drafts: &[u32], mut argmax: impl FnMut(usize) -> Result<u32
         }
     }
     Ok(Acceptance { accepted: drafts.len(), next: argmax(drafts.len())? })
+}
+
+/// What verification of a draft tree decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeAcceptance {
+    /// The accepted path's rows, root (row 0) first: `path.len() - 1` drafts accepted.
+    pub path: Vec<usize>,
+    /// The token committed after them.
+    pub next: u32,
+}
+
+/// Tree verification. `children(i)` lists row `i`'s children and their tokens; `select(i)` is
+/// the target's selection at row `i` (asked only for the rows the walk reaches, in order).
+pub fn accept_tree(children: impl Fn(usize) -> Vec<(usize, u32)>, mut select: impl FnMut(usize) -> Result<u32>) -> Result<TreeAcceptance> {
+    let mut path = vec![0];
+    let mut at = 0;
+    loop {
+        let want = select(at)?;
+        match children(at).into_iter().find(|&(_, t)| t == want) {
+            Some((child, _)) => {
+                path.push(child);
+                at = child;
+            }
+            None => return Ok(TreeAcceptance { path, next: want }),
+        }
+    }
 }
 
 /// Speculative sampling. `draft_probs[i]` is the distribution `d_i` was drawn from;
@@ -145,6 +179,33 @@ fn ratio(a: usize, b: usize) -> f64 {
         a as f64 / b as f64
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_walked_down_the_children_that_carry_the_targets_tokens() {
+        //        0
+        //    1(a)  2(b)
+        //    3(c)  4(d) 5(e)
+        let parents = [usize::MAX, 0, 0, 1, 2, 2];
+        let tokens = [0u32, 10, 11, 12, 13, 14];
+        let children = |i: usize| (0..6).filter(|&c| parents[c] == i).map(|c| (c, tokens[c])).collect::<Vec<_>>();
+        // The target picks b, then e, then 99: path 0 → 2 → 5, bonus 99.
+        let targets = [11u32, 0, 14, 0, 0, 99];
+        let mut asked = Vec::new();
+        let got = accept_tree(children, |i| {
+            asked.push(i);
+            Ok(targets[i])
+        })
+        .unwrap();
+        assert_eq!(got, TreeAcceptance { path: vec![0, 2, 5], next: 99 });
+        assert_eq!(asked, [0, 2, 5], "only the rows on the walk are asked");
+        // Every branch wrong: the root's target is committed.
+        assert_eq!(accept_tree(children, |_| Ok(7)).unwrap(), TreeAcceptance { path: vec![0], next: 7 });
     }
 }
 

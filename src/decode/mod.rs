@@ -14,6 +14,6 @@ pub mod generate;
 pub mod sampling;
 pub mod timing;
 
-pub use accept::{accept_greedy, accept_sampled, Acceptance, DraftStats};
+pub use accept::{accept_greedy, accept_sampled, accept_tree, Acceptance, DraftStats, TreeAcceptance};
 pub use generate::{generate, Decoder, GenerationReport, ModelDecoder, StopReason};
 pub use sampling::{probs, processed_probs, Sampler, SamplingParams};

@@ -25,6 +25,54 @@ pub const PRIOR_THRESHOLD: f32 = 0.15;
 /// Bounds of the measured threshold.
 const THRESHOLD_RANGE: (f32, f32) = (0.02, 0.6);
 
+/// The shape of each round's drafts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeChoice {
+    /// One chain of drafts (with drafting ahead while the cloud verifies).
+    Chain,
+    /// A tree of at most `nodes` drafts, `depth` levels (`None`: `--draft-len`), grown in equal
+    /// levels without thresholds.
+    Fixed { nodes: usize, depth: Option<usize> },
+    /// A tree sized each round from measured acceptance and costs ([`super::tree`]).
+    Auto,
+}
+
+/// Most drafts of an automatic tree, per level, and candidates per node.
+pub const AUTO_TREE: (usize, usize, usize) = (24, 6, 4);
+/// The node threshold before costs are measured (and with sampling).
+pub const PRIOR_NODE_THRESHOLD: f32 = 0.05;
+
+impl TreeChoice {
+    /// `auto`, `chain`, `NODES` or `NODESxDEPTH`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || Error::invalid(format!("--draft-tree {s}: expected auto, chain, NODES or NODESxDEPTH (e.g. 16x4), with 1 to {} nodes", crate::model::tree::MAX_TREE_NODES - 1));
+        match s {
+            "auto" => Ok(Self::Auto),
+            "chain" => Ok(Self::Chain),
+            _ => {
+                let (n, d) = match s.split_once('x') {
+                    Some((n, d)) => (n, Some(d.parse::<usize>().map_err(|_| bad())?)),
+                    None => (s, None),
+                };
+                let nodes = n.parse::<usize>().map_err(|_| bad())?;
+                if nodes == 0 || nodes >= crate::model::tree::MAX_TREE_NODES || d == Some(0) {
+                    return Err(bad());
+                }
+                Ok(Self::Fixed { nodes, depth: d })
+            }
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::Chain => "chain".into(),
+            Self::Auto => "auto".into(),
+            Self::Fixed { nodes, depth: None } => format!("{nodes}"),
+            Self::Fixed { nodes, depth: Some(d) } => format!("{nodes}x{d}"),
+        }
+    }
+}
+
 /// How the device drafts; each mechanism can be switched off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DraftOptions {
@@ -37,20 +85,22 @@ pub struct DraftOptions {
     /// Stop drafting on low confidence: `None`, the threshold from measured costs; `Some(t)`,
     /// fixed (`Some(0.0)`: always draft `--draft-len`).
     pub threshold: Option<f32>,
-    /// Draft the next round while the cloud verifies this one.
+    /// Draft the next round while the cloud verifies this one (chains only).
     pub overlap: bool,
+    /// Chains or trees.
+    pub tree: TreeChoice,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, tree: TreeChoice::Auto }
     }
 }
 
 impl DraftOptions {
-    /// Everything off: the full head in f32, fixed draft length, no drafting ahead.
+    /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, tree: TreeChoice::Chain }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -152,6 +202,33 @@ impl DraftLength {
     }
 }
 
+/// The marginal cost of a verified row on the critical path (device verification plus waiting
+/// for the reply, against the rows sent), fitted over recent rounds.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RowCost {
+    rounds: Vec<(f64, f64)>,
+}
+
+impl RowCost {
+    pub(super) fn record(&mut self, rows: usize, ms: f64) {
+        self.rounds.push((rows as f64, ms));
+        if self.rounds.len() > 64 {
+            self.rounds.remove(0);
+        }
+    }
+
+    /// The least-squares slope, ms per row; `None` until the rounds vary in size.
+    pub(super) fn per_row_ms(&self) -> Option<f64> {
+        let n = self.rounds.len() as f64;
+        if self.rounds.len() < 6 {
+            return None;
+        }
+        let (mx, my) = self.rounds.iter().fold((0.0, 0.0), |a, r| (a.0 + r.0 / n, a.1 + r.1 / n));
+        let (sxx, sxy) = self.rounds.iter().fold((0.0, 0.0), |a, r| (a.0 + (r.0 - mx).powi(2), a.1 + (r.0 - mx) * (r.1 - my)));
+        (sxx > 0.5 * n).then(|| (sxy / sxx).max(0.0))
+    }
+}
+
 /// What the edge reports about its drafting.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DraftingReport {
@@ -174,4 +251,13 @@ pub struct DraftingReport {
     /// verification's outcome was right).
     pub ahead_rounds: usize,
     pub ahead_hits: usize,
+    /// The tree setting (`chain`, `auto`, `NODESxDEPTH`); drafted nodes sent for verification in
+    /// all (the roots not counted), and the mean per round.
+    pub draft_tree: String,
+    pub tree_nodes: usize,
+    pub tree_nodes_per_round: f64,
+    /// Automatic trees: the node threshold at the end and its input, the measured cost of a
+    /// verified row (ms; 0 before it is measured).
+    pub node_threshold: f32,
+    pub row_cost_ms: f64,
 }

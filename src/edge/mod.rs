@@ -26,10 +26,16 @@
 //! [`crate::model::StackCache::restore`]) and the prepared round goes up at once; otherwise the
 //! usual rollback discards it.
 //!
+//! With `--draft-tree` other than `chain` (the default is `auto`) a round drafts a tree instead
+//! (`tree`: EAGLE-2's dynamic tree, sized from measured costs); the cloud verifies every branch
+//! in one pass with a tree mask, the device walks down the accepted path
+//! ([`crate::decode::accept_tree`]), and every cache keeps that path at consecutive positions.
+//!
 //! Files: `state` (caches, timers, the steps every phase uses), `prefill` (chunked prefill),
-//! `draft` (drafting a round and the next one ahead, the draft path), [`drafter`] (what drafts
-//! and when to stop), [`report`] ([`EdgeReport`]); verification and the round loop are here,
-//! with the acceptance rule from [`crate::decode::accept`].
+//! `draft` (drafting a round and the next one ahead, the draft path), `tree` (drafting a tree,
+//! verifying it, keeping its path), [`drafter`] (what drafts, the tree setting and when to
+//! stop), [`report`] ([`EdgeReport`]); verification and the round loop are here, with the
+//! acceptance rules from [`crate::decode::accept`].
 //!
 //! May use [`crate::adapter`], [`crate::net`], [`crate::split`], [`crate::decode`], [`crate::sched`],
 //! [`crate::model`] and [`crate::util`]; never `cloud` or `train`.
@@ -39,6 +45,7 @@ pub mod drafter;
 mod prefill;
 pub mod report;
 mod state;
+mod tree;
 
 use std::time::{Duration, Instant};
 
@@ -47,15 +54,15 @@ use serde::Serialize;
 
 use crate::adapter::Adapter;
 use crate::decode::timing::{check_prompt, ms, TokenClock};
-use crate::decode::{accept_greedy, accept_sampled, probs, Acceptance, DraftStats, Sampler, SamplingParams, StopReason};
+use crate::decode::{accept_greedy, accept_sampled, accept_tree, probs, Acceptance, DraftStats, Sampler, SamplingParams, StopReason, TreeAcceptance};
 use crate::error::Result;
 use crate::net::MiddleLink;
 use crate::split::DeviceBundle;
 use draft::{Ahead, Drafted, Limits};
-use drafter::DraftLength;
+use drafter::{DraftLength, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
 use state::Edge;
 
-pub use drafter::{DraftOptions, Drafter, DraftingReport};
+pub use drafter::{DraftOptions, Drafter, DraftingReport, TreeChoice};
 pub use report::EdgeReport;
 
 /// How the edge generates.
@@ -145,7 +152,8 @@ pub fn generate_with<L: MiddleLink>(
     check_prompt(prompt, 0, limit)?;
     let eos = &dev.tokenizer.eos_token_ids;
     let drafting = opts.mode == Mode::Hat && opts.draft_len > 0;
-    let overlap = drafting && drafter.options.overlap;
+    let trees = drafting && drafter.options.tree != TreeChoice::Chain;
+    let overlap = drafting && drafter.options.overlap && !trees;
     let mut sampler = Sampler::new(opts.sampling)?;
     let mut steps = DraftLength::new(drafter.options.threshold, sampler.is_greedy());
     let mut edge = Edge::new(dev, drafter, link);
@@ -163,6 +171,11 @@ pub fn generate_with<L: MiddleLink>(
     let mut times = RoundTimes::default();
     // The round of `next`, when it was drafted ahead during the previous round.
     let mut prepared: Option<Drafted> = None;
+    // Trees: the rows the last verification kept (the cloud learns them with the next block),
+    // the measured cost of a row, nodes sent.
+    let mut keep: Vec<u16> = Vec::new();
+    let mut row_cost = RowCost::default();
+    let (mut tree_nodes, mut node_threshold) = (0usize, 0f32);
 
     let done = |tokens: &[u32], stop: &mut StopReason| {
         if tokens.last().is_some_and(|t| eos.contains(t)) {
@@ -188,6 +201,33 @@ pub fn generate_with<L: MiddleLink>(
             break;
         }
         let threshold = steps.threshold();
+        if trees {
+            let gamma = gamma_at(tokens.len(), base);
+            let limits = tree_limits(drafter.options.tree, gamma, limit.saturating_sub(base + 1), threshold, &steps, &row_cost, sampler.is_greedy());
+            node_threshold = limits.node_threshold;
+            let t = Instant::now();
+            let round = edge.draft_tree(next, base, &limits, eos, &sampler, &mut steps)?;
+            times.draft += t.elapsed();
+            edge.link.submit_tree(base, &round.hidden, round.shape.parents(), &keep)?;
+            let n = round.shape.len();
+            tree_nodes += n - 1;
+            let waited = edge.wait_time;
+            let reply = edge.receive()?;
+            let t = Instant::now();
+            let logits = edge.tree_logits(&reply, &round.shape)?; // (n, vocab)
+            let TreeAcceptance { path, next: new_token } = accept_tree(|i| round.children(i), |i| sampler.select(&logits.get(i)?))?;
+            let depth = (0..n).map(|i| round.shape.depth(i)).max().unwrap_or(0);
+            stats.record(depth, path.len() - 1);
+            edge.keep_tree_path(base, &path, &round, &reply)?;
+            keep = path.iter().map(|&i| i as u16).collect();
+            times.verify += t.elapsed();
+            row_cost.record(n, ms(t.elapsed() + (edge.wait_time - waited)));
+            let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
+            commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
+            next = new_token;
+            steps.ms_per_token = Some(ms(decoding.elapsed()) / (tokens.len() - 1) as f64);
+            continue;
+        }
         let t = Instant::now();
         let limits = Limits { gamma: gamma_at(tokens.len(), base), threshold, eos, until_reply: false };
         let round = match prepared.take() {
@@ -242,14 +282,8 @@ pub fn generate_with<L: MiddleLink>(
             _ => edge.keep_accepted(base, a, &verify, &reply, drafting)?,
         }
         times.verify += t.elapsed();
-        for &t in drafts[..a].iter().chain(std::iter::once(&new_token)) {
-            tokens.push(t);
-            clock.token();
-            on_token(t)?;
-            if done(&tokens, &mut stop) {
-                break;
-            }
-        }
+        let new: Vec<u32> = drafts[..a].iter().copied().chain([new_token]).collect();
+        commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
         next = new_token;
         steps.ms_per_token = Some(ms(decoding.elapsed()) / (tokens.len() - 1) as f64);
     }
@@ -268,6 +302,11 @@ pub fn generate_with<L: MiddleLink>(
         ahead_ms: ms(times.ahead),
         ahead_rounds: times.ahead_rounds,
         ahead_hits: times.ahead_hits,
+        draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
+        tree_nodes,
+        tree_nodes_per_round: if trees && stats.rounds > 0 { tree_nodes as f64 / stats.rounds as f64 } else { 0.0 },
+        node_threshold,
+        row_cost_ms: row_cost.per_row_ms().unwrap_or(0.0),
     };
     Ok(EdgeReport {
         mode: opts.mode,
@@ -292,6 +331,40 @@ pub fn generate_with<L: MiddleLink>(
         drafting: drafting_report,
         token_ids: tokens,
     })
+}
+
+/// Commits a round's tokens in order, each timed and handed to `on_token`, until `done`.
+fn commit(new: &[u32], tokens: &mut Vec<u32>, clock: &mut TokenClock, on_token: &mut impl FnMut(u32) -> Result<()>, done: &impl Fn(&[u32], &mut StopReason) -> bool, stop: &mut StopReason) -> Result<()> {
+    for &t in new {
+        tokens.push(t);
+        clock.token();
+        on_token(t)?;
+        if done(tokens, stop) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// How far a tree may grow this round: `gamma` drafts on a path at most, `slots` positions left
+/// in the context; thresholds from measured costs for `auto` (priors with sampling).
+fn tree_limits(choice: TreeChoice, gamma: usize, slots: usize, level_threshold: f32, steps: &DraftLength, row_cost: &RowCost, greedy: bool) -> tree::TreeLimits {
+    let (nodes, depth, width, branch, node_threshold, level_threshold) = match choice {
+        TreeChoice::Fixed { nodes, depth } => {
+            let depth = depth.unwrap_or(gamma).max(1);
+            let width = nodes.div_ceil(depth).max(1);
+            (nodes, depth, width, width, 0.0, 0.0)
+        }
+        TreeChoice::Auto | TreeChoice::Chain => {
+            let (nodes, width, branch) = AUTO_TREE;
+            let node_threshold = match (greedy, row_cost.per_row_ms(), steps.ms_per_token) {
+                (true, Some(r), Some(t)) if t > 0.0 => ((r / t) as f32).clamp(0.005, 0.5),
+                _ => PRIOR_NODE_THRESHOLD,
+            };
+            (nodes, gamma, width, branch, node_threshold, level_threshold)
+        }
+    };
+    tree::TreeLimits { nodes: nodes.min(slots), depth: depth.min(gamma), width, branch, node_threshold, level_threshold }
 }
 
 /// Where a generation's decoding rounds spent the device's time.

@@ -23,7 +23,7 @@ impl Attention {
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let n_rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        let (qd, kd, vd) = self.qkv(drafted, 0, rope, ops)?;
+        let (qd, kd, vd) = self.qkv(drafted, 0, rope, ops, &AttentionMask::None)?;
         let qd = qd.reshape((b, nkv, n_rep * seq, hd))?;
         // Earlier true positions, then the drafted position itself (its key and value repeated
         // for the query heads that share them).
@@ -32,7 +32,7 @@ impl Attention {
         let own = ((&qd * repeat(&kd)?)?.sum_keepdim(D::Minus1)? * scale)?;
         let att = softmax(&Tensor::cat(&[&earlier, &own], D::Minus1)?, ops)?;
         let yd = (att.narrow(D::Minus1, 0, seq)?.matmul(&vt.contiguous()?)? + att.narrow(D::Minus1, seq, 1)?.broadcast_mul(&repeat(&vd)?)?)?;
-        self.merge_heads(&yd.reshape((b, nh, seq, hd))?, ops)
+        self.merge_heads(&yd.reshape((b, nh, seq, hd))?, ops, false)
     }
 }
 
@@ -42,14 +42,14 @@ impl DecoderLayer {
     /// [`Truth::States`] when `need_truth`, the true stream's output (the next layer's true input).
     fn forward_beside(&self, drafted: &Tensor, truth: LayerTruth, rope: &Rope, ops: Ops, need_truth: bool) -> Result<(Tensor, Option<Tensor>)> {
         let norm = |n: &RmsNorm, x: &Tensor, ops: Ops| rms_norm(n, x, self.eps, ops);
-        let mlp = |x: Tensor, ops: Ops| -> Result<Tensor> { Ok((&x + self.mlp.forward(&norm(&self.post_attention_layernorm, &x, ops)?, ops)?)?) };
+        let mlp = |x: Tensor, ops: Ops| -> Result<Tensor> { Ok((&x + self.mlp.forward(&norm(&self.post_attention_layernorm, &x, ops)?, ops, false)?)?) };
         let (kt, vt, truth_out) = match truth {
             LayerTruth::KeysValues(kt, vt) => (kt.clone(), vt.clone(), None),
             LayerTruth::States(truth) => {
                 // A true stream that needs no gradient (constant input, frozen layer) runs the fused kernels.
                 let constant = !truth.track_op() && !self.self_attn.qkv_proj.weight().track_op();
                 let truth_ops = if constant { Ops::Fused } else { ops };
-                let (qt, kt, vt) = self.self_attn.qkv(&norm(&self.input_layernorm, truth, truth_ops)?, 0, rope, truth_ops)?;
+                let (qt, kt, vt) = self.self_attn.qkv(&norm(&self.input_layernorm, truth, truth_ops)?, 0, rope, truth_ops, &AttentionMask::None)?;
                 let out = if need_truth {
                     let seq = truth.dim(1)?;
                     let n_rep = self.self_attn.num_heads / self.self_attn.num_kv_heads;

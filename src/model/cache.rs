@@ -53,6 +53,26 @@ impl KvCache {
         Ok(())
     }
 
+    /// Keeps, of the positions from `start` on, those at offsets `rows` (increasing: a path
+    /// through a draft tree), moved to consecutive positions `start, start + 1, …`; drops the
+    /// rest. The moved keys and values are copied bit for bit.
+    pub fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        if rows.windows(2).any(|w| w[0] >= w[1]) || rows.last().is_some_and(|&r| start + r >= self.len) {
+            candle_core::bail!("cannot keep rows {rows:?} after position {start} of {}", self.len)
+        }
+        if let Some((sk, sv)) = &self.storage {
+            for (to, &from) in rows.iter().enumerate() {
+                if from != to {
+                    // A copy first: the source and the destination share the storage.
+                    sk.slice_set(&sk.narrow(2, start + from, 1)?.contiguous()?.copy()?, 2, start + to)?;
+                    sv.slice_set(&sv.narrow(2, start + from, 1)?.contiguous()?.copy()?, 2, start + to)?;
+                }
+            }
+        }
+        self.len = start + rows.len();
+        Ok(())
+    }
+
     /// Forgets everything and frees the storage.
     pub fn clear(&mut self) {
         self.storage = None;
@@ -130,6 +150,13 @@ mod tests {
         let (k, _) = cache.current()?.expect("cached");
         assert_eq!(k.flatten_all()?.to_vec1::<f32>()?[..5], [0., 10., 50., 100., 101.]);
         assert!(cache.restore(3 + GROW_BY + 1).is_err());
+        // Keeping a path: rows 0, 2 and 3 after position 1 move to positions 1, 2, 3.
+        cache.truncate(5);
+        cache.keep_rows(1, &[0, 2, 3])?;
+        let (k, _) = cache.current()?.expect("cached");
+        assert_eq!(k.flatten_all()?.to_vec1::<f32>()?, [0., 10., 100., 101.]);
+        assert!(cache.keep_rows(1, &[2, 1]).is_err());
+        assert!(cache.keep_rows(1, &[0, 3]).is_err());
         Ok(())
     }
 }

@@ -80,7 +80,14 @@ impl Head {
     /// Logits at every position: `(batch, seq, hidden)` → `(batch, seq, vocab)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
-        project(&self.lm_head, &x, self.ops)
+        project(&self.lm_head, &x, self.ops, false)
+    }
+
+    /// [`Head::forward`] with every row computed exactly as it would be alone (the rows of a
+    /// draft tree, up to [`crate::model::kernels::EXACT_ROWS`]).
+    pub fn forward_exact(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
+        project(&self.lm_head, &x, self.ops, true)
     }
 
     /// Logits of the last position only: `(batch, seq, hidden)` → `(batch, vocab)`.

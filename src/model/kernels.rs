@@ -36,11 +36,13 @@ pub const MAX_FUSED_ROWS: usize = 64;
 
 /// `q`: `(b, g, rows, d)` contiguous, the `rows = rep * seq` query rows of the `rep` heads that
 /// share K/V group `g` (rep-major); `k`, `v`: `(b, g, len, d)`, any strides with a contiguous last
-/// dim. Query `i` of a block (row `r`, `i = r % seq`) sees keys `[0, pos + i]`, `pos = len - seq`.
-#[derive(Debug, Clone, Copy)]
+/// dim. Causal: query `i` of a block (row `r`, `i = r % seq`) sees keys `[0, pos + i]`,
+/// `pos = len - seq`; a tree: keys `[0, prefix)` and its ancestors' and own slots.
+#[derive(Debug, Clone)]
 struct CausalAttention {
     seq: usize,
     scale: f32,
+    tree: Option<std::sync::Arc<crate::model::tree::TreeMask>>,
 }
 
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -73,6 +75,11 @@ impl CustomOp3 for CausalAttention {
         let (ks, vs) = (lk.stride(), lv.stride());
         let (k, v) = (&k[lk.start_offset()..], &v[lv.start_offset()..]);
         let pos = len - self.seq;
+        if let Some(t) = &self.tree {
+            if t.rows() != self.seq || t.prefix > pos || t.visible.iter().flatten().any(|&j| j < t.prefix || j >= len) {
+                candle_core::bail!("hat-causal-attention: a tree mask of {} rows after {} slots does not fit {len} keys", t.rows(), t.prefix)
+            }
+        }
         let mut out = vec![0f32; b * g * rows * d];
         let avx2 = has_avx2_fma();
         // Tiles of up to ATTENTION_TILE rows of one K/V group read each key and value once for
@@ -89,7 +96,12 @@ impl CustomOp3 for CausalAttention {
                 v: &v[bi * vs[0] + gi * vs[1]..],
                 k_stride: ks[2],
                 v_stride: vs[2],
-                visible: (first..first + n).map(|r| pos + r % self.seq + 1).collect(),
+                visible: (first..first + n)
+                    .map(|r| match &self.tree {
+                        None => RowKeys { prefix: pos + r % self.seq + 1, extra: &[] },
+                        Some(t) => RowKeys { prefix: t.prefix, extra: &t.visible[r % self.seq] },
+                    })
+                    .collect(),
                 scale: self.scale,
             };
             #[cfg(target_arch = "x86_64")]
@@ -118,7 +130,31 @@ impl CustomOp3 for CausalAttention {
 /// Causal attention for a block of `seq` queries after `len - seq` cached positions; shapes as
 /// in the op above. Returns `(b, g, rows, d)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, scale: f32) -> Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale })
+    q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale, tree: None })
+}
+
+/// Attention for the rows of a tree block ([`crate::model::tree::TreeMask`]): each row sees the
+/// slots before the mask's prefix and its own further slots; shapes as in [`causal_attention`].
+pub fn tree_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: std::sync::Arc<crate::model::tree::TreeMask>, scale: f32) -> Result<Tensor> {
+    q.apply_op3_no_bwd(k, v, &CausalAttention { seq: mask.rows(), scale, tree: Some(mask) })
+}
+
+/// The keys a query row sees: `[0, prefix)`, then the slots in `extra` (increasing, at or after
+/// `prefix`).
+struct RowKeys<'a> {
+    prefix: usize,
+    extra: &'a [usize],
+}
+
+impl RowKeys<'_> {
+    /// One past the last key seen.
+    fn end(&self) -> usize {
+        self.extra.last().map_or(self.prefix, |&j| j + 1)
+    }
+
+    fn count(&self) -> usize {
+        self.prefix + self.extra.len()
+    }
 }
 
 /// Query rows of one K/V group that [`CausalAttention`] computes together.
@@ -132,8 +168,8 @@ struct AttentionTile<'a> {
     v: &'a [f32],
     k_stride: usize,
     v_stride: usize,
-    /// Per row: keys `[0, visible)` are attended.
-    visible: Vec<usize>,
+    /// Per row: the keys attended.
+    visible: Vec<RowKeys<'a>>,
     scale: f32,
 }
 
@@ -143,12 +179,24 @@ struct AttentionTile<'a> {
 #[inline(always)]
 fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
     let d = o.len() / t.visible.len().max(1);
-    let most = t.visible.iter().copied().max().unwrap_or(0);
-    let mut scores: Vec<Vec<f32>> = t.visible.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let most = t.visible.iter().map(RowKeys::end).max().unwrap_or(0);
+    let mut scores: Vec<Vec<f32>> = t.visible.iter().map(|keys| Vec::with_capacity(keys.count())).collect();
+    // Per row, how many of its extra slots the walk over the keys has passed.
+    let mut passed = vec![0usize; t.visible.len()];
+    let sees = |keys: &RowKeys<'_>, passed: &mut usize, j: usize| -> bool {
+        if j < keys.prefix {
+            return true;
+        }
+        if keys.extra.get(*passed) == Some(&j) {
+            *passed += 1;
+            return true;
+        }
+        false
+    };
     for j in 0..most {
         let kr = &t.k[j * t.k_stride..j * t.k_stride + d];
         for (r, s) in scores.iter_mut().enumerate() {
-            if j < t.visible[r] {
+            if sees(&t.visible[r], &mut passed[r], j) {
                 s.push(dot(&t.q[r * d..(r + 1) * d], kr) * t.scale);
             }
         }
@@ -163,10 +211,15 @@ fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]
         let inv = 1.0 / sum;
         s.iter_mut().for_each(|x| *x *= inv);
     }
+    passed.iter_mut().for_each(|p| *p = 0);
+    // Per row, the next of its scores.
+    let mut next = vec![0usize; t.visible.len()];
     for j in 0..most {
         let vr = &t.v[j * t.v_stride..j * t.v_stride + d];
         for (r, s) in scores.iter().enumerate() {
-            if let Some(&w) = s.get(j) {
+            if sees(&t.visible[r], &mut passed[r], j) {
+                let w = s[next[r]];
+                next[r] += 1;
                 o[r * d..(r + 1) * d].iter_mut().zip(vr).for_each(|(o, x)| *o += w * x);
             }
         }
@@ -222,6 +275,9 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
 
 /// Rows up to which [`small_m_matmul`] replaces gemm.
 pub const SMALL_M: usize = 12;
+/// Rows up to which [`small_m_matmul`] serves blocks that must compute each row exactly as alone
+/// (draft trees), whatever gemm would cost.
+pub const EXACT_ROWS: usize = 64;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
@@ -282,6 +338,69 @@ unsafe fn dots_group<const G: usize>(w: &[f32], x: &[f32], k: usize, first: usiz
     }
 }
 
+/// [`dots_group`] for two weight rows at once: `G` input rows against `wa` and `wb`, each
+/// element with exactly the arithmetic of [`dots_group`] (two accumulators per pair, chunks of
+/// 16, the tail by scalar FMA).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots2_group<const G: usize>(wa: &[f32], wb: &[f32], x: &[f32], k: usize, first: usize, oa: &mut [f32], ob: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let pairs = k / 16;
+    let mut acc_a = [[_mm256_setzero_ps(); 2]; G];
+    let mut acc_b = [[_mm256_setzero_ps(); 2]; G];
+    let xp = x.as_ptr().add(first * k);
+    for c in 0..pairs {
+        let a0 = _mm256_loadu_ps(wa.as_ptr().add(c * 16));
+        let a1 = _mm256_loadu_ps(wa.as_ptr().add(c * 16 + 8));
+        let b0 = _mm256_loadu_ps(wb.as_ptr().add(c * 16));
+        let b1 = _mm256_loadu_ps(wb.as_ptr().add(c * 16 + 8));
+        for g in 0..G {
+            let x0 = _mm256_loadu_ps(xp.add(g * k + c * 16));
+            let x1 = _mm256_loadu_ps(xp.add(g * k + c * 16 + 8));
+            acc_a[g][0] = _mm256_fmadd_ps(a0, x0, acc_a[g][0]);
+            acc_a[g][1] = _mm256_fmadd_ps(a1, x1, acc_a[g][1]);
+            acc_b[g][0] = _mm256_fmadd_ps(b0, x0, acc_b[g][0]);
+            acc_b[g][1] = _mm256_fmadd_ps(b1, x1, acc_b[g][1]);
+        }
+    }
+    let rest8 = (k - pairs * 16) / 8;
+    if rest8 == 1 {
+        let a0 = _mm256_loadu_ps(wa.as_ptr().add(pairs * 16));
+        let b0 = _mm256_loadu_ps(wb.as_ptr().add(pairs * 16));
+        for g in 0..G {
+            let x0 = _mm256_loadu_ps(xp.add(g * k + pairs * 16));
+            acc_a[g][0] = _mm256_fmadd_ps(a0, x0, acc_a[g][0]);
+            acc_b[g][0] = _mm256_fmadd_ps(b0, x0, acc_b[g][0]);
+        }
+    }
+    let tail = pairs * 16 + rest8 * 8;
+    for g in 0..G {
+        let (mut sa, mut sb) = (sum_pair(acc_a[g][0], acc_a[g][1]), sum_pair(acc_b[g][0], acc_b[g][1]));
+        for j in tail..k {
+            sa = wa[j].mul_add(x[(first + g) * k + j], sa);
+            sb = wb[j].mul_add(x[(first + g) * k + j], sb);
+        }
+        oa[first + g] = sa;
+        ob[first + g] = sb;
+    }
+}
+
+/// All `oa.len()` input rows against two weight rows, in groups of at most three.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots2_avx2(wa: &[f32], wb: &[f32], x: &[f32], k: usize, oa: &mut [f32], ob: &mut [f32]) {
+    let m = oa.len();
+    let mut i = 0;
+    while i < m {
+        match m - i {
+            1 => dots2_group::<1>(wa, wb, x, k, i, oa, ob),
+            2 => dots2_group::<2>(wa, wb, x, k, i, oa, ob),
+            _ => dots2_group::<3>(wa, wb, x, k, i, oa, ob),
+        }
+        i += (m - i).min(3);
+    }
+}
+
 /// `a + b` summed across its eight lanes, in a fixed order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -336,7 +455,7 @@ impl candle_core::CustomOp2 for SmallMMatmul {
         let (n, k) = lw.shape().dims2()?;
         let dims = lx.dims();
         let m = lx.shape().elem_count() / k;
-        if dims.last() != Some(&k) || m > SMALL_M {
+        if dims.last() != Some(&k) || m > EXACT_ROWS {
             candle_core::bail!("hat-small-m-matmul: bad shapes {dims:?} x ({n}, {k})")
         }
         let x = &x[lx.start_offset()..lx.start_offset() + m * k];
@@ -345,17 +464,28 @@ impl candle_core::CustomOp2 for SmallMMatmul {
         let mut t = vec![0f32; n * m];
         let avx = has_avx2_fma();
         t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, block)| {
-            for (r, out) in block.chunks_mut(m).enumerate() {
-                let j = task * ROWS_PER_TASK + r;
-                let wr = &w[j * k..(j + 1) * k];
+            let mut pairs = block.chunks_mut(2 * m);
+            for (p, out) in pairs.by_ref().enumerate() {
+                let j = task * ROWS_PER_TASK + 2 * p;
                 #[cfg(target_arch = "x86_64")]
-                if avx {
+                if avx && m > 1 && out.len() == 2 * m {
+                    // Two weight rows at once (each input row loaded once for both); every output
+                    // element computes exactly as `dots_avx2` computes it.
+                    let (oa, ob) = out.split_at_mut(m);
                     // SAFETY: the CPU supports AVX2 and FMA (checked above); slices bound all reads.
-                    unsafe { dots_avx2(wr, x, k, out) };
+                    unsafe { dots2_avx2(&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], x, k, oa, ob) };
                     continue;
                 }
-                let _ = avx;
-                dots_scalar(wr, x, k, out);
+                for (r, o) in out.chunks_mut(m).enumerate() {
+                    let wr = &w[(j + r) * k..(j + r + 1) * k];
+                    #[cfg(target_arch = "x86_64")]
+                    if avx {
+                        // SAFETY: as above.
+                        unsafe { dots_avx2(wr, x, k, o) };
+                        continue;
+                    }
+                    dots_scalar(wr, x, k, o);
+                }
             }
         });
         let out = if m == 1 {
@@ -375,7 +505,7 @@ impl candle_core::CustomOp2 for SmallMMatmul {
     }
 }
 
-/// `x · wᵀ` for `x` `(..., k)` with at most [`SMALL_M`] rows and `w` `(n, k)`: `(..., n)`.
+/// `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows and `w` `(n, k)`: `(..., n)`.
 pub fn small_m_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(w, &SmallMMatmul)
 }
@@ -541,6 +671,16 @@ mod tests {
         let alone = small_m_matmul(&x.narrow(1, 4, 1).unwrap(), &w).unwrap();
         let inside = got.narrow(1, 4, 1).unwrap();
         assert_eq!(alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), inside.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // Every block size up to EXACT_ROWS (one or two weight rows at a time, groups of 1 to 4
+        // input rows) computes each row as alone.
+        let big = Tensor::randn(0f32, 1.0, (1, EXACT_ROWS, 45), &dev).unwrap();
+        let alone: Vec<Vec<f32>> = (0..EXACT_ROWS).map(|i| small_m_matmul(&big.narrow(1, i, 1).unwrap(), &w).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+        for m in [2, 3, 5, 7, 13, 33, EXACT_ROWS] {
+            let block: Vec<Vec<f32>> = small_m_matmul(&big.narrow(1, 0, m).unwrap(), &w).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+            for (i, row) in block.iter().enumerate() {
+                assert_eq!(row, &alone[i], "row {i} of a block of {m}");
+            }
+        }
         // The scalar path agrees with the vector path to rounding.
         let (xv, wv) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         let mut out = vec![0f32; 9];

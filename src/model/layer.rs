@@ -20,6 +20,9 @@ pub enum AttentionMask {
     FusedCausal,
     /// Added to the scores: `(n_rep * seq, pos + seq)`, from [`causal_mask`].
     Additive(Tensor),
+    /// The rows form (part of) a draft tree: each sees the cached prefix, its ancestors and
+    /// itself, at its own rotary position; every row computes exactly as it would alone.
+    Tree(std::sync::Arc<crate::model::tree::TreeMask>),
 }
 
 impl AttentionMask {
@@ -31,6 +34,19 @@ impl AttentionMask {
             Ok(Self::None)
         } else {
             Ok(Self::Additive(causal_mask(seq, pos, n_rep, true, x.dtype(), x.device())?))
+        }
+    }
+
+    /// Whether the block's rows must compute exactly as alone (the row-invariant kernels).
+    fn exact(&self) -> bool {
+        matches!(self, Self::Tree(_))
+    }
+
+    /// The rotary positions of a tree's rows (`None`: consecutive from the block's start).
+    fn positions(&self) -> Option<&[usize]> {
+        match self {
+            Self::Tree(t) => Some(&t.positions),
+            _ => None,
         }
     }
 }
@@ -71,29 +87,34 @@ impl Attention {
     }
 
     /// Queries `(batch, heads, seq, head_dim)` and keys, values `(batch, kv_heads, seq,
-    /// head_dim)` of `x`, `(batch, seq, hidden)` at positions `pos..pos + seq`, rotated.
-    pub(crate) fn qkv(&self, x: &Tensor, pos: usize, rope: &Rope, ops: Ops) -> Result<(Tensor, Tensor, Tensor)> {
+    /// head_dim)` of `x`, `(batch, seq, hidden)` at positions `pos..pos + seq` (or the tree's
+    /// positions of `mask`), rotated.
+    pub(crate) fn qkv(&self, x: &Tensor, pos: usize, rope: &Rope, ops: Ops, mask: &AttentionMask) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let qkv = project(&self.qkv_proj, x, ops)?; // (b, seq, (nh + 2 * nkv) * hd)
+        let qkv = project(&self.qkv_proj, x, ops, mask.exact())?; // (b, seq, (nh + 2 * nkv) * hd)
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&heads(0, nh)?, pos, ops)?;
-        let k = rope.apply(&heads(nh, nkv)?, pos, ops)?;
+        let rotate = |x: &Tensor| match mask.positions() {
+            Some(p) => rope.apply_at(x, p, ops),
+            None => rope.apply(x, pos, ops),
+        };
+        let q = rotate(&heads(0, nh)?)?;
+        let k = rotate(&heads(nh, nkv)?)?;
         Ok((q, k, heads(nh + nkv, nkv)?))
     }
 
     /// Heads `(batch, heads, seq, head_dim)` → `(batch, seq, hidden)` through `o_proj`.
-    pub(crate) fn merge_heads(&self, y: &Tensor, ops: Ops) -> Result<Tensor> {
+    pub(crate) fn merge_heads(&self, y: &Tensor, ops: Ops, exact: bool) -> Result<Tensor> {
         let (b, nh, seq, hd) = y.dims4()?;
-        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, seq, nh * hd))?, ops)
+        project(&self.o_proj, &y.transpose(1, 2)?.reshape((b, seq, nh * hd))?, ops, exact)
     }
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → `(batch, seq, hidden)`.
     pub(crate) fn forward(&self, x: &Tensor, pos: usize, rope: &Rope, cache: &mut KvCache, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
-        let (q, k, v) = self.qkv(x, pos, rope, ops)?;
+        let (q, k, v) = self.qkv(x, pos, rope, ops, mask)?;
         let (k, v) = match ops {
             Ops::Fused => cache.append(&k, &v)?, // (b, nkv, pos + seq, hd)
             // The cache writes in place (no gradient): attend to the new K/V themselves, after
@@ -121,6 +142,7 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let y = match mask {
             AttentionMask::FusedCausal => crate::model::kernels::causal_attention(&q, k, v, seq, scale as f32)?,
+            AttentionMask::Tree(t) => crate::model::kernels::tree_attention(&q, k, v, t.clone(), scale as f32)?,
             AttentionMask::None | AttentionMask::Additive(_) => {
                 let att = (q.matmul(&k.t()?)? * scale)?;
                 let att = match mask {
@@ -130,7 +152,7 @@ impl Attention {
                 softmax(&att, ops)?.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
             }
         };
-        self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops)
+        self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops, mask.exact())
     }
 }
 
@@ -153,15 +175,15 @@ impl Mlp {
     }
 
     /// `down(silu(gate(x)) * up(x))`.
-    pub(crate) fn forward(&self, x: &Tensor, ops: Ops) -> Result<Tensor> {
-        let gate_up = project(&self.gate_up_proj, x, ops)?;
+    pub(crate) fn forward(&self, x: &Tensor, ops: Ops, exact: bool) -> Result<Tensor> {
+        let gate_up = project(&self.gate_up_proj, x, ops, exact)?;
         let h = if ops == Ops::Fused && crate::model::kernels::is_cpu_f32(&gate_up) {
             crate::model::kernels::swiglu(&gate_up)?
         } else {
             let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
             (gate * gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?)?
         };
-        project(&self.down_proj, &h, ops)
+        project(&self.down_proj, &h, ops, exact)
     }
 }
 
@@ -203,6 +225,6 @@ impl DecoderLayer {
         let h = rms_norm(&self.input_layernorm, x, self.eps, ops)?;
         let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops, mask)?)?;
         let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
-        Ok((&x + self.mlp.forward(&h, ops)?)?)
+        Ok((&x + self.mlp.forward(&h, ops, mask.exact())?)?)
     }
 }

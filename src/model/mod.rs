@@ -16,8 +16,9 @@
 //! (norms, softmax, projections), [`layer`] ([`DecoderLayer`], attention masks), [`stack`]
 //! ([`LayerStack`], [`StackCache`]), [`cache`] (the truncatable KV cache), [`ends`]
 //! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q8`] (row-scaled 8-bit matrices
-//! and their small-m matmul, for draft compute); [`beside`]: the training-only pass of a drafted
-//! stream beside the true one.
+//! and their small-m matmul, for draft compute), [`tree`] (draft trees: shapes, masks, keeping a
+//! path, the cache of a session whose blocks may be trees); [`beside`]: the training-only pass of
+//! a drafted stream beside the true one.
 //!
 //! The bottom of the library: uses only [`crate::util`] and the error type.
 
@@ -31,6 +32,7 @@ pub mod ops;
 pub mod q8;
 pub mod rope;
 pub mod stack;
+pub mod tree;
 
 use std::sync::Arc;
 
@@ -147,6 +149,60 @@ mod tests {
             }
             let d = max_abs_diff(&Tensor::cat(&parts, 0).unwrap(), &full);
             assert!(d < 5e-5, "{spec:?}: blocks: {d}");
+        }
+    }
+
+    /// Bit patterns of a tensor, for bitwise comparisons.
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect()
+    }
+
+    #[test]
+    fn tree_rows_compute_bitwise_as_their_paths_alone_and_keeping_a_path_equals_a_sequence() {
+        for spec in [TinySpec::default(), TinySpec { kv_heads: 1, ..TinySpec::default() }] {
+            let (_d, model) = load(spec);
+            let prefix = &IDS[..15];
+            //        0
+            //    1   2   3
+            //   4 5  6
+            //   7
+            let shape = tree::TreeShape::new(vec![tree::ROOT, 0, 0, 0, 1, 1, 2, 4]).unwrap();
+            let tokens: [u32; 8] = [40, 41, 42, 43, 44, 45, 46, 47];
+            let embed = |ids: &[u32]| model.embedder.embed_ids(ids).unwrap();
+            let mut cache = model.layers.new_cache();
+            model.layers.forward(&embed(prefix), 0, &mut cache).unwrap();
+            // The whole tree as one block, and again in two parts (levels 0-1, then the rest).
+            let whole = {
+                let mut c = cache.clone();
+                let y = model.layers.forward_tree(&embed(&tokens), &mut c, shape.mask(15, 0..8)).unwrap();
+                (y, c)
+            };
+            let mut parts = cache.clone();
+            let a = model.layers.forward_tree(&embed(&tokens[..4]), &mut parts, shape.mask(15, 0..4)).unwrap();
+            let b = model.layers.forward_tree(&embed(&tokens[4..]), &mut parts, shape.mask(15, 4..8)).unwrap();
+            assert_eq!(bits(&Tensor::cat(&[&a, &b], 1).unwrap()), bits(&whole.0), "{spec:?}: a tree in parts or at once");
+            for node in 0..8 {
+                // The node's path alone, token by token (as decoding does).
+                let path = shape.path_to(node);
+                let mut c = cache.clone();
+                let mut last = None;
+                for &p in &path {
+                    last = Some(model.layers.forward(&embed(&[tokens[p]]), c.len(), &mut c).unwrap());
+                }
+                let want = last.unwrap();
+                assert_eq!(bits(&whole.0.narrow(1, node, 1).unwrap()), bits(&want), "{spec:?}: node {node}");
+                // Keeping the path leaves the cache of that sequence: the next token computes the same.
+                let mut kept = whole.1.clone();
+                kept.keep_path(15, &path).unwrap();
+                assert_eq!(kept.len(), c.len());
+                let next = embed(&[7]);
+                let got = model.layers.forward(&next, kept.len(), &mut kept).unwrap();
+                let want = model.layers.forward(&next, c.len(), &mut c).unwrap();
+                assert_eq!(bits(&got), bits(&want), "{spec:?}: after keeping the path to {node}");
+            }
+            // A mask that does not fit is refused, not run.
+            let mut c = cache.clone();
+            assert!(model.layers.forward_tree(&embed(&tokens[..3]), &mut c, shape.mask(15, 0..4)).is_err());
         }
     }
 

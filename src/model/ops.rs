@@ -31,12 +31,15 @@ pub(crate) fn rms_norm(norm: &RmsNorm, x: &Tensor, eps: f64, ops: Ops) -> Result
 /// A linear layer: the small-m kernel for short blocks on CPU (decode, drafts, verification), a
 /// matmul whose backward skips the weight's gradient for frozen layers in training, candle-nn's
 /// `Linear` (gemm) otherwise.
-pub(crate) fn project(proj: &Proj, x: &Tensor, ops: Ops) -> Result<Tensor> {
+/// `exact` blocks (draft trees) take the small-m kernel up to
+/// [`crate::model::kernels::EXACT_ROWS`] rows, so that each row computes as it would alone.
+pub(crate) fn project(proj: &Proj, x: &Tensor, ops: Ops, exact: bool) -> Result<Tensor> {
     let lin = &proj.lin;
     let k = x.dim(D::Minus1)?;
     let rows = x.elem_count() / k.max(1);
     let cpu_f32 = crate::model::kernels::is_cpu_f32(x) && crate::model::kernels::is_cpu_f32(lin.weight());
-    let small = ops == Ops::Fused && rows <= crate::model::kernels::SMALL_M && cpu_f32;
+    let limit = if exact { crate::model::kernels::EXACT_ROWS } else { crate::model::kernels::SMALL_M };
+    let small = ops == Ops::Fused && rows <= limit && cpu_f32;
     let y = if let (true, Some(q8)) = (small, &proj.q8) {
         q8.matmul(x)?
     } else if small {

@@ -3,7 +3,7 @@
 //! A [`Q8Matrix`] holds `w` `(n, k)` as `q` (i8, `(n, k)`) and one f32 scale per row, with
 //! `w[j, c] ≈ q[j, c] · scale[j]`, `scale[j] = max_c |w[j, c]| / 127` (the rule of the adapter
 //! file's int8 storage, so quantising an int8-stored adapter gives its stored integers back).
-//! [`Q8Matrix::matmul`] computes `x · wᵀ` for `x` `(..., k)` with at most [`SMALL_M`] rows, reading
+//! [`Q8Matrix::matmul`] computes `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows, reading
 //! a quarter of the bytes an f32 matrix needs: for a decode step, memory-bound, that is most of
 //! the time. Only draft compute uses it (the adapter's layers and the reduced draft head); the
 //! LLM path stays f32 and exact.
@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::kernels::{has_avx2_fma, SMALL_M};
+use crate::model::kernels::{has_avx2_fma, EXACT_ROWS};
 #[cfg(target_arch = "x86_64")]
 use crate::model::kernels::sum_pair;
 
@@ -65,7 +65,7 @@ impl Q8Matrix {
         Ok(Tensor::from_vec(w, (self.rows, self.cols), device)?)
     }
 
-    /// `x · wᵀ` for `x` f32 `(..., cols)` with at most [`SMALL_M`] rows on the CPU: `(..., rows)`.
+    /// `x · wᵀ` for `x` f32 `(..., cols)` with at most [`EXACT_ROWS`] rows on the CPU: `(..., rows)`.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let k = self.cols;
@@ -74,8 +74,8 @@ impl Q8Matrix {
         }
         let xs = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let m = xs.len() / k.max(1);
-        if m > SMALL_M {
-            return Err(Error::invalid(format!("q8 matmul: {m} rows (at most {SMALL_M})")));
+        if m > EXACT_ROWS {
+            return Err(Error::invalid(format!("q8 matmul: {m} rows (at most {EXACT_ROWS})")));
         }
         let out = self.matmul_rows(&xs, m);
         let mut shape = dims;
@@ -186,7 +186,7 @@ mod tests {
         let step = (w.abs()?.max_keepdim(1)? / 127.0)?;
         let err = (w.sub(&deq)?.abs()?.broadcast_div(&step)?).max_all()?.to_scalar::<f32>()?;
         assert!(err <= 0.5 + 1e-4, "quantisation error {err} steps");
-        for m in 1..=SMALL_M {
+        for m in 1..=crate::model::kernels::SMALL_M {
             let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev)?;
             let got = q.matmul(&x)?;
             let want = x.broadcast_matmul(&deq.t()?)?;
@@ -194,7 +194,7 @@ mod tests {
             let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(diff < 1e-4, "m = {m}: max diff {diff}");
         }
-        assert!(q.matmul(&Tensor::zeros((1, SMALL_M + 1, k), candle_core::DType::F32, &dev)?).is_err());
+        assert!(q.matmul(&Tensor::zeros((1, EXACT_ROWS + 1, k), candle_core::DType::F32, &dev)?).is_err());
         assert!(q.matmul(&Tensor::zeros((1, 1, k + 1), candle_core::DType::F32, &dev)?).is_err());
         Ok(())
     }

@@ -64,8 +64,21 @@ impl Rope {
     /// Rotates `x`, `(batch, heads, seq, head_dim)`, whose first position is `pos`.
     pub fn apply(&self, x: &Tensor, pos: usize, ops: Ops) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
+        self.rotate(x, &self.cos.narrow(0, pos, seq)?, &self.sin.narrow(0, pos, seq)?, ops)
+    }
+
+    /// Rotates `x`, `(batch, heads, seq, head_dim)`, row `i` at position `positions[i]` (the rows
+    /// of a draft tree); each row rotates exactly as [`Rope::apply`] rotates it at that position.
+    pub fn apply_at(&self, x: &Tensor, positions: &[usize], ops: Ops) -> Result<Tensor> {
+        if positions.len() != x.dim(2)? || positions.iter().any(|&p| p >= self.max_positions()) {
+            return Err(crate::error::Error::invalid(format!("{} rotary positions for {} rows (tables of {})", positions.len(), x.dim(2)?, self.max_positions())));
+        }
+        let idx = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), positions.len(), self.cos.device())?;
+        self.rotate(x, &self.cos.index_select(&idx, 0)?, &self.sin.index_select(&idx, 0)?, ops)
+    }
+
+    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, ops: Ops) -> Result<Tensor> {
+        let (cos, sin) = (cos.clone(), sin.clone());
         use candle_nn::rotary_emb as re;
         Ok(match (self.style, ops) {
             (RopeStyle::Half, Ops::Fused) => re::rope(x, &cos, &sin)?,

@@ -13,6 +13,7 @@ use crate::model::config::ModelConfig;
 use crate::model::layer::{AttentionMask, DecoderLayer};
 use crate::model::ops::Ops;
 use crate::model::rope::Rope;
+use crate::model::tree::TreeMask;
 
 /// The KV caches of a [`LayerStack`], one per layer; all hold the same number of positions.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +45,20 @@ impl StackCache {
             c.restore(len)?;
         }
         self.len = self.len.max(len);
+        Ok(())
+    }
+
+    /// Keeps the positions of a path through a draft tree whose row 0 sits at `start`: rows
+    /// `rows` (increasing) move to `start, start + 1, …`, and the rest is dropped
+    /// ([`KvCache::keep_rows`]).
+    pub fn keep_path(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        for c in &mut self.layers {
+            c.keep_rows(start, rows)?;
+        }
+        if rows.last().is_some_and(|&r| start + r >= self.len) {
+            return Err(Error::invalid(format!("cannot keep rows {rows:?} after position {start} of {}", self.len)));
+        }
+        self.len = start + rows.len();
         Ok(())
     }
 
@@ -117,6 +132,26 @@ impl LayerStack {
     /// Runs `x`, `(batch, seq, hidden)`, the hidden states of positions `pos..pos + seq`, through
     /// the layers. `pos` must equal `cache.len()`: truncate the cache first to roll back.
     pub fn forward(&self, x: &Tensor, pos: usize, cache: &mut StackCache) -> Result<Tensor> {
+        self.run(x, pos, cache, None)
+    }
+
+    /// Runs rows of a draft tree, `(1, seq, hidden)`, appended to the cache after its
+    /// `cache.len()` slots, each row attending and rotated as `mask` says
+    /// ([`crate::model::tree::TreeShape::mask`]); every row computes bitwise what it would in a
+    /// sequence of its ancestors alone.
+    pub fn forward_tree(&self, x: &Tensor, cache: &mut StackCache, mask: std::sync::Arc<TreeMask>) -> Result<Tensor> {
+        if mask.rows() != x.dim(1)? || x.dim(1)? > crate::model::tree::MAX_TREE_NODES {
+            return Err(Error::invalid(format!("a tree mask of {} rows for a block of {}", mask.rows(), x.dim(1)?)));
+        }
+        if let Some(&p) = mask.positions.iter().max() {
+            if p >= self.rope.max_positions() {
+                return Err(Error::ContextTooLong { needed: p + 1, limit: self.rope.max_positions() });
+            }
+        }
+        self.run(x, cache.len(), cache, Some(mask))
+    }
+
+    fn run(&self, x: &Tensor, pos: usize, cache: &mut StackCache, tree: Option<std::sync::Arc<TreeMask>>) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
             return Err(Error::invalid("cache was made for another layer stack"));
         }
@@ -127,14 +162,17 @@ impl LayerStack {
             )));
         }
         let needed = pos + x.dim(1)?;
-        if needed > self.rope.max_positions() {
+        if needed > self.rope.max_positions() && tree.is_none() {
             return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
         }
         let mut h = x.clone();
         if let Some(first) = self.layers.first() {
             let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
             let run = |h: &mut Tensor, caches: &mut [KvCache]| -> Result<()> {
-                let mask = AttentionMask::causal(h, h.dim(1)?, pos, n_rep, self.ops)?;
+                let mask = match &tree {
+                    Some(t) => AttentionMask::Tree(t.clone()),
+                    None => AttentionMask::causal(h, h.dim(1)?, pos, n_rep, self.ops)?,
+                };
                 for (layer, c) in self.layers.iter().zip(caches.iter_mut()) {
                     *h = layer.forward(h, pos, &self.rope, c, self.ops, &mask)?;
                 }

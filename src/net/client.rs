@@ -261,8 +261,13 @@ impl QuicLink {
 }
 
 impl MiddleLink for QuicLink {
-    fn submit(&mut self, start: usize, hidden: &Tensor) -> Result<()> {
-        self.send(&Message::Hidden(HiddenBlock::from_tensor(hidden, start, self.dtype)?))
+    fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
+        let block = HiddenBlock::from_tensor(hidden, start, self.dtype)?;
+        if parents.is_empty() && keep.is_empty() {
+            self.send(&Message::Hidden(block))
+        } else {
+            self.send(&Message::Tree { block, parents: parents.to_vec(), keep: keep.to_vec() })
+        }
     }
 
     fn receive(&mut self) -> Result<MiddleReply> {

@@ -32,7 +32,13 @@ pub struct LinkStats {
 pub trait MiddleLink {
     /// Sends hidden states `(1, count, hidden)` of positions `start..start + count`; the cloud
     /// first drops every cached position at or after `start`.
-    fn submit(&mut self, start: usize, hidden: &Tensor) -> Result<()>;
+    fn submit(&mut self, start: usize, hidden: &Tensor) -> Result<()> {
+        self.submit_tree(start, hidden, &[], &[])
+    }
+    /// [`MiddleLink::submit`] for a block that forms a draft tree (`parents`, one per row, see
+    /// [`crate::model::tree::TreeShape`]; empty for a sequence) or follows one (`keep`: the rows
+    /// of the previous tree that stay, root first; empty when it was not a tree).
+    fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()>;
     /// The next reply, in submission order (blocks until it arrives).
     fn receive(&mut self) -> Result<MiddleReply>;
     /// The next reply if it has already arrived.

@@ -8,14 +8,15 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{LayerStack, StackCache};
+use crate::model::tree::BlockCache;
+use crate::model::LayerStack;
 use crate::net::link::{LinkStats, MiddleLink, MiddleReply};
 use crate::net::protocol::{WireDtype, HIDDEN_FRAME_OVERHEAD, MIDDLE_FRAME_OVERHEAD};
 
 /// The middle layers run in this process, with the wire's rounding applied both ways.
 pub struct LocalMiddle<'a> {
     middle: &'a LayerStack,
-    cache: StackCache,
+    cache: BlockCache,
     dtype: WireDtype,
     ready: VecDeque<MiddleReply>,
     stats: LinkStats,
@@ -23,21 +24,18 @@ pub struct LocalMiddle<'a> {
 
 impl<'a> LocalMiddle<'a> {
     pub fn new(middle: &'a LayerStack, dtype: WireDtype) -> Self {
-        Self { middle, cache: middle.new_cache(), dtype, ready: VecDeque::new(), stats: LinkStats::default() }
+        Self { middle, cache: BlockCache::new(middle), dtype, ready: VecDeque::new(), stats: LinkStats::default() }
     }
 }
 
 impl MiddleLink for LocalMiddle<'_> {
-    fn submit(&mut self, start: usize, hidden: &Tensor) -> Result<()> {
-        if start > self.cache.len() {
-            return Err(Error::invalid(format!("block starts at {start}, after the {} cached positions", self.cache.len())));
-        }
+    fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
         let t = Instant::now();
         let x = self.dtype.round_trip(hidden)?;
-        self.cache.truncate(start);
-        let y = self.dtype.round_trip(&self.middle.forward(&x, start, &mut self.cache)?)?;
+        let y = self.dtype.round_trip(&self.cache.run(self.middle, &x, start, parents, keep)?)?;
         let payload = hidden.elem_count() * self.dtype.size();
-        self.stats.bytes_up += (payload + HIDDEN_FRAME_OVERHEAD) as u64;
+        let tree_bytes = if parents.is_empty() && keep.is_empty() { 0 } else { 4 + 2 * (parents.len() + keep.len()) };
+        self.stats.bytes_up += (payload + HIDDEN_FRAME_OVERHEAD + tree_bytes) as u64;
         self.stats.bytes_down += (payload + MIDDLE_FRAME_OVERHEAD) as u64;
         self.ready.push_back(MiddleReply { start, hidden: y, cloud_compute: t.elapsed(), load: None });
         Ok(())

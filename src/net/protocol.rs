@@ -18,12 +18,14 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::tree::MAX_TREE_NODES;
 use crate::sched::{CloudModel, Regimes, StageCost};
 
 /// The ALPN stays `hat/1` across protocol versions, so that a peer of another version gets the
 /// handshake's error naming both versions instead of a bare TLS failure.
 pub const ALPN: &[u8] = b"hat/1";
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: draft trees (`Tree` blocks and the path kept of the previous one).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest probe padding either way (bytes).
 pub const MAX_PROBE: usize = 8 << 20;
 /// Largest frame either side accepts (bytes, kind byte included).
@@ -215,7 +217,13 @@ pub enum Message {
     Welcome { session: u64, max_context: u32, middle_start: u32, middle_end: u32, cost: CloudModel, load: CloudLoad },
     /// Edge → cloud: run the middle layers on these positions (after truncating to `start`).
     Hidden(HiddenBlock),
-    /// Cloud → edge: the middle layers' output for a `Hidden` block, the compute time and the load.
+    /// Edge → cloud: a block that forms a draft tree (`parents`: one per row, [`crate::model::tree::ROOT`] for the
+    /// first; empty for a sequence) or follows one (`keep`: the rows of the previous block that
+    /// verification accepted, root first; they move to consecutive positions before the block
+    /// runs). Only indices into blocks: no token, text, logit or probability.
+    Tree { block: HiddenBlock, parents: Vec<u16>, keep: Vec<u16> },
+    /// Cloud → edge: the middle layers' output for a `Hidden` or `Tree` block, the compute time
+    /// and the load.
     Middle { block: HiddenBlock, compute_us: u64, load: CloudLoad },
     /// Edge → cloud: a link probe of `padding.len()` zero bytes; answer with `echo` zero bytes.
     Probe { echo: u32, padding: Vec<u8> },
@@ -237,6 +245,7 @@ pub mod kind {
     pub const CLOSE: u8 = 6;
     pub const PROBE: u8 = 7;
     pub const PROBE_ECHO: u8 = 8;
+    pub const TREE: u8 = 9;
 }
 
 fn malformed(msg: impl std::fmt::Display) -> Error {
@@ -345,6 +354,15 @@ impl<'a> Reader<'a> {
         }
         Ok(CloudModel { middle, slowdown })
     }
+    /// A u16 count and that many u16 row indices (at most [`MAX_TREE_NODES`]).
+    fn indices(&mut self) -> Result<Vec<u16>> {
+        let n = self.u16()? as usize;
+        if n > MAX_TREE_NODES {
+            return Err(malformed(format!("{n} tree rows (at most {MAX_TREE_NODES})")));
+        }
+        (0..n).map(|_| self.u16()).collect()
+    }
+
     fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
         if n > MAX_STR {
@@ -375,6 +393,7 @@ impl Message {
             Message::Hello { .. } => "hello",
             Message::Welcome { .. } => "welcome",
             Message::Hidden(_) => "hidden states",
+            Message::Tree { .. } => "tree of hidden states",
             Message::Middle { .. } => "middle states",
             Message::Probe { .. } => "probe",
             Message::ProbeEcho { .. } => "probe echo",
@@ -407,6 +426,14 @@ impl Message {
             Message::Hidden(b) => {
                 out.push(kind::HIDDEN);
                 put_block(&mut out, b);
+            }
+            Message::Tree { block, parents, keep } => {
+                out.push(kind::TREE);
+                for list in [keep, parents] {
+                    out.extend((list.len() as u16).to_le_bytes());
+                    list.iter().for_each(|v| out.extend(v.to_le_bytes()));
+                }
+                put_block(&mut out, block);
             }
             Message::Middle { block, compute_us, load } => {
                 out.push(kind::MIDDLE);
@@ -453,6 +480,15 @@ impl Message {
                 load: r.load()?,
             },
             kind::HIDDEN => Message::Hidden(r.block()?),
+            kind::TREE => {
+                let keep = r.indices()?;
+                let parents = r.indices()?;
+                let block = r.block()?;
+                if !parents.is_empty() && parents.len() != block.count as usize {
+                    return Err(malformed(format!("a tree of {} parents for a block of {} positions", parents.len(), block.count)));
+                }
+                Message::Tree { block, parents, keep }
+            }
             kind::MIDDLE => {
                 let compute_us = r.u64()?;
                 let load = r.load()?;
@@ -517,6 +553,11 @@ mod tests {
             let back = block.to_tensor(4, &Device::Cpu).unwrap();
             assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert!(block.to_tensor(5, &Device::Cpu).is_err(), "hidden size is checked");
+            let tree = Message::Tree { block: block.clone(), parents: vec![crate::model::tree::ROOT, 0, 0], keep: vec![0, 2] };
+            assert_eq!(Message::decode(&tree.encode()).unwrap(), tree);
+            let mut lopsided = tree.encode();
+            lopsided[1 + 2 + 4..1 + 2 + 4 + 2].copy_from_slice(&2u16.to_le_bytes());
+            assert!(Message::decode(&lopsided).is_err(), "parents and rows must agree");
             for m in [Message::Hidden(block.clone()), Message::Middle { block: block.clone(), compute_us: 9, load }] {
                 assert_eq!(Message::decode(&m.encode()).unwrap(), m);
             }
