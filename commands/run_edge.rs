@@ -10,13 +10,14 @@ use crate::{ConnectArgs, PromptArgs, SamplingArgs, Streamer};
 /// Generate with a device bundle, the middle layers running on a hat cloud over QUIC.
 ///
 /// Only hidden states (and positions and counts) cross the network: the prompt, token ids,
-/// logits and probabilities stay here. In --mode hat (default) the on-device SLM drafts up to
-/// --draft-len tokens that the cloud verifies in one round trip; --mode u-shape is the baseline
-/// (one round trip per token). Prompts are sent in chunks of --chunk-size positions so that
+/// logits and probabilities stay here. In --mode hat (default) the on-device SLM drafts a tree
+/// of candidates (--draft-tree, at most --draft-len deep) that the cloud verifies in one round
+/// trip; --mode u-shape is the baseline (one round trip per token). Prompts are sent in chunks of --chunk-size positions so that
 /// device compute, link and cloud compute overlap. --json prints one JSON object with the text,
 /// timings (ttft_ms, tbt_ms), rounds, mean_accepted, acceptance_rate, bytes_up/bytes_down, a
 /// breakdown of device compute, cloud compute and network wait, and how it drafted (draft
-/// vocabulary, threshold and the costs it came from, time drafting, verifying and drafting ahead).
+/// vocabulary, threshold and the costs it came from, time drafting, verifying and drafting ahead,
+/// tree nodes sent).
 /// Drafting is cheap by default (reduced draft vocabulary, int8 draft compute), stops on low
 /// confidence (--draft-threshold) and runs ahead while the cloud verifies (--draft-ahead); each
 /// can be switched off.
