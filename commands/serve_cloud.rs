@@ -46,6 +46,11 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     pub idle_timeout_s: u64,
 
+    /// A reply the edge does not take within this many seconds (it stopped reading) ends its
+    /// session and frees its slot.
+    #[arg(long, default_value_t = 10)]
+    pub write_timeout_s: u64,
+
     /// Where to compute: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -75,8 +80,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_sessions: args.max_sessions,
             max_context: args.max_context,
             idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
+            write_timeout: Duration::from_secs(args.write_timeout_s.max(1)),
             cost,
         };
+        if !args.listen.ip().is_loopback() && args.token.is_none() {
+            eprintln!("hat-cloud: warning: listening on {} without --token: anyone who can reach it may use the middle layers", args.listen);
+        }
         let server = CloudServer::bind(bundle.clone(), config)?;
         let r = m.plan.middle_range();
         eprintln!("hat-cloud: serving split {} of {} (layers [{}, {}))", m.split_id, m.source.name, r.start, r.end);

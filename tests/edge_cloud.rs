@@ -317,6 +317,7 @@ fn refusals_are_clear() {
     let err = |o: ConnectOptions| QuicLink::connect(o).err().expect("refused").to_string();
     let e = err(ConnectOptions { split_id: "0123456789abcdef0123456789abcdef".into(), ..base.clone() });
     assert!(e.contains("split") && e.contains(&w.device.manifest.split_id) && e.ends_with("(SplitMismatch)"), "{e}");
+    assert!(!e.contains('/') && !e.contains(".gguf"), "a refusal does not reveal the cloud's files: {e}");
     let e = err(ConnectOptions { trust: Trust::Fingerprint(format!("sha256:{}", "ab".repeat(32))), ..base.clone() });
     assert!(e.contains("fingerprint"), "{e}");
     for old in [1, 2] {
@@ -345,12 +346,80 @@ fn refusals_are_clear() {
     drop(first);
 }
 
+/// A peer that opens a session, sends blocks and then never reads (nor grants stream credit)
+/// loses its session at the cloud's write deadline: its slot goes to a well-behaved edge instead
+/// of that edge being refused as busy for as long as the peer likes.
+#[test]
+fn a_peer_that_stops_reading_loses_its_slot() {
+    use hat::net::protocol::{read_frame, write_frame, HiddenBlock, Message, PROTOCOL_VERSION};
+    let w = world();
+    let hidden = w.device.manifest.hidden_size;
+    let dir = tempfile::tempdir().unwrap();
+    let config = hat::cloud::CloudConfig { write_timeout: std::time::Duration::from_secs(2), ..cloud_config(dir.path().to_path_buf(), None, 1, 4096) };
+    let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
+    // The stalled peer, on a thread of its own: small receive windows, a handshake, four blocks of
+    // 64 positions sent in full, and then it never reads (its connection stays up, so the cloud's
+    // replies wait for stream credit that never comes).
+    let (addr, fingerprint, split_id) = (server.addr, server.fingerprint.clone(), w.device.manifest.split_id.clone());
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let tls = hat::net::tls::client_config(&Trust::Fingerprint(fingerprint)).unwrap();
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+            let mut transport = hat::net::transport::transport_config();
+            transport.stream_receive_window(quinn::VarInt::from_u32(16 << 10));
+            transport.receive_window(quinn::VarInt::from_u32(32 << 10));
+            cfg.transport_config(Arc::new(transport));
+            endpoint.set_default_client_config(cfg);
+            let conn = endpoint.connect(addr, hat::net::tls::SERVER_NAME).unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let hello = Message::Hello { version: PROTOCOL_VERSION, split_id, token: String::new(), hidden_size: hidden as u32, dtype: WireDtype::F16 };
+            write_frame(&mut send, &hello.encode()).await.unwrap();
+            read_frame(&mut recv, 1 << 20).await.unwrap().expect("a welcome");
+            for i in 0..4 {
+                let block = HiddenBlock { start: 64 * i, count: 64, dtype: WireDtype::F16, data: vec![0; 64 * hidden * 2] };
+                write_frame(&mut send, &Message::Hidden(block).encode()).await.unwrap();
+            }
+            let _ = sent_tx.send(());
+            tokio::time::sleep(std::time::Duration::from_secs(40)).await;
+            drop((endpoint, conn, send, recv));
+        });
+    });
+    sent_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the stalled peer got its session");
+    let connect_options = ConnectOptions {
+        addr: server.addr,
+        trust: Trust::Fingerprint(server.fingerprint.clone()),
+        token: None,
+        split_id: w.device.manifest.split_id.clone(),
+        hidden_size: hidden,
+        dtype: WireDtype::F32,
+        emulation: LinkEmulation::default(),
+        tap: None,
+    };
+    // The one slot is the stalled peer's at first; it must come free within a few deadlines.
+    let started = std::time::Instant::now();
+    let mut link = loop {
+        match QuicLink::connect(connect_options.clone()) {
+            Ok(link) => break link,
+            Err(e) if e.to_string().ends_with("(Busy)") && started.elapsed().as_secs() < 20 => std::thread::sleep(std::time::Duration::from_millis(250)),
+            Err(e) => panic!("a well-behaved edge was refused {:?} after the peer stalled: {e}", started.elapsed()),
+        }
+    };
+    eprintln!("the slot came free after {:.1} s", started.elapsed().as_secs_f64());
+    let ids = &prompts(w)[1];
+    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
+    assert_eq!(r.token_ids, reference(w, ids, 8));
+}
+
 #[test]
 fn malformed_frames_end_one_session_not_the_server() {
     let w = world();
     let ids = &prompts(w)[1];
-    // The cloud's frame limit for this session: its context of hidden states in f32, plus a header.
-    let limit = 4096 * w.device.manifest.hidden_size * 4 + 64;
+    // The cloud's frame limit for this session: its context of hidden states in its wire dtype
+    // (f16) plus a header, or a link probe's largest padding, whichever is larger.
+    let limit = (4096 * w.device.manifest.hidden_size * 2 + 64).max(hat::net::protocol::MAX_PROBE + 64);
     let mut oversized = vec![0u8; limit + 1];
     oversized[0] = kind::HIDDEN;
     // Tree blocks (protocol 3) that a well-behaved edge never sends.
@@ -360,7 +429,14 @@ fn malformed_frames_end_one_session_not_the_server() {
         hat::net::protocol::Message::Tree { block, parents, keep }.encode()
     };
     let root = hat::model::tree::ROOT;
-    let cases: [(Vec<u8>, String); 6] = [
+    // A frame of a kind the cloud never takes from an edge: refused by its name, its bytes not echoed.
+    let middle = hat::net::protocol::Message::Middle {
+        block: hat::net::protocol::HiddenBlock { start: 0, count: 1, dtype: WireDtype::F16, data: vec![0xAB; w.device.manifest.hidden_size * 2] },
+        compute_us: 0,
+        load: Default::default(),
+    };
+    let cases: [(Vec<u8>, String); 7] = [
+        (middle.encode(), "unexpected middle states frame".to_string()),
         (tree(0, vec![root], vec![0]), "a kept path, but the previous block was not a tree".to_string()),
         (tree(0, vec![root, 1], vec![]), "tree row 1 names row 1 as its parent".to_string()),
         (tree(3, vec![root, 0], vec![]), "block starts at position 3 but only 0 are cached".to_string()),

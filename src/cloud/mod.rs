@@ -37,6 +37,9 @@ pub struct CloudConfig {
     pub max_context: usize,
     /// A session that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// A frame the edge does not take within this long (it stopped reading, or gives no stream
+    /// credit) ends its session, which frees its slot and its cache.
+    pub write_timeout: Duration,
     /// The middle layers' cost model, told to every edge in the handshake (from `hat profile`
     /// or measured at start).
     pub cost: crate::sched::CloudModel,

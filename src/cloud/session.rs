@@ -22,17 +22,42 @@ impl Drop for ForgetOnDrop {
     }
 }
 
-/// Sends an error frame, logs it and ends the session.
+/// How long a peer has to send its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long an error frame may take to go out before the session ends without it.
+const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends an error frame (if the peer takes it soon), logs it and ends the session.
 async fn refuse(send: &mut quinn::SendStream, code: ErrorCode, message: String) -> Result<()> {
-    let _ = write_frame(send, &Message::Error { code, message: message.clone() }.encode()).await;
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, write_frame(send, &Message::Error { code, message: message.clone() }.encode())).await;
     let _ = send.finish();
     Err(Error::invalid(format!("refused ({code:?}): {message}")))
+}
+
+/// Writes a frame within `deadline`: a peer that stops reading (or gives no stream credit)
+/// loses its session instead of holding a slot and a cache.
+async fn send_within(send: &mut quinn::SendStream, body: &[u8], deadline: std::time::Duration) -> Result<()> {
+    match tokio::time::timeout(deadline, write_frame(send, body)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = send.reset(quinn::VarInt::from_u32(1));
+            Err(Error::invalid(format!("the edge took no frame for {deadline:?} (it stopped reading): session ended")))
+        }
+    }
+}
+
+/// Whether the token sent matches the one required, in time that does not depend on where they
+/// differ (both are hashed first, so neither does it depend on their lengths).
+fn token_matches(sent: &str, want: &str) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(sent.as_bytes()), sha2::Sha256::digest(want.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, remote: SocketAddr) -> Result<()> {
     let cfg = &shared.config;
     let manifest = &shared.bundle.manifest;
-    let hello = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, 64 << 10)).await {
+    let hello = match tokio::time::timeout(cfg.idle_timeout.min(HANDSHAKE_TIMEOUT), read_frame(&mut recv, 64 << 10)).await {
         Ok(Ok(Some(body))) => Message::decode(&body),
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => Err(e),
@@ -44,7 +69,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
                 return refuse(&mut send, ErrorCode::VersionMismatch, format!("protocol version {version}, this cloud speaks {PROTOCOL_VERSION}")).await;
             }
             if let Some(want) = &cfg.token {
-                if &token != want {
+                if !token_matches(&token, want) {
                     return refuse(&mut send, ErrorCode::Unauthorized, "wrong or missing token".into()).await;
                 }
             }
@@ -52,7 +77,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
                 return refuse(
                     &mut send,
                     ErrorCode::SplitMismatch,
-                    format!("the device bundle is split {split_id}, this cloud serves split {} ({})", manifest.split_id, manifest.source.name),
+                    format!("the device bundle is split {split_id}, this cloud serves split {}", manifest.split_id),
                 )
                 .await;
             }
@@ -61,7 +86,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             }
             (dtype, hidden_size as usize)
         }
-        Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("expected a handshake, got {other:?}")).await,
+        Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("expected a handshake, got {}", other.kind_name())).await,
         Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
     };
     let Ok(_permit) = shared.sessions.clone().try_acquire_owned() else {
@@ -79,12 +104,13 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         cost: cfg.cost.clone(),
         load: shared.load(id),
     };
-    write_frame(&mut send, &welcome.encode()).await?;
+    send_within(&mut send, &welcome.encode(), cfg.write_timeout).await?;
     log(format!("session {id} from {remote}: open ({} on the wire)", dtype.name()));
 
     let bundle = shared.bundle.clone();
     let mut cache = Some(BlockCache::new(&bundle.middle));
-    let max_frame = MAX_FRAME.min((cfg.max_context * hidden * 4 + 64).max(MAX_PROBE + 64));
+    // The largest frame this session may send: its whole context in its own wire dtype (or a probe).
+    let max_frame = MAX_FRAME.min((cfg.max_context * hidden * dtype.size() + 64).max(MAX_PROBE + 64));
     let (mut blocks, started) = (0u64, Instant::now());
     loop {
         let body = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, max_frame)).await {
@@ -98,10 +124,10 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             Ok(Message::Tree { block, parents, keep }) => (block, parents, keep),
             Ok(Message::Close) => break,
             Ok(Message::Probe { echo, .. }) => {
-                write_frame(&mut send, &Message::ProbeEcho { padding: vec![0; echo as usize] }.encode()).await?;
+                send_within(&mut send, &Message::ProbeEcho { padding: vec![0; echo as usize] }.encode(), cfg.write_timeout).await?;
                 continue;
             }
-            Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("unexpected {other:?}")).await,
+            Ok(other) => return refuse(&mut send, ErrorCode::BadRequest, format!("unexpected {} frame", other.kind_name())).await,
             Err(e) => return refuse(&mut send, ErrorCode::BadRequest, e.to_string()).await,
         };
         let (start, count) = (block.start as usize, block.count as usize);
@@ -127,14 +153,19 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
             meter.load.end(id, t, count);
             (c, out, t.elapsed())
         })
-        .await
-        .map_err(|e| Error::invalid(format!("compute task failed: {e}")))?;
-        let (c, out, took) = computed;
+        .await;
+        // A panic in the compute task ends this session with an error frame, nothing else.
+        let Ok((c, out, took)) = computed else {
+            return refuse(&mut send, ErrorCode::Internal, "the computation failed".into()).await;
+        };
         cache = Some(c);
         match out {
             Ok(block) => {
                 let msg = Message::Middle { block, compute_us: took.as_micros() as u64, load: shared.load(id) };
-                write_frame(&mut send, &msg.encode()).await?;
+                if let Err(e) = send_within(&mut send, &msg.encode(), cfg.write_timeout).await {
+                    log(format!("session {id}: {e}"));
+                    return Err(e);
+                }
                 blocks += 1;
             }
             Err(e) => return refuse(&mut send, ErrorCode::Internal, e.to_string()).await,
@@ -145,3 +176,14 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
     Ok(())
 }
 
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(super::token_matches("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cret!", "S3cret", "x3cret"] {
+            assert!(!super::token_matches(wrong, "s3cret"), "{wrong}");
+        }
+    }
+}

@@ -55,6 +55,8 @@ pub struct QuicLink {
     pub load: CloudLoad,
     /// Hello sent → welcome received: a round trip on this session's link.
     pub handshake_rtt: Duration,
+    /// Start and count of each block sent and not yet answered, in order (a reply must match).
+    awaited: std::collections::VecDeque<(usize, usize)>,
 }
 
 /// Throughputs above this count as "unlimited" (loopback).
@@ -158,6 +160,7 @@ impl QuicLink {
             welcome_load: CloudLoad::default(),
             load: CloudLoad::default(),
             handshake_rtt: Duration::ZERO,
+            awaited: std::collections::VecDeque::new(),
         };
         let sent = Instant::now();
         link.send(&Message::Hello {
@@ -236,7 +239,15 @@ impl QuicLink {
 
     fn reply(&mut self, msg: Message) -> Result<MiddleReply> {
         match msg {
-            Message::Middle { block, compute_us, load } => Ok(MiddleReply {
+            Message::Middle { block, .. } if self.awaited.front() != Some(&(block.start as usize, block.count as usize)) => Err(Error::invalid(format!(
+                "the cloud answered positions {}..{}, but the next block awaited is {}",
+                block.start,
+                block.start as u64 + block.count as u64,
+                self.awaited.front().map_or("none".to_string(), |&(s, n)| format!("{s}..{}", s + n))
+            ))),
+            Message::Middle { block, compute_us, load } => {
+                self.awaited.pop_front();
+                Ok(MiddleReply {
                 load: Some({
                     self.load = load;
                     load
@@ -244,9 +255,10 @@ impl QuicLink {
                 start: block.start as usize,
                 hidden: block.to_tensor(self.hidden_size, &Device::Cpu)?,
                 cloud_compute: Duration::from_micros(compute_us),
-            }),
+                })
+            }
             Message::Error { code, message } => Err(cloud_error(code, &message)),
-            other => Err(Error::invalid(format!("unexpected message from the cloud: {other:?}"))),
+            other => Err(Error::invalid(format!("unexpected {} frame from the cloud", other.kind_name()))),
         }
     }
 
@@ -263,6 +275,7 @@ impl QuicLink {
 impl MiddleLink for QuicLink {
     fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
         let block = HiddenBlock::from_tensor(hidden, start, self.dtype)?;
+        self.awaited.push_back((start, block.count as usize));
         if parents.is_empty() && keep.is_empty() {
             self.send(&Message::Hidden(block))
         } else {

@@ -252,8 +252,13 @@ fn malformed(msg: impl std::fmt::Display) -> Error {
     Error::InvalidInput(format!("malformed frame: {msg}"))
 }
 
+/// A string of at most [`MAX_STR`] bytes, cut on a character boundary.
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(MAX_STR)];
+    let mut end = s.len().min(MAX_STR);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    let b = &s.as_bytes()[..end];
     out.extend((b.len() as u16).to_le_bytes());
     out.extend(b);
 }
@@ -553,6 +558,12 @@ mod tests {
             let back = block.to_tensor(4, &Device::Cpu).unwrap();
             assert_eq!(back.flatten_all().unwrap().to_vec1::<f32>().unwrap(), x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             assert!(block.to_tensor(5, &Device::Cpu).is_err(), "hidden size is checked");
+            // A long message is cut on a character boundary and still decodes.
+            let long = Message::Error { code: ErrorCode::Internal, message: "é".repeat(MAX_STR) };
+            match Message::decode(&long.encode()).unwrap() {
+                Message::Error { message, .. } => assert!(message.len() <= MAX_STR && message.chars().all(|c| c == 'é')),
+                other => panic!("{other:?}"),
+            }
             let tree = Message::Tree { block: block.clone(), parents: vec![crate::model::tree::ROOT, 0, 0], keep: vec![0, 2] };
             assert_eq!(Message::decode(&tree.encode()).unwrap(), tree);
             let mut lopsided = tree.encode();
