@@ -81,6 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             max_context: args.max_context,
             idle_timeout: Duration::from_secs(args.idle_timeout_s.max(1)),
             write_timeout: Duration::from_secs(args.write_timeout_s.max(1)),
+            handshake_timeout: hat::cloud::HANDSHAKE_TIMEOUT,
             cost,
         };
         if !args.listen.ip().is_loopback() && args.token.is_none() {

@@ -346,6 +346,36 @@ fn refusals_are_clear() {
     drop(first);
 }
 
+/// A bare QUIC client endpoint that trusts `fingerprint` (for peers that misbehave); with
+/// `window`, its receive windows are that small.
+fn raw_endpoint(fingerprint: String, window: Option<u32>) -> quinn::Endpoint {
+    let tls = hat::net::tls::client_config(&Trust::Fingerprint(fingerprint)).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = hat::net::transport::transport_config();
+    if let Some(w) = window {
+        transport.stream_receive_window(quinn::VarInt::from_u32(w));
+        transport.receive_window(quinn::VarInt::from_u32(2 * w));
+    }
+    cfg.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(cfg);
+    endpoint
+}
+
+/// A well-behaved edge's settings for `server`.
+fn edge_options(w: &World, server: &BackgroundServer) -> ConnectOptions {
+    ConnectOptions {
+        addr: server.addr,
+        trust: Trust::Fingerprint(server.fingerprint.clone()),
+        token: None,
+        split_id: w.device.manifest.split_id.clone(),
+        hidden_size: w.device.manifest.hidden_size,
+        dtype: WireDtype::F32,
+        emulation: LinkEmulation::default(),
+        tap: None,
+    }
+}
+
 /// A peer that opens a session, sends blocks and then never reads (nor grants stream credit)
 /// loses its session at the cloud's write deadline: its slot goes to a well-behaved edge instead
 /// of that edge being refused as busy for as long as the peer likes.
@@ -365,14 +395,7 @@ fn a_peer_that_stops_reading_loses_its_slot() {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let tls = hat::net::tls::client_config(&Trust::Fingerprint(fingerprint)).unwrap();
-            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-            let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
-            let mut transport = hat::net::transport::transport_config();
-            transport.stream_receive_window(quinn::VarInt::from_u32(16 << 10));
-            transport.receive_window(quinn::VarInt::from_u32(32 << 10));
-            cfg.transport_config(Arc::new(transport));
-            endpoint.set_default_client_config(cfg);
+            let endpoint = raw_endpoint(fingerprint, Some(16 << 10));
             let conn = endpoint.connect(addr, hat::net::tls::SERVER_NAME).unwrap().await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             let hello = Message::Hello { version: PROTOCOL_VERSION, split_id, token: String::new(), hidden_size: hidden as u32, dtype: WireDtype::F16 };
@@ -388,16 +411,7 @@ fn a_peer_that_stops_reading_loses_its_slot() {
         });
     });
     sent_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the stalled peer got its session");
-    let connect_options = ConnectOptions {
-        addr: server.addr,
-        trust: Trust::Fingerprint(server.fingerprint.clone()),
-        token: None,
-        split_id: w.device.manifest.split_id.clone(),
-        hidden_size: hidden,
-        dtype: WireDtype::F32,
-        emulation: LinkEmulation::default(),
-        tap: None,
-    };
+    let connect_options = edge_options(w, &server);
     // The one slot is the stalled peer's at first; it must come free within a few deadlines.
     let started = std::time::Instant::now();
     let mut link = loop {
@@ -408,6 +422,53 @@ fn a_peer_that_stops_reading_loses_its_slot() {
         }
     };
     eprintln!("the slot came free after {:.1} s", started.elapsed().as_secs_f64());
+    let ids = &prompts(w)[1];
+    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
+    assert_eq!(r.token_ids, reference(w, ids, 8));
+}
+
+/// Connections that finish TLS but never open a session cannot crowd out edges: beyond the
+/// server's connection limit new ones are refused, and each is closed at the handshake deadline,
+/// after which a well-behaved edge is served.
+#[test]
+fn idle_connections_are_capped_and_closed_at_the_handshake_deadline() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let deadline = std::time::Duration::from_secs(2);
+    let config = hat::cloud::CloudConfig { handshake_timeout: deadline, ..cloud_config(dir.path().to_path_buf(), None, 1, 4096) };
+    let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
+    let limit = hat::cloud::connection_limit(1);
+    // The crowd: `limit` connections that never open a stream, kept alive on a thread of their own.
+    let (addr, fingerprint) = (server.addr, server.fingerprint.clone());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let endpoint = raw_endpoint(fingerprint, None);
+            let mut crowd = Vec::new();
+            for _ in 0..limit {
+                crowd.push(endpoint.connect(addr, hat::net::tls::SERVER_NAME).unwrap().await.unwrap());
+            }
+            let _ = ready_tx.send(());
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            drop(crowd);
+        });
+    });
+    ready_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the crowd connected");
+    let connect_options = edge_options(w, &server);
+    let started = std::time::Instant::now();
+    let first = QuicLink::connect(connect_options.clone());
+    let refused_at_first = first.is_err();
+    drop(first);
+    let mut link = loop {
+        match QuicLink::connect(connect_options.clone()) {
+            Ok(link) => break link,
+            Err(_) if started.elapsed() < 5 * deadline => std::thread::sleep(std::time::Duration::from_millis(200)),
+            Err(e) => panic!("a well-behaved edge was still refused {:?} after the crowd connected: {e}", started.elapsed()),
+        }
+    };
+    eprintln!("refused at first: {refused_at_first}; served after {:.1} s", started.elapsed().as_secs_f64());
+    assert!(refused_at_first, "the connection limit refuses connection {} at once", limit + 1);
     let ids = &prompts(w)[1];
     let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
     assert_eq!(r.token_ids, reference(w, ids, 8));

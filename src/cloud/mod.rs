@@ -22,7 +22,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use background::BackgroundServer;
-pub use server::CloudServer;
+pub use server::{connection_limit, CloudServer};
+
+/// How long a peer has by default to finish the TLS handshake, open its stream and say hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -37,6 +40,8 @@ pub struct CloudConfig {
     pub max_context: usize,
     /// A session that sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// A peer must finish the TLS handshake, open its stream and send its hello within this long.
+    pub handshake_timeout: Duration,
     /// A frame the edge does not take within this long (it stopped reading, or gives no stream
     /// credit) ends its session, which frees its slot and its cache.
     pub write_timeout: Duration,

@@ -13,6 +13,9 @@ pub(crate) struct Shared {
     pub(crate) bundle: Arc<CloudBundle>,
     pub(crate) config: CloudConfig,
     pub(crate) sessions: Arc<tokio::sync::Semaphore>,
+    /// Connections open at once (sessions or not): beyond [`connection_limit`] new ones are
+    /// refused.
+    pub(crate) connections: Arc<tokio::sync::Semaphore>,
     pub(crate) next_session: AtomicU64,
     pub(crate) load: crate::cloud::load::LoadMeter,
 }
@@ -30,6 +33,13 @@ pub struct CloudServer {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     fingerprint: String,
+}
+
+/// Connections the server keeps open at once: every session's, and as many again plus 16 for
+/// peers still shaking hands (each of those has [`CloudConfig::handshake_timeout`] to open a
+/// session or be closed).
+pub fn connection_limit(max_sessions: usize) -> usize {
+    2 * max_sessions + 16
 }
 
 pub(crate) fn log(msg: impl std::fmt::Display) {
@@ -56,6 +66,7 @@ impl CloudServer {
             fingerprint: identity.fingerprint(),
             shared: Arc::new(Shared {
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+                connections: Arc::new(tokio::sync::Semaphore::new(connection_limit(config.max_sessions))),
                 bundle,
                 config,
                 next_session: AtomicU64::new(1),
@@ -82,11 +93,21 @@ impl CloudServer {
     pub async fn serve(self) -> Result<()> {
         while let Some(incoming) = self.endpoint.accept().await {
             let shared = self.shared.clone();
+            let remote = incoming.remote_address();
+            // Too many connections at once (most of them, then, peers that never open a session):
+            // refuse new ones until some close.
+            let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
+                log(format!("{remote}: refused: {} connections open", connection_limit(shared.config.max_sessions)));
+                incoming.refuse();
+                continue;
+            };
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => handle_connection(shared, conn).await,
-                    Err(e) => log(format!("{remote}: handshake failed: {e}")),
+                let _permit = permit;
+                let handshake = tokio::time::timeout(shared.config.handshake_timeout, incoming);
+                match handshake.await {
+                    Ok(Ok(conn)) => handle_connection(shared, conn).await,
+                    Ok(Err(e)) => log(format!("{remote}: handshake failed: {e}")),
+                    Err(_) => log(format!("{remote}: no TLS handshake within {:?}", shared.config.handshake_timeout)),
                 }
             });
         }
@@ -96,18 +117,30 @@ impl CloudServer {
 
 async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let remote = conn.remote_address();
+    // A connection must open its stream within the handshake deadline, or it is closed (it would
+    // otherwise hold a connection for as long as its keep-alives run).
+    match tokio::time::timeout(shared.config.handshake_timeout, conn.accept_bi()).await {
+        Ok(Ok((send, recv))) => spawn_session(&shared, send, recv, remote),
+        Ok(Err(_)) => return,
+        Err(_) => {
+            log(format!("{remote}: no session opened within {:?}: connection closed", shared.config.handshake_timeout));
+            conn.close(quinn::VarInt::from_u32(1), b"no session opened");
+            return;
+        }
+    }
     loop {
         match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = session(shared, send, recv, remote).await {
-                        log(format!("{remote}: {e}"));
-                    }
-                });
-            }
+            Ok((send, recv)) => spawn_session(&shared, send, recv, remote),
             Err(_) => return, // connection closed
         }
     }
 }
 
+fn spawn_session(shared: &Arc<Shared>, send: quinn::SendStream, recv: quinn::RecvStream, remote: SocketAddr) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = session(shared, send, recv, remote).await {
+            log(format!("{remote}: {e}"));
+        }
+    });
+}

@@ -22,8 +22,6 @@ impl Drop for ForgetOnDrop {
     }
 }
 
-/// How long a peer has to send its handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long an error frame may take to go out before the session ends without it.
 const REFUSAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -57,7 +55,7 @@ fn token_matches(sent: &str, want: &str) -> bool {
 pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, remote: SocketAddr) -> Result<()> {
     let cfg = &shared.config;
     let manifest = &shared.bundle.manifest;
-    let hello = match tokio::time::timeout(cfg.idle_timeout.min(HANDSHAKE_TIMEOUT), read_frame(&mut recv, 64 << 10)).await {
+    let hello = match tokio::time::timeout(cfg.idle_timeout.min(cfg.handshake_timeout), read_frame(&mut recv, 64 << 10)).await {
         Ok(Ok(Some(body))) => Message::decode(&body),
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => Err(e),

@@ -70,6 +70,7 @@ pub fn cloud_config(state_dir: PathBuf, token: Option<&str>, max_sessions: usize
         max_context,
         idle_timeout: Duration::from_secs(120),
         write_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
         // A made-up cost model (tests that plan give their own).
         cost: crate::sched::CloudModel {
             middle: crate::sched::StageCost { fixed_ms: 0.2, per_row_ms: 0.05, per_row_ctx_ms: 0.0, ..Default::default() },
