@@ -427,11 +427,12 @@ fn a_peer_that_stops_reading_loses_its_slot() {
     assert_eq!(r.token_ids, reference(w, ids, 8));
 }
 
-/// Connections that finish TLS but never open a session cannot crowd out edges: beyond the
-/// server's connection limit new ones are refused, and each is closed at the handshake deadline,
-/// after which a well-behaved edge is served.
+/// Connections that finish TLS but never open a session, or open a stream and send a few bytes
+/// of a hello (slow loris), cannot crowd out edges: beyond the server's connection limit new ones
+/// are refused, and each is closed at the handshake deadline, after which a well-behaved edge is
+/// served.
 #[test]
-fn idle_connections_are_capped_and_closed_at_the_handshake_deadline() {
+fn idle_and_slow_loris_connections_are_capped_and_closed_at_the_handshake_deadline() {
     let w = world();
     let dir = tempfile::tempdir().unwrap();
     let deadline = std::time::Duration::from_secs(2);
@@ -445,13 +446,20 @@ fn idle_connections_are_capped_and_closed_at_the_handshake_deadline() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let endpoint = raw_endpoint(fingerprint, None);
-            let mut crowd = Vec::new();
-            for _ in 0..limit {
-                crowd.push(endpoint.connect(addr, hat::net::tls::SERVER_NAME).unwrap().await.unwrap());
+            let (mut crowd, mut streams) = (Vec::new(), Vec::new());
+            for i in 0..limit {
+                let conn = endpoint.connect(addr, hat::net::tls::SERVER_NAME).unwrap().await.unwrap();
+                if i % 2 == 1 {
+                    // Slow loris: a stream, two bytes of a frame's length, and nothing more.
+                    let (mut send, recv) = conn.open_bi().await.unwrap();
+                    send.write_all(&[0x10, 0x00]).await.unwrap();
+                    streams.push((send, recv));
+                }
+                crowd.push(conn);
             }
             let _ = ready_tx.send(());
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-            drop(crowd);
+            drop((crowd, streams));
         });
     });
     ready_rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the crowd connected");

@@ -115,32 +115,24 @@ impl CloudServer {
     }
 }
 
+/// One session per connection: it must open its stream within the handshake deadline (or it
+/// is closed: it would otherwise hold a connection for as long as its keep-alives run), and the
+/// connection closes when the session ends, however it ends.
 async fn handle_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let remote = conn.remote_address();
-    // A connection must open its stream within the handshake deadline, or it is closed (it would
-    // otherwise hold a connection for as long as its keep-alives run).
-    match tokio::time::timeout(shared.config.handshake_timeout, conn.accept_bi()).await {
-        Ok(Ok((send, recv))) => spawn_session(&shared, send, recv, remote),
+    let (send, recv) = match tokio::time::timeout(shared.config.handshake_timeout, conn.accept_bi()).await {
+        Ok(Ok(stream)) => stream,
         Ok(Err(_)) => return,
         Err(_) => {
             log(format!("{remote}: no session opened within {:?}: connection closed", shared.config.handshake_timeout));
             conn.close(quinn::VarInt::from_u32(1), b"no session opened");
             return;
         }
+    };
+    if let Err(e) = session(shared, send, recv, remote).await {
+        log(format!("{remote}: {e}"));
     }
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => spawn_session(&shared, send, recv, remote),
-            Err(_) => return, // connection closed
-        }
-    }
-}
-
-fn spawn_session(shared: &Arc<Shared>, send: quinn::SendStream, recv: quinn::RecvStream, remote: SocketAddr) {
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        if let Err(e) = session(shared, send, recv, remote).await {
-            log(format!("{remote}: {e}"));
-        }
-    });
+    // Let the last frames (the error frame of a refusal) reach the edge before closing.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.closed()).await;
+    conn.close(quinn::VarInt::from_u32(0), b"session ended");
 }
