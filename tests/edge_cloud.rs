@@ -376,20 +376,30 @@ fn edge_options(w: &World, server: &BackgroundServer) -> ConnectOptions {
     }
 }
 
-/// A peer that opens a session, sends blocks and then never reads (nor grants stream credit)
-/// loses its session at the cloud's write deadline: its slot goes to a well-behaved edge instead
-/// of that edge being refused as busy for as long as the peer likes.
-#[test]
-fn a_peer_that_stops_reading_loses_its_slot() {
+/// How a misbehaving peer behaves once its session is open.
+#[derive(Clone, Copy)]
+enum Stall {
+    /// Sends four blocks of 64 positions in full, then never reads (nor grants stream credit).
+    NeverReads,
+    /// Starts a frame of 100 kB, sends ten bytes of it, and stops.
+    HalfAFrame,
+}
+
+/// A server with one slot, taken by a peer that stalls as `stall` says; returns how long until
+/// a well-behaved edge was served, and checks its output.
+fn slot_comes_free_after(stall: Stall) -> std::time::Duration {
     use hat::net::protocol::{read_frame, write_frame, HiddenBlock, Message, PROTOCOL_VERSION};
     let w = world();
     let hidden = w.device.manifest.hidden_size;
     let dir = tempfile::tempdir().unwrap();
-    let config = hat::cloud::CloudConfig { write_timeout: std::time::Duration::from_secs(2), ..cloud_config(dir.path().to_path_buf(), None, 1, 4096) };
+    let config = hat::cloud::CloudConfig {
+        write_timeout: std::time::Duration::from_secs(2),
+        handshake_timeout: std::time::Duration::from_secs(2),
+        ..cloud_config(dir.path().to_path_buf(), None, 1, 4096)
+    };
     let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
-    // The stalled peer, on a thread of its own: small receive windows, a handshake, four blocks of
-    // 64 positions sent in full, and then it never reads (its connection stays up, so the cloud's
-    // replies wait for stream credit that never comes).
+    // The peer, on a thread of its own (its connection stays up while it stalls), with 16 KiB
+    // receive windows.
     let (addr, fingerprint, split_id) = (server.addr, server.fingerprint.clone(), w.device.manifest.split_id.clone());
     let (sent_tx, sent_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -401,9 +411,17 @@ fn a_peer_that_stops_reading_loses_its_slot() {
             let hello = Message::Hello { version: PROTOCOL_VERSION, split_id, token: String::new(), hidden_size: hidden as u32, dtype: WireDtype::F16 };
             write_frame(&mut send, &hello.encode()).await.unwrap();
             read_frame(&mut recv, 1 << 20).await.unwrap().expect("a welcome");
-            for i in 0..4 {
-                let block = HiddenBlock { start: 64 * i, count: 64, dtype: WireDtype::F16, data: vec![0; 64 * hidden * 2] };
-                write_frame(&mut send, &Message::Hidden(block).encode()).await.unwrap();
+            match stall {
+                Stall::NeverReads => {
+                    for i in 0..4 {
+                        let block = HiddenBlock { start: 64 * i, count: 64, dtype: WireDtype::F16, data: vec![0; 64 * hidden * 2] };
+                        write_frame(&mut send, &Message::Hidden(block).encode()).await.unwrap();
+                    }
+                }
+                Stall::HalfAFrame => {
+                    send.write_all(&100_000u32.to_le_bytes()).await.unwrap();
+                    send.write_all(&[hat::net::protocol::kind::HIDDEN; 10]).await.unwrap();
+                }
             }
             let _ = sent_tx.send(());
             tokio::time::sleep(std::time::Duration::from_secs(40)).await;
@@ -421,10 +439,28 @@ fn a_peer_that_stops_reading_loses_its_slot() {
             Err(e) => panic!("a well-behaved edge was refused {:?} after the peer stalled: {e}", started.elapsed()),
         }
     };
-    eprintln!("the slot came free after {:.1} s", started.elapsed().as_secs_f64());
+    let took = started.elapsed();
     let ids = &prompts(w)[1];
     let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
     assert_eq!(r.token_ids, reference(w, ids, 8));
+    took
+}
+
+/// A peer that opens a session, sends blocks and then never reads (nor grants stream credit)
+/// loses its session at the cloud's write deadline: its slot goes to a well-behaved edge instead
+/// of that edge being refused as busy for as long as the peer likes.
+#[test]
+fn a_peer_that_stops_reading_loses_its_slot() {
+    let took = slot_comes_free_after(Stall::NeverReads);
+    eprintln!("the slot came free after {:.1} s", took.as_secs_f64());
+}
+
+/// A peer that starts a frame and stalls mid-frame loses its session when the frame is overdue
+/// (the handshake deadline plus its size at 100 kB/s), not at the idle timeout.
+#[test]
+fn a_peer_that_stalls_mid_frame_loses_its_slot() {
+    let took = slot_comes_free_after(Stall::HalfAFrame);
+    eprintln!("the slot came free after {:.1} s", took.as_secs_f64());
 }
 
 /// Connections that finish TLS but never open a session, or open a stream and send a few bytes

@@ -11,7 +11,7 @@ use std::time::Instant;
 use crate::cloud::server::{log, Shared};
 use crate::error::{Error, Result};
 use crate::model::tree::BlockCache;
-use crate::net::protocol::{read_frame, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, MAX_PROBE, PROTOCOL_VERSION};
+use crate::net::protocol::{read_frame_by, write_frame, ErrorCode, HiddenBlock, Message, MAX_FRAME, MAX_PROBE, PROTOCOL_VERSION};
 
 /// Drops a session's compute intervals from the load when the session ends.
 struct ForgetOnDrop(Arc<crate::cloud::server::Shared>, u64);
@@ -55,7 +55,7 @@ fn token_matches(sent: &str, want: &str) -> bool {
 pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, remote: SocketAddr) -> Result<()> {
     let cfg = &shared.config;
     let manifest = &shared.bundle.manifest;
-    let hello = match tokio::time::timeout(cfg.idle_timeout.min(cfg.handshake_timeout), read_frame(&mut recv, 64 << 10)).await {
+    let hello = match tokio::time::timeout(cfg.idle_timeout.min(cfg.handshake_timeout), read_frame_by(&mut recv, 64 << 10, None)).await {
         Ok(Ok(Some(body))) => Message::decode(&body),
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => Err(e),
@@ -111,7 +111,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
     let max_frame = MAX_FRAME.min((cfg.max_context * hidden * dtype.size() + 64).max(MAX_PROBE + 64));
     let (mut blocks, started) = (0u64, Instant::now());
     loop {
-        let body = match tokio::time::timeout(cfg.idle_timeout, read_frame(&mut recv, max_frame)).await {
+        let body = match tokio::time::timeout(cfg.idle_timeout, read_frame_by(&mut recv, max_frame, Some(cfg.handshake_timeout))).await {
             Err(_) => return refuse(&mut send, ErrorCode::IdleTimeout, format!("session {id} idle for {:?}", cfg.idle_timeout)).await,
             Ok(Ok(None)) => break,
             Ok(Ok(Some(b))) => b,

@@ -526,6 +526,17 @@ pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<()
 
 /// Reads one length-prefixed frame body; `Ok(None)` at a clean end of stream.
 pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<Vec<u8>>> {
+    read_frame_by(recv, max, None).await
+}
+
+/// The slowest a frame's body may arrive once its length is known, bytes per second (0.8
+/// Mbit/s; with `grace` on top).
+pub const MIN_FRAME_RATE: f64 = 100_000.0;
+
+/// [`read_frame`] where a frame, once started, must arrive within `grace` plus its size at
+/// [`MIN_FRAME_RATE`] (`None`: no deadline): a peer that starts a frame and stalls does not hold
+/// the reader until an idle timeout.
+pub async fn read_frame_by(recv: &mut quinn::RecvStream, max: usize, grace: Option<std::time::Duration>) -> Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -537,7 +548,17 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
         return Err(malformed(format!("frame of {n} bytes (limit {max})")));
     }
     let mut body = vec![0u8; n];
-    recv.read_exact(&mut body).await.map_err(|e| Error::invalid(format!("connection lost mid-frame: {e}")))?;
+    let read = recv.read_exact(&mut body);
+    match grace {
+        None => read.await.map_err(|e| Error::invalid(format!("connection lost mid-frame: {e}")))?,
+        Some(grace) => {
+            let deadline = grace + std::time::Duration::from_secs_f64(n as f64 / MIN_FRAME_RATE);
+            match tokio::time::timeout(deadline, read).await {
+                Ok(r) => r.map_err(|e| Error::invalid(format!("connection lost mid-frame: {e}")))?,
+                Err(_) => return Err(malformed(format!("a frame of {n} bytes did not arrive within {deadline:.1?}"))),
+            }
+        }
+    }
     Ok(Some(body))
 }
 
