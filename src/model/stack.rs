@@ -52,11 +52,12 @@ impl StackCache {
     /// `rows` (increasing) move to `start, start + 1, …`, and the rest is dropped
     /// ([`KvCache::keep_rows`]).
     pub fn keep_path(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        // Checked before any layer moves, so that a bad path changes nothing.
+        if rows.windows(2).any(|w| w[0] >= w[1]) || rows.last().is_some_and(|&r| start + r >= self.len) {
+            return Err(Error::invalid(format!("cannot keep rows {rows:?} after position {start} of {}", self.len)));
+        }
         for c in &mut self.layers {
             c.keep_rows(start, rows)?;
-        }
-        if rows.last().is_some_and(|&r| start + r >= self.len) {
-            return Err(Error::invalid(format!("cannot keep rows {rows:?} after position {start} of {}", self.len)));
         }
         self.len = start + rows.len();
         Ok(())

@@ -160,8 +160,9 @@ impl BlockCache {
     }
 
     /// Checks a block of `n` rows at `start` (a tree of `parents`, or a sequence when empty,
-    /// after keeping rows `keep` of the previous tree) against the cache; returns its shape.
-    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<Option<TreeShape>> {
+    /// after keeping rows `keep` of the previous tree) against the cache; returns its shape and
+    /// the rows to keep.
+    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<(Option<TreeShape>, Vec<usize>)> {
         let shape = if parents.is_empty() { None } else { Some(TreeShape::new(parents.to_vec())?) };
         if shape.as_ref().is_some_and(|t| t.len() != n) {
             return Err(Error::invalid(format!("a tree of {} rows for a block of {n} positions", parents.len())));
@@ -180,7 +181,7 @@ impl BlockCache {
         if start > held {
             return Err(Error::invalid(format!("block starts at position {start} but only {held} are cached")));
         }
-        Ok(shape)
+        Ok((shape, keep))
     }
 
     /// Runs `x`, `(1, n, hidden)`, at `start` through `stack`, as [`BlockCache::check`] allows:
@@ -188,10 +189,9 @@ impl BlockCache {
     /// block runs as a tree or a sequence. A failed run leaves the cache at the block's start.
     pub fn run(&mut self, stack: &crate::model::LayerStack, x: &candle_core::Tensor, start: usize, parents: &[u16], keep: &[u16]) -> Result<candle_core::Tensor> {
         let n = x.dim(1)?;
-        let shape = self.check(start, n, parents, keep)?;
+        let (shape, keep) = self.check(start, n, parents, keep)?;
         if let Some((s, _)) = self.last_tree.take() {
             if !keep.is_empty() {
-                let keep: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
                 self.cache.keep_path(s, &keep)?;
             }
         }
