@@ -5,6 +5,7 @@ mod generate;
 mod profile;
 mod run_edge;
 mod serve_cloud;
+mod serve_edge;
 mod split;
 mod train_adapter;
 
@@ -37,6 +38,7 @@ enum Command {
     Profile(profile::Args),
     ServeCloud(serve_cloud::Args),
     RunEdge(run_edge::Args),
+    ServeEdge(serve_edge::Args),
     Download(download::Args),
 }
 
@@ -55,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(a) => profile::run(a),
         Command::ServeCloud(a) => serve_cloud::run(a),
         Command::RunEdge(a) => run_edge::run(a),
+        Command::ServeEdge(a) => serve_edge::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -104,9 +107,11 @@ impl ModelArgs {
 /// (`run-edge`, and `profile` when it measures the link).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConnectArgs {
-    /// The cloud's address, host:port (run-edge: default 127.0.0.1:4433).
+    /// The cloud's address, host:port (default 127.0.0.1:4433). Repeat it to name other clouds
+    /// serving the same split: the first that accepts a session is used, and the others take
+    /// over when it is lost.
     #[arg(long)]
-    pub cloud: Option<String>,
+    pub cloud: Vec<String>,
 
     /// Pin the cloud's certificate by its fingerprint (sha256:<hex>, printed by serve-cloud).
     #[arg(long, conflicts_with = "cloud_cert")]
@@ -135,10 +140,23 @@ pub struct ConnectArgs {
     /// Emulated round-trip propagation delay, ms.
     #[arg(long, default_value_t = 0.0)]
     pub link_rtt_ms: f64,
+
+    /// Seconds to wait for the cloud to accept the connection and answer the handshake before
+    /// giving up on it (a cloud that is not there fails this fast, not after QUIC's idle timeout).
+    #[arg(long, default_value_t = 5.0)]
+    pub connect_timeout: f64,
+
+    /// Seconds to keep looking for a cloud (the same one, then the other --cloud addresses)
+    /// after losing one mid-answer. The device keeps every hidden state it sent, so a new
+    /// session is replayed to exactly where the lost one was and the answer goes on unchanged;
+    /// 0 = fail at once.
+    #[arg(long, default_value_t = 30.0)]
+    pub cloud_timeout: f64,
 }
 
-/// What [`ConnectArgs::resolve`] checks before anything is loaded.
-pub type Resolved = (std::net::SocketAddr, hat::net::tls::Trust, hat::net::LinkEmulation, hat::net::protocol::WireDtype);
+/// What [`ConnectArgs::resolve`] checks before anything is loaded: the clouds' addresses, how to
+/// trust them, the emulated link and the wire dtype.
+pub type Resolved = (Vec<std::net::SocketAddr>, hat::net::tls::Trust, hat::net::LinkEmulation, hat::net::protocol::WireDtype);
 
 impl ConnectArgs {
     /// The address, trust, emulation and wire dtype, checked (before any model is loaded).
@@ -146,6 +164,12 @@ impl ConnectArgs {
         use anyhow::Context;
         use std::net::ToSocketAddrs;
         let wire = hat::net::protocol::WireDtype::parse(&self.wire_dtype)?;
+        if !(self.connect_timeout.is_finite() && self.connect_timeout > 0.0) {
+            anyhow::bail!("--connect-timeout {}: must be a positive number of seconds", self.connect_timeout);
+        }
+        if !(self.cloud_timeout.is_finite() && self.cloud_timeout >= 0.0) {
+            anyhow::bail!("--cloud-timeout {}: must be a number of seconds, 0 or more", self.cloud_timeout);
+        }
         let emulation = hat::net::LinkEmulation { up_mbps: self.link_up_mbps, down_mbps: self.link_down_mbps, rtt_ms: self.link_rtt_ms };
         emulation.validate()?;
         let trust = match (&self.cloud_fingerprint, &self.cloud_cert) {
@@ -153,34 +177,48 @@ impl ConnectArgs {
             (None, Some(cert)) => hat::net::tls::Trust::CertFile(cert.clone()),
             (None, None) => anyhow::bail!("give --cloud-fingerprint or --cloud-cert"),
         };
-        let cloud = self.cloud.as_deref().unwrap_or("127.0.0.1:4433");
-        let addr = cloud
-            .to_socket_addrs()
-            .with_context(|| format!("--cloud {cloud}: not a host:port"))?
-            .next()
-            .with_context(|| format!("--cloud {cloud}: no address"))?;
-        Ok((addr, trust, emulation, wire))
+        let clouds = if self.cloud.is_empty() { vec!["127.0.0.1:4433".to_string()] } else { self.cloud.clone() };
+        let mut addrs = Vec::new();
+        for cloud in &clouds {
+            let addr = cloud
+                .to_socket_addrs()
+                .with_context(|| format!("--cloud {cloud}: not a host:port"))?
+                .next()
+                .with_context(|| format!("--cloud {cloud}: no address"))?;
+            addrs.push(addr);
+        }
+        Ok((addrs, trust, emulation, wire))
     }
 
-    /// Opens a session for `bundle`'s split.
-    pub fn open(
-        &self,
-        bundle: &hat::split::DeviceBundle,
-        addr: std::net::SocketAddr,
-        trust: hat::net::tls::Trust,
-        emulation: hat::net::LinkEmulation,
-        wire: hat::net::protocol::WireDtype,
-    ) -> anyhow::Result<hat::net::QuicLink> {
-        Ok(hat::net::QuicLink::connect(hat::net::ConnectOptions {
-            addr,
-            trust,
-            token: self.token.clone(),
-            split_id: bundle.manifest.split_id.clone(),
-            hidden_size: bundle.manifest.hidden_size,
-            dtype: wire,
-            emulation,
-            tap: None,
-        })?)
+    /// The session settings for `bundle`'s split, one per cloud address (`runtime`: a
+    /// service's shared runtime).
+    pub fn options(&self, bundle: &hat::split::DeviceBundle, resolved: &Resolved, runtime: Option<tokio::runtime::Handle>) -> Vec<hat::net::ConnectOptions> {
+        let (addrs, trust, emulation, wire) = resolved;
+        addrs
+            .iter()
+            .map(|&addr| hat::net::ConnectOptions {
+                addr,
+                trust: trust.clone(),
+                token: self.token.clone(),
+                split_id: bundle.manifest.split_id.clone(),
+                hidden_size: bundle.manifest.hidden_size,
+                dtype: *wire,
+                emulation: *emulation,
+                tap: None,
+                connect_timeout: std::time::Duration::from_secs_f64(self.connect_timeout),
+                runtime: runtime.clone(),
+            })
+            .collect()
+    }
+
+    /// `--cloud-timeout`.
+    pub fn cloud_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.cloud_timeout)
+    }
+
+    /// Opens a session for `bundle`'s split with the first cloud that accepts one.
+    pub fn open(&self, bundle: &hat::split::DeviceBundle, resolved: &Resolved) -> anyhow::Result<hat::net::ResilientLink> {
+        Ok(hat::net::ResilientLink::connect(self.options(bundle, resolved, None), self.cloud_timeout())?)
     }
 }
 

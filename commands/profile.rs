@@ -65,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let is_cloud = hat::split::read_manifest(&args.bundle, hat::split::Role::Cloud).is_ok();
     let threads = hat::util::threads::count();
     let grid = if args.quick { Grid::quick() } else { Grid::full() };
-    let resolved = match &args.connect.cloud {
+    let resolved = match args.connect.cloud.first() {
         Some(_) if is_cloud => anyhow::bail!("--cloud measures the link from a device: give --bundle DIR/device"),
         Some(_) => Some(args.connect.resolve()?),
         None => None,
@@ -103,11 +103,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             pb.finish_and_clear();
             profile.device = Some(dev);
         }
-        if let Some((addr, trust, emulation, wire)) = resolved {
-            let mut link = args.connect.open(&bundle, addr, trust, emulation, wire)?;
-            let cloud = args.connect.cloud.clone().unwrap_or_default();
+        if let Some(resolved) = resolved {
+            let mut link = args.connect.open(&bundle, &resolved)?;
+            let link = link.session();
+            let cloud = args.connect.cloud.first().cloned().unwrap_or_default();
             eprintln!("hat-profile: measuring the link to {cloud} with probes");
-            profile.link = Some(hat::profile::profile_link(&mut link, &cloud, args.quick)?);
+            profile.link = Some(hat::profile::profile_link(link, &cloud, args.quick)?);
         }
         profile.threads = threads;
     }

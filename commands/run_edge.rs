@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use hat::edge::{Chunking, DraftOptions, EdgeOptions, Mode};
+use hat::decode::Flow;
+use hat::edge::{DraftOptions, EdgeOptions, Mode};
 use hat::split::DeviceBundle;
 
 use crate::{ConnectArgs, PromptArgs, SamplingArgs, Streamer};
@@ -23,18 +24,31 @@ use crate::{ConnectArgs, PromptArgs, SamplingArgs, Streamer};
 /// can be switched off.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The device bundle (DIR/device from `hat split`).
-    #[arg(long)]
-    pub bundle: PathBuf,
-
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub edge: EdgeArgs,
 
     #[command(flatten)]
     pub prompt: PromptArgs,
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The device side's settings, shared by `run-edge` and `serve-edge`: the bundle, the cloud,
+/// the mode and how it drafts and chunks.
+#[derive(clap::Args, Debug)]
+pub struct EdgeArgs {
+
+    /// The device bundle (DIR/device from `hat split`).
+    #[arg(long)]
+    pub bundle: PathBuf,
+
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 
     /// hat: speculative decoding with the on-device SLM; u-shape: no drafting (baseline).
     #[arg(long, default_value = "hat", value_parser = ["hat", "u-shape"])]
@@ -96,95 +110,69 @@ pub struct Args {
     /// probed at the start of the session.
     #[arg(long)]
     pub profile: Option<PathBuf>,
-
-    /// Print one JSON object instead of streaming text.
-    #[arg(long)]
-    pub json: bool,
 }
-
-/// Chunk size when `auto` cannot plan (no usable cost model).
-const FALLBACK_CHUNK: usize = 128;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = args.prompt.read()?;
     let sampling = args.sampling.params()?;
-    let draft = draft_options(&args)?;
-    let mode = if args.mode == "u-shape" { Mode::UShape } else { Mode::Hat };
-    let (addr, trust, emulation, wire) = args.connect.resolve()?;
-    let chunk_size = match args.chunk_size.as_deref() {
-        None if mode == Mode::Hat => None,
-        None => Some(0),
-        Some("auto") => None,
-        Some(n) => Some(n.parse::<usize>().map_err(|_| anyhow::anyhow!("--chunk-size {n}: not `auto` or a number of positions"))?),
-    };
-    let device = candle_core::Device::Cpu;
-    let bundle = DeviceBundle::load(&args.bundle, &device)?;
-    let profile = match &args.profile {
-        Some(p) => Some(hat::profile::Profile::load(p, &bundle.manifest.split_id)?),
-        None => None,
-    };
-    if let Some(p) = &profile {
-        if p.threads != hat::util::threads::count() {
-            eprintln!("hat-edge: warning: the profile was measured with {} threads, this run computes with {}", p.threads, hat::util::threads::count());
-        }
-    }
-    let (adapter, adapter_name) = hat::adapter::load_choice(&args.adapter, &bundle, &device)?;
+    let edge = args.edge.prepare()?;
+    let (bundle, drafter, mode, wire) = (&edge.bundle, &edge.drafter, edge.mode, edge.resolved.3);
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
-    let mut link = args.connect.open(&bundle, addr, trust, emulation, wire)?;
-    let drafter = hat::edge::Drafter::new(&bundle, &adapter, if mode == Mode::Hat { draft } else { DraftOptions::plain() })?;
-    let drafting = mode == Mode::Hat && args.draft_len > 0;
-    let planned = match chunk_size {
-        Some(_) => None,
-        None => match hat::profile::plan_session(&bundle, &drafter, &mut link, profile.as_ref().zip(args.profile.as_deref()), ids.len(), wire, drafting) {
-            // Planning is an optimisation: without it the prompt goes in fixed chunks.
-            Err(e) => {
-                eprintln!("hat-edge: warning: cannot plan the prompt's chunks ({e}); using chunks of {FALLBACK_CHUNK}");
-                None
-            }
-            Ok(p) => {
-                if !args.json {
-                    eprintln!(
-                        "hat-edge: {} prompt positions in {} chunks {:?}, predicted TTFT {:.0} ms (link {:.1} ms round trip, {:.0}/{:.0} Mbit/s, {}; device profile: {})",
-                        ids.len(),
-                        p.plan.chunks.len(),
-                        p.plan.chunks,
-                        p.plan.predicted_ttft_ms,
-                        p.link.rtt_ms,
-                        p.link.up_mbps,
-                        p.link.down_mbps,
-                        p.link_source,
-                        p.device_source
-                    );
-                }
-                Some(p)
-            }
-        },
-    };
-    let chunking = match (&planned, chunk_size) {
-        (Some(p), _) => Chunking::Planned(p.plan.chunks.clone()),
-        (None, Some(n)) => Chunking::Fixed(n),
-        (None, None) => Chunking::Fixed(FALLBACK_CHUNK),
-    };
-    let opts = EdgeOptions {
-        mode,
-        draft_len: args.draft_len,
-        chunking,
-        sampling,
-        max_tokens: args.sampling.max_tokens,
-        max_context: link.max_context,
-        draft,
-    };
+    let mut link = args.edge.connect.open(bundle, &edge.resolved)?;
+    let choice = hat::profile::choose_chunking(bundle, drafter, link.session(), edge.profile.as_ref().zip(args.edge.profile.as_deref()), ids.len(), wire, edge.drafting(), edge.chunk_size);
+    if let Some(w) = &choice.warning {
+        eprintln!("hat-edge: warning: {w}");
+    }
+    if let (Some(p), false) = (&choice.plan, args.json) {
+        eprintln!(
+            "hat-edge: {} prompt positions in {} chunks {:?}, predicted TTFT {:.0} ms (link {:.1} ms round trip, {:.0}/{:.0} Mbit/s, {}; device profile: {})",
+            ids.len(),
+            p.plan.chunks.len(),
+            p.plan.chunks,
+            p.plan.predicted_ttft_ms,
+            p.link.rtt_ms,
+            p.link.up_mbps,
+            p.link.down_mbps,
+            p.link_source,
+            p.device_source
+        );
+    }
+    let opts = edge.options(choice.chunking.clone(), sampling, args.sampling.max_tokens, link.session().max_context);
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
-    let report = hat::edge::generate_with(&bundle, &drafter, &mut link, &ids, &opts, |id| out.push(id))?;
+    let mut generated = Vec::new();
+    let result = hat::edge::generate_with(bundle, drafter, &mut link, &ids, &opts, |id| {
+        generated.push(id);
+        out.push(id).map(|_| Flow::Continue)
+    });
+    // What was streamed stays on screen, and --json still reports it, when the cloud fails
+    // part-way.
     out.finish()?;
     drop(link);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if args.json {
+                let v = serde_json::json!({
+                    "error": e.to_string(),
+                    "text": bundle.tokenizer.decode(&generated, true)?,
+                    "token_ids": generated,
+                    "prompt_tokens": ids.len(),
+                    "generated_tokens": generated.len(),
+                    "mode": mode,
+                    "adapter": edge.adapter_name,
+                });
+                println!("{}", serde_json::to_string(&v)?);
+            }
+            anyhow::bail!("the generation failed after {} tokens: {e}", generated.len());
+        }
+    };
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["text"] = bundle.tokenizer.decode(&report.token_ids, true)?.into();
         v["wire_dtype"] = wire.name().into();
         v["draft_len"] = opts.draft_len.into();
         v["chunk_size"] = opts.chunking.size().into();
-        if let Some(p) = &planned {
+        if let Some(p) = &choice.plan {
             v["predicted_ttft_ms"] = p.plan.predicted_ttft_ms.into();
             v["plan_link"] = serde_json::to_value(p.link)?;
             v["plan_link_source"] = p.link_source.into();
@@ -192,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             v["link_probe_ms"] = p.probe_ms.into();
             v["device_profile"] = p.device_source.to_string().into();
         }
-        v["adapter"] = adapter_name.into();
+        v["adapter"] = edge.adapter_name.clone().into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         eprintln!(
@@ -212,8 +200,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What [`EdgeArgs::prepare`] loads and checks, before any session opens.
+pub struct PreparedEdge {
+    pub bundle: DeviceBundle,
+    pub adapter_name: String,
+    pub drafter: hat::edge::Drafter,
+    pub profile: Option<hat::profile::Profile>,
+    pub resolved: crate::Resolved,
+    pub mode: Mode,
+    pub draft_len: usize,
+    pub draft: DraftOptions,
+    /// Fixed prefill chunks, or `None` to plan them per session.
+    pub chunk_size: Option<usize>,
+}
+
+impl PreparedEdge {
+    pub fn drafting(&self) -> bool {
+        self.mode == Mode::Hat && self.draft_len > 0
+    }
+
+    /// One generation's options.
+    pub fn options(&self, chunking: hat::edge::Chunking, sampling: hat::decode::SamplingParams, max_tokens: usize, max_context: usize) -> EdgeOptions {
+        EdgeOptions { mode: self.mode, draft_len: self.draft_len, chunking, sampling, max_tokens, max_context, draft: self.draft }
+    }
+}
+
+impl EdgeArgs {
+    /// Checks the flags (before anything loads), then loads the bundle, the profile, the adapter
+    /// and the drafter.
+    pub fn prepare(&self) -> anyhow::Result<PreparedEdge> {
+        let draft = draft_options(self)?;
+        let mode = if self.mode == "u-shape" { Mode::UShape } else { Mode::Hat };
+        let resolved = self.connect.resolve()?;
+        let chunk_size = match self.chunk_size.as_deref() {
+            None if mode == Mode::Hat => None,
+            None => Some(0),
+            Some("auto") => None,
+            Some(n) => Some(n.parse::<usize>().map_err(|_| anyhow::anyhow!("--chunk-size {n}: not `auto` or a number of positions"))?),
+        };
+        let device = candle_core::Device::Cpu;
+        let bundle = DeviceBundle::load(&self.bundle, &device)?;
+        let profile = match &self.profile {
+            Some(path) => {
+                let p = hat::profile::Profile::load(path, &bundle.manifest.split_id)?;
+                if p.threads != hat::util::threads::count() {
+                    eprintln!("hat-edge: warning: the profile was measured with {} threads, this run computes with {}", p.threads, hat::util::threads::count());
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        let (adapter, adapter_name) = hat::adapter::load_choice(&self.adapter, &bundle, &device)?;
+        let drafter = hat::edge::Drafter::new(&bundle, &adapter, if mode == Mode::Hat { draft } else { DraftOptions::plain() })?;
+        Ok(PreparedEdge { bundle, adapter_name, drafter, profile, resolved, mode, draft_len: self.draft_len, draft, chunk_size })
+    }
+}
+
 /// The drafting flags as [`DraftOptions`].
-fn draft_options(args: &Args) -> anyhow::Result<DraftOptions> {
+fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
     let threshold = match args.draft_threshold.as_str() {
         "auto" => None,
         t => Some(t.parse::<f32>().map_err(|_| anyhow::anyhow!("--draft-threshold {t}: not `auto` or a probability"))?),

@@ -44,6 +44,24 @@ pub enum Error {
     /// A context would grow past what the model or cache allows.
     #[error("context too long: {needed} positions needed, at most {limit} allowed")]
     ContextTooLong { needed: usize, limit: usize },
+
+    /// The cloud refused a session or a block, is busy, cannot be reached, or went away.
+    #[error("{message}")]
+    Cloud { failure: CloudFailure, message: String },
+}
+
+/// How a session with the cloud failed (what a caller can do about it differs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudFailure {
+    /// The cloud answered with an error for this request (wrong split, token, version, a bad
+    /// block): retrying the same request will not help.
+    Refused,
+    /// The cloud is at its session limit: try again later.
+    Busy,
+    /// No cloud answered within the connect deadline.
+    Unreachable,
+    /// The connection went away or a reply was overdue mid-session.
+    Lost,
 }
 
 /// The library's result type.
@@ -60,6 +78,18 @@ impl Error {
 
     pub fn invalid(msg: impl std::fmt::Display) -> Self {
         Error::InvalidInput(msg.to_string())
+    }
+
+    pub fn cloud(failure: CloudFailure, msg: impl std::fmt::Display) -> Self {
+        Error::Cloud { failure, message: msg.to_string() }
+    }
+
+    /// How the cloud failed, when this is a failure of the cloud or of the link to it.
+    pub fn cloud_failure(&self) -> Option<CloudFailure> {
+        match self {
+            Error::Cloud { failure, .. } => Some(*failure),
+            _ => None,
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 //!
 //! ```text
 //!   layer     folder      uses (besides util/ and error.rs, which every folder may use)
+//!   service   api/    ──▶ profile/ edge/ split/ decode/ net/ io/
 //!   roles     profile/ ─▶ edge/ adapter/ split/ net/ sched/ model/
 //!             train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
 //!             edge/   ──▶ adapter/ split/ decode/ net/ sched/ model/
@@ -42,15 +43,17 @@
 //! - [`sched`]: cost models of the pipeline's stages, their least-squares fit, the prefill
 //!   pipeline as a schedule that predicts TTFT, and the chunk planner;
 //! - [`profile`]: `hat profile`: measuring the device, the cloud and the link into those cost
-//!   models, the profile file, charts, and planning one session's prefill.
+//!   models, the profile file, charts, and planning one session's prefill;
+//! - [`api`]: `hat serve-edge`: the device side as a local OpenAI-compatible HTTP service.
 //!
-//! Folders still to come sit beside these: a batch scheduler inside `cloud/`, `api/` (an HTTP
-//! service over `edge`), `audit/` (a curious cloud, over `split` and `train`).
+//! Folders still to come sit beside these: a batch scheduler inside `cloud/`, `audit/` (a
+//! curious cloud, over `split` and `train`).
 //!
 //! The `testing` feature adds `hat::testing`: tiny random models and the shared model → split →
 //! cloud → connected edge set-up of the integration tests and benchmarks.
 
 pub mod adapter;
+pub mod api;
 pub mod cloud;
 pub mod decode;
 pub mod edge;

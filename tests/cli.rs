@@ -32,7 +32,7 @@ fn help_lists_every_subcommand() {
         .take_while(|l| l.starts_with("  "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    for cmd in ["generate", "split", "train-adapter", "profile", "serve-cloud", "run-edge", "download"] {
+    for cmd in ["generate", "split", "train-adapter", "profile", "serve-cloud", "run-edge", "serve-edge", "download"] {
         assert!(commands.contains(&cmd), "{cmd} is not a command entry of --help: {commands:?}");
         let o = hat(&[cmd, "--help"], &[]);
         let usage = String::from_utf8_lossy(&o.stdout);
@@ -81,15 +81,7 @@ fn profile_measures_a_tiny_split_and_run_edge_checks_the_profile() {
     // serve-cloud without --profile measures a quick one before it listens; run-edge plans the
     // chunks (`auto` is the default) from a quick device profile it measures once and caches.
     let state = dir.path().join("state");
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .args(["serve-cloud", "--bundle", cloud.to_str().unwrap(), "--listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
-    let addr = lines.next().unwrap().unwrap().trim_start_matches("listening ").to_string();
-    let fingerprint = lines.next().unwrap().unwrap().trim_start_matches("fingerprint ").to_string();
+    let (mut server, addr, fingerprint, _) = serve_cloud(&cloud, "127.0.0.1:0", &state);
     let cache = dir.path().join("cache");
     let edge = ["run-edge", "--bundle", device.to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", "hello there, how are you today?", "--max-tokens", "3", "--adapter", "none", "--json"];
     let envs = [("HAT_CACHE_DIR", cache.to_str().unwrap())];
@@ -111,6 +103,75 @@ fn profile_measures_a_tiny_split_and_run_edge_checks_the_profile() {
     assert!(runs[0]["device_profile"].as_str().unwrap().starts_with("quick profile measured now, cached"), "{}", runs[0]);
     assert!(runs[1]["device_profile"].as_str().unwrap().starts_with("cached quick profile"), "{}", runs[1]);
     assert!(state.read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("profile-cloud-")), "the cloud keeps its quick profile");
+}
+
+/// Starts `hat serve-cloud` for `cloud` on `listen` with its state in `state`; returns the
+/// process, its address, its certificate's fingerprint, and a channel that gets a message each
+/// time a session opens.
+fn serve_cloud(cloud: &Path, listen: &str, state: &Path) -> (std::process::Child, String, String, std::sync::mpsc::Receiver<()>) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["serve-cloud", "--bundle", cloud.to_str().unwrap(), "--listen", listen, "--state-dir", state.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let addr = lines.next().unwrap().unwrap().trim_start_matches("listening ").to_string();
+    let fingerprint = lines.next().unwrap().unwrap().trim_start_matches("fingerprint ").to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        // Read to the end: a closed pipe would fail the server's logging.
+        for line in std::io::BufRead::lines(std::io::BufReader::new(log)).map_while(Result::ok) {
+            if line.contains(": open (") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    (server, addr, fingerprint, rx)
+}
+
+/// The cloud process is killed (SIGKILL: no close reaches the edge) at two points of an answer
+/// and another one started on the same address; `run-edge` notices the overdue reply, replays
+/// its session to the new process and prints the same tokens as `hat generate`.
+#[test]
+fn run_edge_outlives_a_killed_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
+    let split = dir.path().join("split");
+    let o = hat(&["split", "--model", model.to_str().unwrap(), "--input-layers", "2", "--output-layers", "2", "--out", split.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prompt = "tell me a story about the sea and the wind";
+    let o = hat(&["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", "40", "--json"], &[]);
+    let want: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let state = dir.path().join("state");
+    // Slow enough to kill mid-prefill (16 chunks of 4 positions) and mid-decoding: 100 ms a
+    // round trip, about a dozen rounds. The times count from the session's opening.
+    for kill_after_ms in [20, 600] {
+        let (mut cloud, addr, fingerprint, opened) = serve_cloud(&split.join("cloud"), "127.0.0.1:0", &state);
+        let edge = Command::new(env!("CARGO_BIN_EXE_hat"))
+            .args(["run-edge", "--bundle", split.join("device").to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", prompt])
+            .args(["--max-tokens", "40", "--adapter", "none", "--wire-dtype", "f32", "--chunk-size", "4", "--link-rtt-ms", "100", "--json", "--cloud-timeout", "30"])
+            .env("HAT_NO_PROGRESS", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        opened.recv_timeout(std::time::Duration::from_secs(30)).expect("the edge opens a session");
+        std::thread::sleep(std::time::Duration::from_millis(kill_after_ms));
+        cloud.kill().unwrap();
+        cloud.wait().unwrap();
+        // The same address and certificate (the state folder keeps it).
+        let (mut again, _, _, _) = serve_cloud(&split.join("cloud"), &addr, &state);
+        let o = edge.wait_with_output().unwrap();
+        let _ = again.kill();
+        let _ = again.wait();
+        assert!(o.status.success(), "killed after {kill_after_ms} ms: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["token_ids"], want["token_ids"], "killed after {kill_after_ms} ms");
+        assert_eq!(v["cloud_reconnects"], 1, "killed after {kill_after_ms} ms: {v}");
+        assert!(v["recovery_ms"].as_f64().unwrap() > 0.0);
+    }
 }
 
 #[test]

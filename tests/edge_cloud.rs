@@ -86,7 +86,7 @@ fn options(mode: Mode, draft_len: usize, chunk_size: usize, sampling: SamplingPa
 
 fn run(w: &World, adapter: &Adapter, ids: &[u32], opts: EdgeOptions, dtype: WireDtype) -> EdgeReport {
     let mut link = connect(w, dtype, None);
-    hat::edge::generate(&w.device, adapter, &mut link, ids, &opts, |_| Ok(())).unwrap()
+    hat::edge::generate(&w.device, adapter, &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
 }
 
 /// `hat generate`'s greedy tokens for these ids (the unsplit reference).
@@ -266,7 +266,7 @@ fn any_chunking_keeps_greedy_exact_and_the_planner_plans_from_measurements() {
     // A plan that does not cover the prompt is refused.
     let bad = EdgeOptions { chunking: hat::edge::Chunking::Planned(vec![1, 2]), ..options(Mode::Hat, 4, 0, SamplingParams::greedy(), 4) };
     let mut link = connect(w, WireDtype::F32, None);
-    let e = hat::edge::generate(&w.device, &a, &mut link, ids, &bad, |_| Ok(())).err().expect("refused").to_string();
+    let e = hat::edge::generate(&w.device, &a, &mut link, ids, &bad, |_| Ok(hat::decode::Flow::Continue)).err().expect("refused").to_string();
     assert!(e.contains("does not cover"), "{e}");
 
     // The planner end to end: a quick device profile, the cloud's cost model and load from the
@@ -282,7 +282,7 @@ fn any_chunking_keeps_greedy_exact_and_the_planner_plans_from_measurements() {
     assert_eq!(p.link_source, "probed in this session");
     assert_eq!(p.device_source, hat::profile::Source::File(fake.to_path_buf()));
     let opts = EdgeOptions { chunking: hat::edge::Chunking::Planned(p.plan.chunks.clone()), ..options(Mode::Hat, 4, 0, SamplingParams::greedy(), 12) };
-    let r = hat::edge::generate_with(&w.device, &drafter, &mut link, ids, &opts, |_| Ok(())).unwrap();
+    let r = hat::edge::generate_with(&w.device, &drafter, &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
     assert_eq!(r.token_ids, want);
     assert!(link.load.sessions >= 1, "every reply carries the cloud's load: {:?}", link.load);
 }
@@ -313,6 +313,8 @@ fn refusals_are_clear() {
         dtype: WireDtype::F16,
         emulation: LinkEmulation::default(),
         tap: None,
+        connect_timeout: hat::net::CONNECT_TIMEOUT,
+        runtime: None,
     };
     let err = |o: ConnectOptions| QuicLink::connect(o).err().expect("refused").to_string();
     let e = err(ConnectOptions { split_id: "0123456789abcdef0123456789abcdef".into(), ..base.clone() });
@@ -341,7 +343,9 @@ fn refusals_are_clear() {
         assert!(e.contains("token") && e.ends_with("(Unauthorized)"), "{token:?}: {e}");
     }
     let first = QuicLink::connect(at(Some("s3cret"))).expect("the right token and the certificate file are accepted");
-    let e = err(at(Some("s3cret")));
+    let busy = QuicLink::connect(at(Some("s3cret"))).err().expect("busy");
+    assert_eq!(busy.cloud_failure(), Some(hat::error::CloudFailure::Busy), "{busy}");
+    let e = busy.to_string();
     assert!(e.contains("maximum of 1 sessions") && e.ends_with("(Busy)"), "{e}");
     drop(first);
 }
@@ -373,6 +377,8 @@ fn edge_options(w: &World, server: &BackgroundServer) -> ConnectOptions {
         dtype: WireDtype::F32,
         emulation: LinkEmulation::default(),
         tap: None,
+        connect_timeout: hat::net::CONNECT_TIMEOUT,
+        runtime: None,
     }
 }
 
@@ -441,7 +447,7 @@ fn slot_comes_free_after(stall: Stall) -> std::time::Duration {
     };
     let took = started.elapsed();
     let ids = &prompts(w)[1];
-    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
+    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(hat::decode::Flow::Continue)).unwrap();
     assert_eq!(r.token_ids, reference(w, ids, 8));
     took
 }
@@ -514,7 +520,7 @@ fn idle_and_slow_loris_connections_are_capped_and_closed_at_the_handshake_deadli
     eprintln!("refused at first: {refused_at_first}; served after {:.1} s", started.elapsed().as_secs_f64());
     assert!(refused_at_first, "the connection limit refuses connection {} at once", limit + 1);
     let ids = &prompts(w)[1];
-    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(())).unwrap();
+    let r = hat::edge::generate(&w.device, &Adapter::none(w.device.rope.clone()), &mut link, ids, &options(Mode::UShape, 0, 0, SamplingParams::greedy(), 8), |_| Ok(hat::decode::Flow::Continue)).unwrap();
     assert_eq!(r.token_ids, reference(w, ids, 8));
 }
 
@@ -594,7 +600,7 @@ fn only_hidden_states_cross_the_network() {
     // Draft trees with branches: blocks carry parent indices, and the next block the kept path.
     let opts = options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16);
     let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, ..opts.draft }, ..opts };
-    let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &opts, |_| Ok(())).unwrap();
+    let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
     drop(link);
     // Per draft position: checked only after the ones before it were accepted.
     assert_eq!((r.draft_checks.len(), r.draft_hits.iter().sum::<usize>()), (4, r.drafts_accepted), "{r:?}");
@@ -733,5 +739,64 @@ fn first_drafts_are_teacher_forced(w: &World, which: &str) {
     }
     if which == "conditioned-oracle" {
         assert!(all_accepted > 0 && all_accepted < all_rounds, "{which}: the features must matter: {all_accepted}/{all_rounds} accepted");
+    }
+}
+
+/// How a cloud is lost in [`losing_the_cloud_mid_answer_changes_no_token`].
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// It closes its connections (a server stopping).
+    Close,
+    /// It stops dead, as a killed process: no close, no reply.
+    Crash,
+}
+
+/// The cloud is lost at several points of an answer (right after the handshake, i.e. before
+/// the prefill's first reply; mid-prefill; mid-decoding; closed or crashed): the edge finds the
+/// other cloud, replays the session there, and the greedy tokens are still `hat generate`'s.
+#[test]
+fn losing_the_cloud_mid_answer_changes_no_token() {
+    let w = world();
+    let ids = &prompts(w)[1];
+    let want = reference(w, ids, 24);
+    let a = adapter(w, "conditioned");
+    let quick = |o: ConnectOptions| ConnectOptions { connect_timeout: std::time::Duration::from_secs(1), ..o };
+    for (after_frames, loss) in [(1, Loss::Close), (2, Loss::Crash), (6, Loss::Close), (11, Loss::Crash)] {
+        let dir = tempfile::tempdir().unwrap();
+        let doomed = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), None, 4, 4096)).unwrap();
+        // The tap sees each frame from the doomed cloud; after `after_frames` of them (the
+        // handshake's welcome is the first) the cloud is lost.
+        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let kill_tx = Mutex::new(kill_tx);
+        let tap: FrameTap = Arc::new(move |dir, _body: &[u8]| {
+            if dir == Direction::Down && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == after_frames {
+                let _ = kill_tx.lock().unwrap().send(());
+            }
+        });
+        let clouds = vec![ConnectOptions { tap: Some(tap), ..quick(edge_options(w, &doomed)) }, quick(edge_options(w, &w.server))];
+        let killer = std::thread::spawn(move || {
+            if kill_rx.recv().is_err() {
+                return;
+            }
+            match loss {
+                Loss::Close => drop(doomed),
+                Loss::Crash => {
+                    let frozen = doomed.crash();
+                    // Its socket stays open, answering nothing, until the edge is done (the
+                    // tap, and with it the sender, goes with the link).
+                    let _ = kill_rx.recv();
+                    drop(frozen);
+                }
+            }
+        });
+        let mut link = hat::net::ResilientLink::connect(clouds, std::time::Duration::from_secs(20)).unwrap();
+        let opts = options(Mode::Hat, 4, 16, SamplingParams::greedy(), 24);
+        let r = hat::edge::generate(&w.device, &a, &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap_or_else(|e| panic!("lost after {after_frames} frames ({loss:?}): {e}"));
+        drop(link);
+        killer.join().unwrap();
+        assert_eq!(r.token_ids, want, "lost after {after_frames} frames ({loss:?})");
+        assert_eq!(r.cloud_reconnects, 1, "lost after {after_frames} frames ({loss:?})");
+        eprintln!("lost after {after_frames} frames ({loss:?}): recovered in {:.0} ms, {} rounds", r.recovery_ms, r.rounds);
     }
 }

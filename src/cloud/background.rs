@@ -14,12 +14,14 @@ pub struct BackgroundServer {
     pub fingerprint: String,
     endpoint: quinn::Endpoint,
     thread: Option<std::thread::JoinHandle<()>>,
+    crash: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl BackgroundServer {
     /// Binds and starts serving; returns once the address and fingerprint are known.
     pub fn start(bundle: Arc<CloudBundle>, config: CloudConfig) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let (crash_tx, crash_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("hat-cloud".into())
             .spawn(move || {
@@ -30,27 +32,60 @@ impl BackgroundServer {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                let crashed = rt.block_on(async move {
                     let server = match CloudServer::bind(bundle, config) {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = tx.send(Err(e));
-                            return;
+                            return false;
                         }
                     };
                     let info = server.local_addr().map(|a| (a, server.fingerprint().to_string(), server.endpoint()));
                     let _ = tx.send(info);
-                    let _ = server.serve().await;
+                    let crash = async {
+                        if crash_rx.await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = server.serve() => false,
+                        () = crash => true,
+                    }
                 });
+                if crashed {
+                    // Every task stops where it is: nothing more is sent, not even a close.
+                    rt.shutdown_background();
+                }
             })
             .map_err(|e| Error::invalid(format!("cannot start the server thread: {e}")))?;
         let (addr, fingerprint, endpoint) = rx.recv().map_err(|_| Error::invalid("the server thread died"))??;
-        Ok(Self { addr, fingerprint, endpoint, thread: Some(thread) })
+        Ok(Self { addr, fingerprint, endpoint, thread: Some(thread), crash: Some(crash_tx) })
     }
+
+    /// Stops dead, as a frozen or stuck process would: every task stops where it is, nothing
+    /// more is sent (not even a close) and nothing is answered, while the socket stays open
+    /// until the returned guard is dropped. Its edges find out when a reply is overdue.
+    pub fn crash(mut self) -> Frozen {
+        if let Some(c) = self.crash.take() {
+            let _ = c.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        Frozen { _endpoint: self.endpoint.clone() }
+    }
+}
+
+/// The open socket of a crashed server ([`BackgroundServer::crash`]).
+pub struct Frozen {
+    _endpoint: quinn::Endpoint,
 }
 
 impl Drop for BackgroundServer {
     fn drop(&mut self) {
+        if self.crash.is_none() {
+            return; // crashed: nothing may be sent
+        }
         self.endpoint.close(0u32.into(), b"server stopping");
         if let Some(t) = self.thread.take() {
             let _ = t.join();

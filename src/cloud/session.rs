@@ -44,14 +44,6 @@ async fn send_within(send: &mut quinn::SendStream, body: &[u8], deadline: std::t
     }
 }
 
-/// Whether the token sent matches the one required, in time that does not depend on where they
-/// differ (both are hashed first, so neither does it depend on their lengths).
-fn token_matches(sent: &str, want: &str) -> bool {
-    use sha2::Digest;
-    let (a, b) = (sha2::Sha256::digest(sent.as_bytes()), sha2::Sha256::digest(want.as_bytes()));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream, remote: SocketAddr) -> Result<()> {
     let cfg = &shared.config;
     let manifest = &shared.bundle.manifest;
@@ -67,7 +59,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
                 return refuse(&mut send, ErrorCode::VersionMismatch, format!("protocol version {version}, this cloud speaks {PROTOCOL_VERSION}")).await;
             }
             if let Some(want) = &cfg.token {
-                if !token_matches(&token, want) {
+                if !crate::util::digest::secrets_match(&token, want) {
                     return refuse(&mut send, ErrorCode::Unauthorized, "wrong or missing token".into()).await;
                 }
             }
@@ -172,16 +164,4 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
     let _ = send.finish();
     log(format!("session {id}: closed after {blocks} blocks, {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())
-}
-
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tokens_match_only_when_equal() {
-        assert!(super::token_matches("s3cret", "s3cret"));
-        for wrong in ["", "s3cre", "s3cret!", "S3cret", "x3cret"] {
-            assert!(!super::token_matches(wrong, "s3cret"), "{wrong}");
-        }
-    }
 }

@@ -61,6 +61,18 @@ pub enum StopReason {
     MaxTokens,
     /// The context is full.
     ContextFull,
+    /// The caller stopped it (its token callback returned [`Flow::Stop`]: a stop sequence, or
+    /// the client went away).
+    Stopped,
+}
+
+/// What a token callback wants next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on generating.
+    Continue,
+    /// End the generation after this token ([`StopReason::Stopped`]).
+    Stop,
 }
 
 /// What one generation did and how long it took.

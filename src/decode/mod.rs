@@ -15,5 +15,5 @@ pub mod sampling;
 pub mod timing;
 
 pub use accept::{accept_greedy, accept_sampled, accept_tree, Acceptance, DraftStats, TreeAcceptance};
-pub use generate::{generate, Decoder, GenerationReport, ModelDecoder, StopReason};
+pub use generate::{generate, Decoder, Flow, GenerationReport, ModelDecoder, StopReason};
 pub use sampling::{probs, processed_probs, Sampler, SamplingParams};

@@ -54,7 +54,7 @@ use serde::Serialize;
 
 use crate::adapter::Adapter;
 use crate::decode::timing::{check_prompt, ms, TokenClock};
-use crate::decode::{accept_greedy, accept_sampled, accept_tree, probs, Acceptance, DraftStats, Sampler, SamplingParams, StopReason, TreeAcceptance};
+use crate::decode::{accept_greedy, accept_sampled, accept_tree, probs, Acceptance, DraftStats, Flow, Sampler, SamplingParams, StopReason, TreeAcceptance};
 use crate::error::Result;
 use crate::net::MiddleLink;
 use crate::split::DeviceBundle;
@@ -124,15 +124,16 @@ pub struct EdgeOptions {
     pub draft: DraftOptions,
 }
 
-/// Generates after `prompt`, calling `on_token` with each committed token; prepares the
-/// [`Drafter`] for `opts.draft` first (see [`generate_with`] to prepare it once for many).
+/// Generates after `prompt`, calling `on_token` with each committed token (it returns
+/// [`Flow::Stop`] to end the generation there); prepares the [`Drafter`] for `opts.draft` first
+/// (see [`generate_with`] to prepare it once for many).
 pub fn generate<L: MiddleLink>(
     dev: &DeviceBundle,
     adapter: &Adapter,
     link: &mut L,
     prompt: &[u32],
     opts: &EdgeOptions,
-    on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<Flow>,
 ) -> Result<EdgeReport> {
     let options = if opts.mode == Mode::Hat { opts.draft } else { DraftOptions::plain() };
     let drafter = Drafter::new(dev, adapter, options)?;
@@ -146,7 +147,7 @@ pub fn generate_with<L: MiddleLink>(
     link: &mut L,
     prompt: &[u32],
     opts: &EdgeOptions,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    mut on_token: impl FnMut(u32) -> Result<Flow>,
 ) -> Result<EdgeReport> {
     let limit = opts.max_context.min(dev.input.max_positions());
     check_prompt(prompt, 0, limit)?;
@@ -165,9 +166,12 @@ pub fn generate_with<L: MiddleLink>(
     clock.token();
     let decoding = Instant::now();
     let mut tokens = vec![next];
-    on_token(next)?;
     let mut stats = DraftStats::new(opts.draft_len);
     let mut stop = StopReason::MaxTokens;
+    let mut stopped = on_token(next)? == Flow::Stop;
+    if stopped {
+        stop = StopReason::Stopped;
+    }
     let mut times = RoundTimes::default();
     // The round of `next`, when it was drafted ahead during the previous round.
     let mut prepared: Option<Drafted> = None;
@@ -194,7 +198,7 @@ pub fn generate_with<L: MiddleLink>(
             0
         }
     };
-    while !done(&tokens, &mut stop) {
+    while !stopped && !done(&tokens, &mut stop) {
         let base = prompt.len() + tokens.len() - 1; // position of `next`
         if base + 1 > limit {
             stop = StopReason::ContextFull;
@@ -223,7 +227,7 @@ pub fn generate_with<L: MiddleLink>(
             times.verify += t.elapsed();
             row_cost.record(n, ms(t.elapsed() + (edge.wait_time - waited)));
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
-            commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
+            stopped = commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
             next = new_token;
             steps.ms_per_token = Some(ms(decoding.elapsed()) / (tokens.len() - 1) as f64);
             continue;
@@ -283,7 +287,7 @@ pub fn generate_with<L: MiddleLink>(
         }
         times.verify += t.elapsed();
         let new: Vec<u32> = drafts[..a].iter().copied().chain([new_token]).collect();
-        commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
+        stopped = commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
         next = new_token;
         steps.ms_per_token = Some(ms(decoding.elapsed()) / (tokens.len() - 1) as f64);
     }
@@ -326,6 +330,8 @@ pub fn generate_with<L: MiddleLink>(
         device_compute_ms: ms(edge.device_time),
         cloud_compute_ms: ms(edge.cloud_time),
         network_wait_ms: ms(edge.wait_time),
+        cloud_reconnects: link_stats.reconnects,
+        recovery_ms: ms(link_stats.recovery),
         stop_reason: stop,
         chunk_plan,
         drafting: drafting_report,
@@ -333,17 +339,21 @@ pub fn generate_with<L: MiddleLink>(
     })
 }
 
-/// Commits a round's tokens in order, each timed and handed to `on_token`, until `done`.
-fn commit(new: &[u32], tokens: &mut Vec<u32>, clock: &mut TokenClock, on_token: &mut impl FnMut(u32) -> Result<()>, done: &impl Fn(&[u32], &mut StopReason) -> bool, stop: &mut StopReason) -> Result<()> {
+/// Commits a round's tokens in order, each timed and handed to `on_token`, until `done`; true
+/// when `on_token` stopped the generation.
+fn commit(new: &[u32], tokens: &mut Vec<u32>, clock: &mut TokenClock, on_token: &mut impl FnMut(u32) -> Result<Flow>, done: &impl Fn(&[u32], &mut StopReason) -> bool, stop: &mut StopReason) -> Result<bool> {
     for &t in new {
         tokens.push(t);
         clock.token();
-        on_token(t)?;
+        if on_token(t)? == Flow::Stop {
+            *stop = StopReason::Stopped;
+            return Ok(true);
+        }
         if done(tokens, stop) {
             break;
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// How far a tree may grow this round: `gamma` drafts on a path at most, `slots` positions left

@@ -34,6 +34,10 @@ pub struct EdgeReport {
     pub cloud_compute_ms: f64,
     /// Time the device waited for replies (network and cloud queueing included).
     pub network_wait_ms: f64,
+    /// Times the cloud was lost and the session opened again and replayed, and the time lost
+    /// to that (the wait that showed the loss, reconnecting, replaying; part of the waits).
+    pub cloud_reconnects: u32,
+    pub recovery_ms: f64,
     pub stop_reason: StopReason,
     /// The prefill chunks' lengths, in order.
     pub chunk_plan: Vec<usize>,

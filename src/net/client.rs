@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{CloudFailure, Error, Result};
 use crate::net::emulation::{LinkEmulation, Pipe};
 use crate::net::link::{Direction, FrameTap, LinkStats, MiddleLink, MiddleReply};
 use crate::net::protocol::{read_frame, write_frame, CloudLoad, ErrorCode, HiddenBlock, Message, WireDtype, MAX_FRAME, PROTOCOL_VERSION};
@@ -25,12 +25,46 @@ pub struct ConnectOptions {
     pub dtype: WireDtype,
     pub emulation: LinkEmulation,
     pub tap: Option<FrameTap>,
+    /// How long connecting and the handshake may take before the cloud counts as unreachable.
+    pub connect_timeout: Duration,
+    /// The tokio runtime the session's network tasks run on. `None`: the session starts its
+    /// own (one worker thread). With a runtime, the session's blocking calls must come from
+    /// outside its async tasks (e.g. a `spawn_blocking` thread), as a service's do.
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+/// The default for [`ConnectOptions::connect_timeout`]: a cloud that is there answers the
+/// handshake in a few round trips.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The runtime a session's network tasks run on.
+enum NetRuntime {
+    /// Started by the session, stopped when it ends.
+    Owned(tokio::runtime::Runtime),
+    /// A service's runtime, shared by its sessions.
+    Shared(tokio::runtime::Handle),
+}
+
+impl NetRuntime {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            NetRuntime::Owned(rt) => rt.block_on(f),
+            NetRuntime::Shared(h) => h.block_on(f),
+        }
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match self {
+            NetRuntime::Owned(rt) => rt.handle(),
+            NetRuntime::Shared(h) => h,
+        }
+    }
 }
 
 /// A session with `hat serve-cloud`. Network I/O runs on its own tokio runtime; the caller's
 /// thread only computes and waits for replies.
 pub struct QuicLink {
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<NetRuntime>,
     /// Frames to send; `None` once closed (the writer then finishes the stream).
     up: Option<tokio::sync::mpsc::UnboundedSender<(Instant, Vec<u8>)>>,
     /// The writer task, awaited on close so that the last frames leave before the connection
@@ -55,15 +89,52 @@ pub struct QuicLink {
     pub load: CloudLoad,
     /// Hello sent → welcome received: a round trip on this session's link.
     pub handshake_rtt: Duration,
-    /// Start and count of each block sent and not yet answered, in order (a reply must match).
-    awaited: std::collections::VecDeque<(usize, usize)>,
+    /// Start and count of each block sent and not yet answered, in order (a reply must match),
+    /// with when it was sent.
+    awaited: std::collections::VecDeque<Awaited>,
+    /// Whether dropping the session waits (briefly) for its last frames and the close to go
+    /// out; not for a session given up on ([`QuicLink::abandon`]).
+    polite: bool,
+    /// When the latest reply arrived (the cloud computes blocks in turn: the next one's time
+    /// runs from here at the earliest).
+    last_reply: Instant,
+}
+
+/// A block sent and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct Awaited {
+    start: usize,
+    count: usize,
+    sent: Instant,
+}
+
+/// A reply is overdue (the cloud is gone or stuck) after this, plus [`OVERDUE_FACTOR`] times
+/// the time it should take.
+pub const OVERDUE_MIN: Duration = Duration::from_secs(3);
+/// See [`OVERDUE_MIN`].
+pub const OVERDUE_FACTOR: f64 = 4.0;
+/// A link probe's echo is overdue after this (probes are at most a few hundred KiB).
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The frame that carries a block: hidden states `(1, count, hidden)` of positions
+/// `start..start + count`, as a sequence or as a draft tree (see [`MiddleLink::submit_tree`]);
+/// returns its row count beside.
+pub fn block_message(start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16], dtype: WireDtype) -> Result<(usize, Message)> {
+    let block = HiddenBlock::from_tensor(hidden, start, dtype)?;
+    let count = block.count as usize;
+    Ok(if parents.is_empty() && keep.is_empty() { (count, Message::Hidden(block)) } else { (count, Message::Tree { block, parents: parents.to_vec(), keep: keep.to_vec() }) })
 }
 
 /// Throughputs above this count as "unlimited" (loopback).
 const MAX_MEASURED_MBPS: f64 = 100_000.0;
 
 fn cloud_error(code: ErrorCode, message: &str) -> Error {
-    Error::invalid(format!("the cloud refused: {message} ({code:?})"))
+    let failure = if code == ErrorCode::Busy { CloudFailure::Busy } else { CloudFailure::Refused };
+    Error::cloud(failure, format!("the cloud refused: {message} ({code:?})"))
+}
+
+fn closed() -> Error {
+    Error::cloud(CloudFailure::Lost, "the connection to the cloud is closed")
 }
 
 impl QuicLink {
@@ -77,18 +148,26 @@ impl QuicLink {
     #[doc(hidden)]
     pub fn connect_with_version(opts: ConnectOptions, version: u16) -> Result<Self> {
         opts.emulation.validate()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("hat-edge-net")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::invalid(format!("cannot start the network runtime: {e}")))?;
+        let runtime = match &opts.runtime {
+            Some(h) => NetRuntime::Shared(h.clone()),
+            None => NetRuntime::Owned(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("hat-edge-net")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::invalid(format!("cannot start the network runtime: {e}")))?,
+            ),
+        };
+        let deadline = Instant::now() + opts.connect_timeout;
+        let unreachable = |why: String| Error::cloud(CloudFailure::Unreachable, format!("cannot reach the cloud at {}: {why}", opts.addr));
         let tls = crate::net::tls::client_config(&opts.trust)?;
         let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
         let (down_tx, down_rx) = std::sync::mpsc::channel();
         let tap = opts.tap.clone();
         let emu = opts.emulation;
-        let (connection, endpoint, writer) = runtime.block_on(async {
+        let handle = runtime.handle().clone();
+        let opening = async {
             let bind: SocketAddr = if opts.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|_| Error::invalid("bind address"))?;
             let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::invalid(format!("cannot open a UDP socket: {e}")))?;
             let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| Error::invalid(format!("TLS: {e}")))?;
@@ -99,10 +178,15 @@ impl QuicLink {
                 .connect(opts.addr, crate::net::tls::SERVER_NAME)
                 .map_err(|e| Error::invalid(format!("cannot connect to {}: {e}", opts.addr)))?
                 .await
-                .map_err(|e| Error::invalid(format!("cannot connect to the cloud at {}: {e}", opts.addr)))?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::invalid(format!("cannot open a stream: {e}")))?;
+                .map_err(|e| match e {
+                    // A certificate that does not match the pin is the user's to fix, not a
+                    // cloud that is away.
+                    quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_) => Error::invalid(format!("cannot connect to the cloud at {}: {e}", opts.addr)),
+                    e => unreachable(e.to_string()),
+                })?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(format!("cannot open a stream: {e}")))?;
             let tap_up = tap.clone();
-            let writer = tokio::spawn(async move {
+            let writer = handle.spawn(async move {
                 let mut pipe = Pipe::new(emu.up_mbps, emu.rtt_ms);
                 while let Some((queued, body)) = up_rx.recv().await {
                     let arrive = pipe.arrival(queued, body.len() + 4);
@@ -120,7 +204,7 @@ impl QuicLink {
                     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
                 }
             });
-            tokio::spawn(async move {
+            handle.spawn(async move {
                 let mut pipe = Pipe::new(emu.down_mbps, emu.rtt_ms);
                 loop {
                     let frame = read_frame(&mut recv, MAX_FRAME).await;
@@ -131,8 +215,8 @@ impl QuicLink {
                             }
                             Ok((pipe.arrival(Instant::now(), body.len() + 4), body))
                         }
-                        Ok(None) => Err(Error::invalid("the cloud closed the session")),
-                        Err(e) => Err(e),
+                        Ok(None) => Err(Error::cloud(CloudFailure::Lost, "the cloud closed the session")),
+                        Err(e) => Err(Error::cloud(CloudFailure::Lost, format!("the connection to the cloud failed: {e}"))),
                     };
                     let stop = item.is_err();
                     if down_tx.send(item).is_err() || stop {
@@ -141,6 +225,9 @@ impl QuicLink {
                 }
             });
             Ok::<_, Error>((conn, endpoint, writer))
+        };
+        let (connection, endpoint, writer) = runtime.block_on(async {
+            tokio::time::timeout_at(deadline.into(), opening).await.map_err(|_| unreachable(format!("no answer within {:.1} s", opts.connect_timeout.as_secs_f64())))?
         })?;
         let mut link = Self {
             runtime: Some(runtime),
@@ -161,6 +248,8 @@ impl QuicLink {
             load: CloudLoad::default(),
             handshake_rtt: Duration::ZERO,
             awaited: std::collections::VecDeque::new(),
+            last_reply: Instant::now(),
+            polite: true,
         };
         let sent = Instant::now();
         link.send(&Message::Hello {
@@ -170,7 +259,12 @@ impl QuicLink {
             hidden_size: opts.hidden_size as u32,
             dtype: opts.dtype,
         })?;
-        match link.next_message()? {
+        let welcome = match link.down.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(item) => link.deliver(item)?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(unreachable(format!("no handshake within {:.1} s", opts.connect_timeout.as_secs_f64()))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(closed()),
+        };
+        match welcome {
             Message::Welcome { session, max_context, middle_start, middle_end, cost, load } => {
                 link.handshake_rtt = sent.elapsed();
                 link.cloud_model = cost;
@@ -200,10 +294,15 @@ impl QuicLink {
         Message::decode(&body)
     }
 
+    /// The next frame (probe echoes): one that does not come within [`PROBE_DEADLINE`] means
+    /// the cloud is gone.
     fn next_message(&mut self) -> Result<Message> {
         let item = match self.held.take() {
             Some(held) => Ok(held),
-            None => self.down.recv().map_err(|_| Error::invalid("the connection to the cloud is closed"))?,
+            None => self.down.recv_timeout(PROBE_DEADLINE).map_err(|e| match e {
+                std::sync::mpsc::RecvTimeoutError::Timeout => Error::cloud(CloudFailure::Lost, format!("no answer from the cloud within {} s", PROBE_DEADLINE.as_secs())),
+                std::sync::mpsc::RecvTimeoutError::Disconnected => closed(),
+            })?,
         };
         self.deliver(item)
     }
@@ -239,14 +338,15 @@ impl QuicLink {
 
     fn reply(&mut self, msg: Message) -> Result<MiddleReply> {
         match msg {
-            Message::Middle { block, .. } if self.awaited.front() != Some(&(block.start as usize, block.count as usize)) => Err(Error::invalid(format!(
+            Message::Middle { block, .. } if self.awaited.front().map(|a| (a.start, a.count)) != Some((block.start as usize, block.count as usize)) => Err(Error::invalid(format!(
                 "the cloud answered positions {}..{}, but the next block awaited is {}",
                 block.start,
                 block.start as u64 + block.count as u64,
-                self.awaited.front().map_or("none".to_string(), |&(s, n)| format!("{s}..{}", s + n))
+                self.awaited.front().map_or("none".to_string(), |a| format!("{}..{}", a.start, a.start + a.count))
             ))),
             Message::Middle { block, compute_us, load } => {
                 self.awaited.pop_front();
+                self.last_reply = Instant::now();
                 Ok(MiddleReply {
                 load: Some({
                     self.load = load;
@@ -267,25 +367,75 @@ impl QuicLink {
     #[doc(hidden)]
     pub fn send_raw(&mut self, body: Vec<u8>) -> Result<()> {
         self.stats.bytes_up += body.len() as u64 + 4;
-        let up = self.up.as_ref().ok_or_else(|| Error::invalid("the connection to the cloud is closed"))?;
-        up.send((Instant::now(), body)).map_err(|_| Error::invalid("the connection to the cloud is closed"))
+        let up = self.up.as_ref().ok_or_else(closed)?;
+        up.send((Instant::now(), body)).map_err(|_| closed())
+    }
+}
+
+impl QuicLink {
+    /// Sends a block's frame ([`block_message`]) of `count` rows from `start`; its reply is
+    /// awaited in order.
+    pub fn submit_message(&mut self, start: usize, count: usize, msg: &Message) -> Result<()> {
+        self.awaited.push_back(Awaited { start, count, sent: Instant::now() });
+        self.send(msg)
+    }
+
+    /// The wire dtype of this session's hidden states.
+    pub fn dtype(&self) -> WireDtype {
+        self.dtype
+    }
+
+    /// Closes a session given up on (the cloud is gone or stuck) without waiting for anything.
+    pub fn abandon(mut self) {
+        self.polite = false;
+    }
+
+    /// Blocks sent and not yet answered.
+    pub fn awaiting(&self) -> usize {
+        self.awaited.len()
+    }
+
+    /// When the next reply is overdue: [`OVERDUE_MIN`] plus [`OVERDUE_FACTOR`] times what it
+    /// should take (a round trip and the cloud's predicted compute for the block under its
+    /// load), counted from when the cloud could start it. `None` when nothing is awaited.
+    pub fn reply_deadline(&self) -> Option<Instant> {
+        let a = self.awaited.front()?;
+        let compute_ms = self.cloud_model.middle.predict(a.count, a.start).max(0.0) * self.cloud_model.slowdown_at(self.load.sessions as f64);
+        let expected = self.handshake_rtt.as_secs_f64() + compute_ms / 1e3;
+        let allowance = OVERDUE_MIN + Duration::from_secs_f64((OVERDUE_FACTOR * expected).clamp(0.0, 3600.0));
+        Some(a.sent.max(self.last_reply) + allowance)
+    }
+
+    /// The next reply, or an error ([`CloudFailure::Lost`]) when none arrives by `deadline`.
+    pub fn receive_by(&mut self, deadline: Instant) -> Result<MiddleReply> {
+        let item = match self.held.take() {
+            Some(held) => held,
+            None => match self.down.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(item) => item?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let waited = self.awaited.front().map_or(Duration::ZERO, |a| a.sent.elapsed());
+                    return Err(Error::cloud(CloudFailure::Lost, format!("no reply from the cloud after {:.1} s: it is gone or stuck", waited.as_secs_f64())));
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(closed()),
+            },
+        };
+        let msg = self.deliver(Ok(item))?;
+        self.reply(msg)
     }
 }
 
 impl MiddleLink for QuicLink {
     fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
-        let block = HiddenBlock::from_tensor(hidden, start, self.dtype)?;
-        self.awaited.push_back((start, block.count as usize));
-        if parents.is_empty() && keep.is_empty() {
-            self.send(&Message::Hidden(block))
-        } else {
-            self.send(&Message::Tree { block, parents: parents.to_vec(), keep: keep.to_vec() })
-        }
+        let (count, msg) = block_message(start, hidden, parents, keep, self.dtype)?;
+        self.submit_message(start, count, &msg)
     }
 
+    /// The next reply; a reply overdue ([`QuicLink::reply_deadline`]) is an error, not a wait
+    /// for QUIC's idle timeout.
     fn receive(&mut self) -> Result<MiddleReply> {
-        let msg = self.next_message()?;
-        self.reply(msg)
+        // Nothing awaited (a raw frame sent by a test): an answer comes at once or not at all.
+        let deadline = self.reply_deadline().unwrap_or_else(|| Instant::now() + OVERDUE_MIN);
+        self.receive_by(deadline)
     }
 
     fn try_receive(&mut self) -> Result<Option<MiddleReply>> {
@@ -293,7 +443,7 @@ impl MiddleLink for QuicLink {
             match self.down.try_recv() {
                 Ok(item) => self.held = Some(item?),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
-                Err(_) => return Err(Error::invalid("the connection to the cloud is closed")),
+                Err(_) => return Err(closed()),
             }
         }
         // Only hand it over once the emulated link has delivered it.
@@ -314,18 +464,33 @@ impl Drop for QuicLink {
     /// cloud before the runtime stops; the cloud frees the session at once instead of waiting
     /// for the idle timeout.
     fn drop(&mut self) {
+        if !self.polite {
+            self.up = None;
+            self.connection.close(0u32.into(), b"abandoned");
+            if let Some(NetRuntime::Owned(rt)) = self.runtime.take() {
+                rt.shutdown_background();
+            }
+            return;
+        }
         let _ = self.send(&Message::Close);
         self.up = None;
         if let Some(rt) = self.runtime.take() {
             let (conn, endpoint, writer) = (self.connection.clone(), self.endpoint.clone(), self.writer.take());
-            rt.block_on(async {
+            let close = async move {
                 if let Some(w) = writer {
                     let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
                 }
                 conn.close(0u32.into(), b"bye");
                 let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
-            });
-            rt.shutdown_timeout(Duration::from_millis(100));
+            };
+            match rt {
+                NetRuntime::Owned(rt) => {
+                    rt.block_on(close);
+                    rt.shutdown_timeout(Duration::from_millis(100));
+                }
+                // A shared runtime goes on: the close runs there, without holding this thread.
+                NetRuntime::Shared(h) => drop(h.spawn(close)),
+            }
         }
     }
 }

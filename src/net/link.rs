@@ -26,6 +26,11 @@ pub struct MiddleReply {
 pub struct LinkStats {
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// Sessions opened again after losing the cloud ([`crate::net::ResilientLink`]).
+    pub reconnects: u32,
+    /// Time lost to those: waiting for the reply that showed the loss, finding a cloud again
+    /// and replaying the session there.
+    pub recovery: std::time::Duration,
 }
 
 /// The cloud's middle submodel as the device sees it.

@@ -5,6 +5,7 @@
 //! - [`transport`]: the QUIC transport settings both ends use;
 //! - [`link`]: the device's view of the cloud ([`MiddleLink`]), byte counts, frame taps;
 //! - [`client`]: [`QuicLink`], the edge's QUIC session (and its link probes);
+//! - [`resilient`]: [`ResilientLink`], a session that reconnects and replays when the cloud is lost;
 //! - [`local`]: [`LocalMiddle`], the middle layers in-process (tests, training);
 //! - [`emulation`]: link rates and round-trip delay emulated on the edge's side.
 //!
@@ -17,11 +18,13 @@ pub mod emulation;
 pub mod link;
 pub mod local;
 pub mod protocol;
+pub mod resilient;
 pub mod tls;
 pub mod transport;
 
-pub use client::{ConnectOptions, QuicLink};
+pub use client::{ConnectOptions, QuicLink, CONNECT_TIMEOUT};
 pub use emulation::LinkEmulation;
 pub use link::{Direction, FrameTap, LinkStats, MiddleLink, MiddleReply};
 pub use local::LocalMiddle;
+pub use resilient::ResilientLink;
 pub use transport::transport_config;

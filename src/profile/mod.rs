@@ -9,7 +9,7 @@
 //!   the pipeline costs of one session.
 //!
 //! May use [`crate::sched`], [`crate::edge`], [`crate::net`], [`crate::split`], [`crate::model`]
-//! and [`crate::util`]; only the commands use it.
+//! and [`crate::util`]; only the commands and [`crate::api`] use it.
 
 pub mod file;
 pub mod measure;
@@ -170,6 +170,39 @@ pub struct SessionPlan {
     pub device_source: Source,
     /// The cloud's load the plan assumed (the other sessions', from the handshake).
     pub cloud_load: CloudLoad,
+}
+
+/// Chunk size when planning fails (no usable cost model).
+pub const FALLBACK_CHUNK: usize = 128;
+
+/// How a session cuts its prompt into prefill chunks.
+#[derive(Debug, Clone)]
+pub struct ChunkChoice {
+    pub chunking: crate::edge::Chunking,
+    /// The plan, when the chunks were planned.
+    pub plan: Option<SessionPlan>,
+    /// Why planning failed, when it did (the prompt then goes in chunks of [`FALLBACK_CHUNK`]).
+    pub warning: Option<String>,
+}
+
+/// The chunking of a `len`-position prompt on an open session: chunks of `size` positions when
+/// it is given (0 = the whole prompt at once), else planned with [`plan_session`]. Planning is an
+/// optimisation: when it fails the prompt goes in chunks of [`FALLBACK_CHUNK`] and the reason is
+/// returned beside.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_chunking(dev: &DeviceBundle, drafter: &Drafter, link: &mut QuicLink, profile: Option<(&Profile, &Path)>, len: usize, wire: WireDtype, drafting: bool, size: Option<usize>) -> ChunkChoice {
+    use crate::edge::Chunking;
+    match size {
+        Some(n) => ChunkChoice { chunking: Chunking::Fixed(n), plan: None, warning: None },
+        None => match plan_session(dev, drafter, link, profile, len, wire, drafting) {
+            Ok(p) => ChunkChoice { chunking: Chunking::Planned(p.plan.chunks.clone()), plan: Some(p), warning: None },
+            Err(e) => ChunkChoice {
+                chunking: Chunking::Fixed(FALLBACK_CHUNK),
+                plan: None,
+                warning: Some(format!("cannot plan the prompt's chunks ({e}); using chunks of {FALLBACK_CHUNK}")),
+            },
+        },
+    }
 }
 
 /// Plans the prefill of a `len`-position prompt on an open session: the device profile

@@ -90,6 +90,8 @@ pub fn connect(server: &BackgroundServer, device: &DeviceBundle, dtype: WireDtyp
         dtype,
         emulation,
         tap,
+        connect_timeout: crate::net::CONNECT_TIMEOUT,
+        runtime: None,
     })
 }
 

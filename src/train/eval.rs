@@ -81,7 +81,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
     let mut stats = DraftStats::new(opts.draft_len);
     for ids in &held.prompts {
         let mut link = LocalMiddle::new(&t.cloud.middle, WireDtype::F16);
-        let r = crate::edge::generate(t.device, adapter, &mut link, ids, &opts, |_| Ok(()))?;
+        let r = crate::edge::generate(t.device, adapter, &mut link, ids, &opts, |_| Ok(crate::decode::Flow::Continue))?;
         stats.add(&r.draft_stats());
     }
     Ok(Evaluation {

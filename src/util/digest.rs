@@ -36,3 +36,23 @@ pub fn sha256_files(paths: &[impl AsRef<Path>]) -> Result<String> {
     }
     Ok(hex(&hasher.finalize()))
 }
+
+/// Whether a secret sent (a token, an API key) matches the one required, in time that does not
+/// depend on where they differ (both are hashed first, so neither does it depend on their
+/// lengths).
+pub fn secrets_match(sent: &str, want: &str) -> bool {
+    use sha2::Digest;
+    let (a, b) = (sha2::Sha256::digest(sent.as_bytes()), sha2::Sha256::digest(want.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(super::secrets_match("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cret!", "S3cret", "x3cret"] {
+            assert!(!super::secrets_match(wrong, "s3cret"), "{wrong}");
+        }
+    }
+}
