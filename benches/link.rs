@@ -184,7 +184,7 @@ fn wire_table(gguf: &Path) -> anyhow::Result<()> {
     println!("|---|---|---|");
     let greedy = |dtype: WireDtype, ids: &[u32]| -> anyhow::Result<Vec<u32>> {
         let mut link = LocalMiddle::new(&world.cloud.middle, dtype);
-        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunking: hat::edge::Chunking::Fixed(0), sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192, draft: Default::default() };
+        let opts = EdgeOptions { mode: Mode::UShape, draft_len: 0, chunking: hat::edge::Chunking::Fixed(0), sampling: SamplingParams::greedy(), max_tokens: 64, max_context: 8192, draft: Default::default(), fallback: Default::default() };
         Ok(hat::edge::generate(&world.device, &adapter, &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue))?.token_ids)
     };
     let reference: Vec<Vec<u32>> = prompts.iter().map(|ids| greedy(WireDtype::F32, ids)).collect::<anyhow::Result<_>>()?;

@@ -33,7 +33,8 @@ pub struct Args {
     #[command(flatten)]
     pub sampling: SamplingArgs,
 
-    /// Print one JSON object instead of streaming text.
+    /// Print one JSON object instead of streaming text (also when the generation fails
+    /// part-way: then with an `error` and the text so far).
     #[arg(long)]
     pub json: bool,
 }
@@ -110,6 +111,13 @@ pub struct EdgeArgs {
     /// probed at the start of the session.
     #[arg(long)]
     pub profile: Option<PathBuf>,
+
+    /// When the cloud is lost for good mid-answer (no cloud reached within --cloud-timeout):
+    /// `none` fails with the text so far (printed, and in --json); `slm` finishes the answer with
+    /// the on-device SLM alone and says from which token on it is unverified
+    /// (`unverified_from` in --json).
+    #[arg(long, default_value = "none", value_parser = ["none", "slm"])]
+    pub fallback: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -118,6 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let edge = args.edge.prepare()?;
     let (bundle, drafter, mode, wire) = (&edge.bundle, &edge.drafter, edge.mode, edge.resolved.3);
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
+    let session = std::time::Instant::now();
     let mut link = args.edge.connect.open(bundle, &edge.resolved)?;
     let choice = hat::profile::choose_chunking(bundle, drafter, link.session(), edge.profile.as_ref().zip(args.edge.profile.as_deref()), ids.len(), wire, edge.drafting(), edge.chunk_size);
     if let Some(w) = &choice.warning {
@@ -138,6 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let opts = edge.options(choice.chunking.clone(), sampling, args.sampling.max_tokens, link.session().max_context);
+    // Connecting and planning, before the prompt goes up (TTFT counts from there).
+    let session_ms = session.elapsed().as_secs_f64() * 1e3;
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
     let mut generated = Vec::new();
     let result = hat::edge::generate_with(bundle, drafter, &mut link, &ids, &opts, |id| {
@@ -166,10 +177,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("the generation failed after {} tokens: {e}", generated.len());
         }
     };
+    if let (Some(n), Some(why)) = (report.unverified_from, &report.cloud_error) {
+        eprintln!("hat-edge: warning: the cloud was lost ({why}); tokens from #{n} on were made by the on-device SLM alone, not verified (--fallback slm)");
+    }
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["text"] = bundle.tokenizer.decode(&report.token_ids, true)?.into();
         v["wire_dtype"] = wire.name().into();
+        v["session_ms"] = session_ms.into();
         v["draft_len"] = opts.draft_len.into();
         v["chunk_size"] = opts.chunking.size().into();
         if let Some(p) = &choice.plan {
@@ -212,6 +227,7 @@ pub struct PreparedEdge {
     pub draft: DraftOptions,
     /// Fixed prefill chunks, or `None` to plan them per session.
     pub chunk_size: Option<usize>,
+    pub fallback: hat::edge::Fallback,
 }
 
 impl PreparedEdge {
@@ -221,7 +237,7 @@ impl PreparedEdge {
 
     /// One generation's options.
     pub fn options(&self, chunking: hat::edge::Chunking, sampling: hat::decode::SamplingParams, max_tokens: usize, max_context: usize) -> EdgeOptions {
-        EdgeOptions { mode: self.mode, draft_len: self.draft_len, chunking, sampling, max_tokens, max_context, draft: self.draft }
+        EdgeOptions { mode: self.mode, draft_len: self.draft_len, chunking, sampling, max_tokens, max_context, draft: self.draft, fallback: self.fallback }
     }
 }
 
@@ -252,7 +268,8 @@ impl EdgeArgs {
         };
         let (adapter, adapter_name) = hat::adapter::load_choice(&self.adapter, &bundle, &device)?;
         let drafter = hat::edge::Drafter::new(&bundle, &adapter, if mode == Mode::Hat { draft } else { DraftOptions::plain() })?;
-        Ok(PreparedEdge { bundle, adapter_name, drafter, profile, resolved, mode, draft_len: self.draft_len, draft, chunk_size })
+        let fallback = hat::edge::Fallback::parse(&self.fallback)?;
+        Ok(PreparedEdge { bundle, adapter_name, drafter, profile, resolved, mode, draft_len: self.draft_len, draft, chunk_size, fallback })
     }
 }
 

@@ -46,7 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model_id = args.model_name.clone().unwrap_or_else(|| model_id(&edge.bundle.manifest.source.name));
     let connect = args.edge.connect.options(&edge.bundle, &edge.resolved, None);
     let profile = edge.profile.zip(args.edge.profile.clone());
-    let config = ServiceConfig { clouds: connect, cloud_timeout: args.edge.connect.cloud_timeout(), mode: edge.mode, draft_len: edge.draft_len, chunk_size: edge.chunk_size, profile, model_id, api_key: args.api_key.clone(), parallel: args.parallel };
+    let config = ServiceConfig { clouds: connect, cloud_timeout: args.edge.connect.cloud_timeout(), mode: edge.mode, draft_len: edge.draft_len, chunk_size: edge.chunk_size, profile, model_id, api_key: args.api_key.clone(), parallel: args.parallel, fallback: edge.fallback };
     let service = Arc::new(EdgeService::new(edge.bundle, edge.drafter, config)?);
     if !args.listen.ip().is_loopback() && args.api_key.is_none() {
         eprintln!("hat-edge: warning: listening on {} without --api-key: anyone who reaches it can use the cloud session", args.listen);

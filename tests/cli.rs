@@ -172,6 +172,28 @@ fn run_edge_outlives_a_killed_cloud() {
         assert_eq!(v["cloud_reconnects"], 1, "killed after {kill_after_ms} ms: {v}");
         assert!(v["recovery_ms"].as_f64().unwrap() > 0.0);
     }
+    // Killed for good: after --cloud-timeout the run fails, and --json still reports the
+    // verified tokens it had (with --fallback slm it would finish on the device).
+    let (mut cloud, addr, fingerprint, opened) = serve_cloud(&split.join("cloud"), "127.0.0.1:0", &state);
+    let edge = Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["run-edge", "--bundle", split.join("device").to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", prompt])
+        .args(["--max-tokens", "40", "--adapter", "none", "--wire-dtype", "f32", "--chunk-size", "4", "--link-rtt-ms", "100", "--json", "--cloud-timeout", "1", "--connect-timeout", "0.3"])
+        .env("HAT_NO_PROGRESS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    opened.recv_timeout(std::time::Duration::from_secs(30)).expect("the edge opens a session");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    cloud.kill().unwrap();
+    cloud.wait().unwrap();
+    let o = edge.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("the generation failed after") && stderr(&o).contains("reached none within 1.0 s"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let got = v["token_ids"].as_array().unwrap();
+    assert!(!got.is_empty() && got.len() < 40 && got[..] == want["token_ids"].as_array().unwrap()[..got.len()], "{v}");
+    assert!(v["error"].as_str().unwrap().contains("lost the cloud"), "{v}");
 }
 
 #[test]

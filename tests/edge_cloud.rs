@@ -81,7 +81,7 @@ fn adapter(w: &World, which: &str) -> Adapter {
 }
 
 fn options(mode: Mode, draft_len: usize, chunk_size: usize, sampling: SamplingParams, max_tokens: usize) -> EdgeOptions {
-    EdgeOptions { mode, draft_len, chunking: hat::edge::Chunking::Fixed(chunk_size), sampling, max_tokens, max_context: 4096, draft: DraftOptions::default() }
+    EdgeOptions { mode, draft_len, chunking: hat::edge::Chunking::Fixed(chunk_size), sampling, max_tokens, max_context: 4096, draft: DraftOptions::default(), fallback: Default::default() }
 }
 
 fn run(w: &World, adapter: &Adapter, ids: &[u32], opts: EdgeOptions, dtype: WireDtype) -> EdgeReport {
@@ -798,5 +798,83 @@ fn losing_the_cloud_mid_answer_changes_no_token() {
         assert_eq!(r.token_ids, want, "lost after {after_frames} frames ({loss:?})");
         assert_eq!(r.cloud_reconnects, 1, "lost after {after_frames} frames ({loss:?})");
         eprintln!("lost after {after_frames} frames ({loss:?}): recovered in {:.0} ms, {} rounds", r.recovery_ms, r.rounds);
+    }
+}
+
+/// The on-device SLM's greedy tokens after `ids`, each recomputed from scratch through the
+/// teacher-forced draft path (an adapter that is neither conditioned nor drafting behind verified
+/// states): the reference for `--fallback slm`.
+fn slm_reference(w: &World, adapter: &Adapter, ids: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut seq = ids.to_vec();
+    let mut out = Vec::new();
+    while out.len() < max_tokens {
+        let x = w.device.embedder.embed_ids(&seq).unwrap();
+        let h_in = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
+        let (h, _) = adapter.draft_hidden(&w.device.output, &h_in, None).unwrap();
+        let logits: Vec<f32> = w.device.head.forward_last(&h).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let t = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+        out.push(t);
+        seq.push(t);
+        if w.device.tokenizer.is_eos(t) {
+            break;
+        }
+    }
+    out
+}
+
+/// The only cloud closes mid-answer and none comes back: by default the generation fails (its
+/// tokens so far were handed out); with `Fallback::Slm` the on-device SLM finishes the answer,
+/// the report says from which token, and those tokens are the SLM's own.
+#[test]
+fn with_the_slm_fallback_an_answer_outlives_every_cloud() {
+    let w = world();
+    let ids = &prompts(w)[0];
+    let want = reference(w, ids, 24);
+    let a = adapter(w, "partial");
+    for fallback in [hat::edge::Fallback::None, hat::edge::Fallback::Slm] {
+        let dir = tempfile::tempdir().unwrap();
+        let doomed = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), None, 4, 4096)).unwrap();
+        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let kill_tx = Mutex::new(kill_tx);
+        let tap: FrameTap = Arc::new(move |dir, _body: &[u8]| {
+            if dir == Direction::Down && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 6 {
+                let _ = kill_tx.lock().unwrap().send(());
+            }
+        });
+        let only = vec![ConnectOptions { tap: Some(tap), connect_timeout: std::time::Duration::from_millis(300), ..edge_options(w, &doomed) }];
+        let killer = std::thread::spawn(move || {
+            if kill_rx.recv().is_ok() {
+                drop(doomed);
+            }
+        });
+        let mut link = hat::net::ResilientLink::connect(only, std::time::Duration::from_secs(1)).unwrap();
+        let opts = EdgeOptions { fallback, ..options(Mode::Hat, 4, 16, SamplingParams::greedy(), 24) };
+        let mut handed_out = Vec::new();
+        let r = hat::edge::generate(&w.device, &a, &mut link, ids, &opts, |t| {
+            handed_out.push(t);
+            Ok(hat::decode::Flow::Continue)
+        });
+        drop(link);
+        killer.join().unwrap();
+        match fallback {
+            hat::edge::Fallback::None => {
+                assert_eq!(handed_out[..], want[..handed_out.len()], "the tokens before the loss are verified ones");
+                let e = r.err().expect("no cloud, no fallback: an error");
+                assert_eq!(e.cloud_failure(), Some(hat::error::CloudFailure::Unreachable), "{e}");
+                assert!(e.to_string().contains("reached none within 1.0 s"), "{e}");
+                assert!(handed_out.len() < 24);
+            }
+            hat::edge::Fallback::Slm => {
+                let r = r.unwrap();
+                let n = r.unverified_from.expect("marked");
+                assert!(n < 24 && r.cloud_error.is_some(), "{n}");
+                assert_eq!(r.token_ids, handed_out);
+                assert_eq!(r.token_ids[..n], want[..n]);
+                let context: Vec<u32> = ids.iter().chain(&want[..n]).copied().collect();
+                assert_eq!(r.token_ids[n..], slm_reference(w, &a, &context, 24 - n)[..], "the rest is the SLM's own");
+                eprintln!("fallback after {n} verified tokens");
+            }
+        }
     }
 }

@@ -33,7 +33,7 @@ fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
     let params = |seed| SamplingParams { temperature: 1.0, top_p: None, top_k: None, seed };
     let sample = |seed: u64, draft: DraftOptions| {
         let mut link = LocalMiddle::new(&world.cloud.middle, WireDtype::F32);
-        let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: params(seed), max_tokens: 3, max_context: 64, draft };
+        let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: params(seed), max_tokens: 3, max_context: 64, draft, fallback: Default::default() };
         hat::edge::generate(&world.device, &adapter, &mut link, &PROMPT, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
     };
     let all_on = DraftOptions::default();

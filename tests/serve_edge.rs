@@ -61,7 +61,7 @@ fn service(w: &World, connect: ConnectOptions, api_key: Option<&str>, parallel: 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(hat::adapter::default_adapter_path(&bundle.manifest));
     let adapter = hat::adapter::Adapter::load(&path, &bundle.manifest, bundle.rope.clone(), &Device::Cpu).unwrap();
     let drafter = Drafter::new(&bundle, &adapter, DraftOptions::default()).unwrap();
-    let config = ServiceConfig { clouds: vec![connect], cloud_timeout: Duration::from_secs(10), mode: Mode::Hat, draft_len: 4, chunk_size: Some(16), profile: None, model_id: MODEL_ID.into(), api_key: api_key.map(str::to_string), parallel };
+    let config = ServiceConfig { clouds: vec![connect], cloud_timeout: Duration::from_secs(10), mode: Mode::Hat, draft_len: 4, chunk_size: Some(16), profile: None, model_id: MODEL_ID.into(), api_key: api_key.map(str::to_string), parallel, fallback: Default::default() };
     let svc = Arc::new(EdgeService::new(bundle, drafter, config).unwrap());
     BackgroundEdge::start(svc, "127.0.0.1:0".parse().unwrap()).unwrap()
 }

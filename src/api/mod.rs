@@ -76,6 +76,8 @@ pub struct ServiceConfig {
     pub api_key: Option<String>,
     /// Most generations at once.
     pub parallel: usize,
+    /// What a generation does when its cloud is lost for good.
+    pub fallback: crate::edge::Fallback,
 }
 
 /// The service: the device bundle and its drafter, loaded once, and the settings.
@@ -281,6 +283,7 @@ impl EdgeService {
             max_tokens: job.max_tokens.map_or(room, |m| m.min(room)),
             max_context,
             draft: self.drafter.options,
+            fallback: self.config.fallback,
         };
         if events.send(Event::Started).is_err() {
             return Ok(());

@@ -350,6 +350,8 @@ pub fn hat_figures(r: &EdgeReport) -> Value {
         "network_wait_ms": r.network_wait_ms,
         "cloud_reconnects": r.cloud_reconnects,
         "recovery_ms": r.recovery_ms,
+        "unverified_from": r.unverified_from,
+        "cloud_error": r.cloud_error,
         "chunk_plan": r.chunk_plan,
         "stop_reason": r.stop_reason,
     })

@@ -43,7 +43,9 @@ pub fn connection_limit(max_sessions: usize) -> usize {
 }
 
 pub(crate) fn log(msg: impl std::fmt::Display) {
-    eprintln!("hat-cloud: {msg}");
+    // Not eprintln!: a closed stderr must not take a session down with a panic.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "hat-cloud: {msg}");
 }
 
 impl CloudServer {

@@ -42,6 +42,7 @@
 
 mod draft;
 pub mod drafter;
+pub mod fallback;
 mod prefill;
 pub mod report;
 mod state;
@@ -55,7 +56,7 @@ use serde::Serialize;
 use crate::adapter::Adapter;
 use crate::decode::timing::{check_prompt, ms, TokenClock};
 use crate::decode::{accept_greedy, accept_sampled, accept_tree, probs, Acceptance, DraftStats, Flow, Sampler, SamplingParams, StopReason, TreeAcceptance};
-use crate::error::Result;
+use crate::error::{CloudFailure, Result};
 use crate::net::MiddleLink;
 use crate::split::DeviceBundle;
 use draft::{Ahead, Drafted, Limits};
@@ -63,6 +64,7 @@ use drafter::{DraftLength, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
 use state::Edge;
 
 pub use drafter::{DraftOptions, Drafter, DraftingReport, TreeChoice};
+pub use fallback::{Fallback, SlmDecoder};
 pub use report::EdgeReport;
 
 /// How the edge generates.
@@ -122,6 +124,8 @@ pub struct EdgeOptions {
     pub max_context: usize,
     /// How the device drafts (hat mode).
     pub draft: DraftOptions,
+    /// What to do when the cloud is lost for good mid-answer.
+    pub fallback: Fallback,
 }
 
 /// Generates after `prompt`, calling `on_token` with each committed token (it returns
@@ -140,8 +144,115 @@ pub fn generate<L: MiddleLink>(
     generate_with(dev, &drafter, link, prompt, opts, on_token)
 }
 
-/// [`generate`] with a prepared [`Drafter`] (its options replace `opts.draft`).
+/// [`generate`] with a prepared [`Drafter`] (its options replace `opts.draft`). With
+/// [`Fallback::Slm`], an answer whose cloud is lost for good (unreachable, or lost and not found
+/// again) is finished by the on-device SLM alone ([`finish_on_device`]).
 pub fn generate_with<L: MiddleLink>(
+    dev: &DeviceBundle,
+    drafter: &Drafter,
+    link: &mut L,
+    prompt: &[u32],
+    opts: &EdgeOptions,
+    mut on_token: impl FnMut(u32) -> Result<Flow>,
+) -> Result<EdgeReport> {
+    if opts.fallback == Fallback::None {
+        return generate_verified(dev, drafter, link, prompt, opts, on_token);
+    }
+    let mut committed = Vec::new();
+    let mut clock = TokenClock::start();
+    let verified = generate_verified(dev, drafter, link, prompt, opts, |t| {
+        committed.push(t);
+        clock.token();
+        on_token(t)
+    });
+    match verified {
+        Err(e) if matches!(e.cloud_failure(), Some(CloudFailure::Unreachable | CloudFailure::Lost)) => {
+            let stats = link.stats();
+            finish_on_device(dev, drafter, prompt, committed, clock, opts, on_token, stats, e)
+        }
+        other => other,
+    }
+}
+
+/// Finishes an answer whose cloud is gone with the on-device SLM ([`SlmDecoder`]) after the
+/// `committed` tokens (verified ones); the report marks where the unverified tokens start.
+#[allow(clippy::too_many_arguments)]
+fn finish_on_device(
+    dev: &DeviceBundle,
+    drafter: &Drafter,
+    prompt: &[u32],
+    mut tokens: Vec<u32>,
+    mut clock: TokenClock,
+    opts: &EdgeOptions,
+    mut on_token: impl FnMut(u32) -> Result<Flow>,
+    link: crate::net::LinkStats,
+    cause: crate::error::Error,
+) -> Result<EdgeReport> {
+    let verified = tokens.len();
+    let eos = &dev.tokenizer.eos_token_ids;
+    let mut slm = SlmDecoder::new(dev, &drafter.adapter);
+    let limit = crate::decode::Decoder::max_positions(&slm).min(opts.max_context);
+    let mut sampler = Sampler::new(opts.sampling)?;
+    let t = Instant::now();
+    let mut stop = StopReason::MaxTokens;
+    if tokens.last().is_some_and(|t| eos.contains(t)) {
+        stop = StopReason::Eos;
+    } else if tokens.len() < opts.max_tokens {
+        let context: Vec<u32> = prompt.iter().chain(&tokens).copied().collect();
+        let mut logits = crate::decode::Decoder::feed(&mut slm, &context)?;
+        loop {
+            let next = sampler.select(&logits)?;
+            tokens.push(next);
+            clock.token();
+            if on_token(next)? == Flow::Stop {
+                stop = StopReason::Stopped;
+                break;
+            }
+            if eos.contains(&next) {
+                stop = StopReason::Eos;
+                break;
+            }
+            if tokens.len() >= opts.max_tokens {
+                break;
+            }
+            if prompt.len() + tokens.len() + 1 > limit {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            logits = crate::decode::Decoder::feed(&mut slm, &[next])?;
+        }
+    }
+    Ok(EdgeReport {
+        mode: opts.mode,
+        prompt_tokens: prompt.len(),
+        generated_tokens: tokens.len(),
+        ttft_ms: clock.ttft_ms(),
+        tbt_ms: clock.tbt_ms(),
+        rounds: 0,
+        mean_accepted: 0.0,
+        acceptance_rate: 0.0,
+        drafts_sent: 0,
+        drafts_accepted: 0,
+        draft_checks: Vec::new(),
+        draft_hits: Vec::new(),
+        bytes_up: link.bytes_up,
+        bytes_down: link.bytes_down,
+        device_compute_ms: ms(t.elapsed()),
+        cloud_compute_ms: 0.0,
+        network_wait_ms: 0.0,
+        cloud_reconnects: link.reconnects,
+        recovery_ms: ms(link.recovery),
+        stop_reason: stop,
+        chunk_plan: Vec::new(),
+        drafting: DraftingReport::default(),
+        unverified_from: Some(verified),
+        cloud_error: Some(cause.to_string()),
+        token_ids: tokens,
+    })
+}
+
+/// The generation proper: every token verified by the cloud.
+fn generate_verified<L: MiddleLink>(
     dev: &DeviceBundle,
     drafter: &Drafter,
     link: &mut L,
@@ -332,6 +443,8 @@ pub fn generate_with<L: MiddleLink>(
         network_wait_ms: ms(edge.wait_time),
         cloud_reconnects: link_stats.reconnects,
         recovery_ms: ms(link_stats.recovery),
+        unverified_from: None,
+        cloud_error: None,
         stop_reason: stop,
         chunk_plan,
         drafting: drafting_report,

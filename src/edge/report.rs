@@ -38,6 +38,11 @@ pub struct EdgeReport {
     /// to that (the wait that showed the loss, reconnecting, replaying; part of the waits).
     pub cloud_reconnects: u32,
     pub recovery_ms: f64,
+    /// With `--fallback slm`, when the cloud was lost for good: the index of the first token
+    /// the on-device SLM made alone (not verified by the cloud), and why the cloud was given up.
+    /// The timing and drafting figures then cover the whole answer only roughly.
+    pub unverified_from: Option<usize>,
+    pub cloud_error: Option<String>,
     pub stop_reason: StopReason,
     /// The prefill chunks' lengths, in order.
     pub chunk_plan: Vec<usize>,

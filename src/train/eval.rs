@@ -69,6 +69,7 @@ pub fn evaluate(t: &Trainer, adapter: &Adapter, held: &HeldOut, step: usize, ela
         total += student.len();
     }
     let opts = EdgeOptions {
+        fallback: Default::default(),
         mode: Mode::Hat,
         draft_len: t.config.eval_draft_len,
         chunking: crate::edge::Chunking::Fixed(0),
