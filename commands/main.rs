@@ -2,6 +2,7 @@
 
 mod download;
 mod generate;
+mod loadgen;
 mod profile;
 mod run_edge;
 mod serve_cloud;
@@ -40,6 +41,7 @@ enum Command {
     RunEdge(run_edge::Args),
     ServeEdge(serve_edge::Args),
     Download(download::Args),
+    Loadgen(loadgen::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Split(a) => split::run(a),
         Command::Download(a) => download::run(a),
+        Command::Loadgen(a) => loadgen::run(a),
         Command::TrainAdapter(a) => train_adapter::run(a),
         Command::Profile(a) => profile::run(a),
         Command::ServeCloud(a) => serve_cloud::run(a),

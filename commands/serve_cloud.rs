@@ -60,6 +60,22 @@ pub struct Args {
     /// measured before listening (a few seconds) and kept in --state-dir for the next start.
     #[arg(long)]
     pub profile: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on this address (HTTP, `GET /metrics`): sessions, blocks and
+    /// rows by kind, pass time and rows, queue wait, bytes, errors by code, resident memory.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Run every block on its own instead of packing the sessions' waiting decode and
+    /// verification blocks into shared passes through the middle layers (the output is the same
+    /// either way; packing reads the weights once for all of them).
+    #[arg(long)]
+    pub no_batching: bool,
+
+    /// Most positions in one packed pass (at most 64: the row-invariant kernels' range); a
+    /// prefill chunk runs in a pass of its own.
+    #[arg(long, default_value_t = 64)]
+    pub batch_rows: usize,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -83,6 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             write_timeout: Duration::from_secs(args.write_timeout_s.max(1)),
             handshake_timeout: hat::cloud::HANDSHAKE_TIMEOUT,
             cost,
+            metrics: args.metrics,
+            batching: !args.no_batching,
+            batch_rows: args.batch_rows,
         };
         if !args.listen.ip().is_loopback() && args.token.is_none() {
             eprintln!("hat-cloud: warning: listening on {} without --token: anyone who can reach it may use the middle layers", args.listen);
@@ -93,6 +112,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Machine-readable lines on stdout for scripts.
         println!("listening {}", server.local_addr()?);
         println!("fingerprint {}", server.fingerprint());
+        if let Some(a) = server.metrics_addr() {
+            eprintln!("hat-cloud: metrics on http://{a}/metrics");
+        }
         let endpoint = server.endpoint();
         tokio::spawn(async move {
             let _ = tokio::signal::ctrl_c().await;

@@ -14,6 +14,7 @@
 //! ```text
 //!   layer     folder      uses (besides util/ and error.rs, which every folder may use)
 //!   service   api/    ──▶ profile/ edge/ split/ decode/ net/ io/
+//!             loadgen ──▶ split/ net/ model/
 //!   roles     profile/ ─▶ edge/ adapter/ split/ net/ sched/ model/
 //!             train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
 //!             edge/   ──▶ adapter/ split/ decode/ net/ sched/ model/
@@ -44,7 +45,8 @@
 //!   pipeline as a schedule that predicts TTFT, and the chunk planner;
 //! - [`profile`]: `hat profile`: measuring the device, the cloud and the link into those cost
 //!   models, the profile file, charts, and planning one session's prefill;
-//! - [`api`]: `hat serve-edge`: the device side as a local OpenAI-compatible HTTP service.
+//! - [`api`]: `hat serve-edge`: the device side as a local OpenAI-compatible HTTP service;
+//! - [`loadgen`]: `hat loadgen`: many sessions against one cloud, measuring the cloud alone.
 //!
 //! Folders still to come sit beside these: a batch scheduler inside `cloud/`, `audit/` (a
 //! curious cloud, over `split` and `train`).
@@ -59,6 +61,7 @@ pub mod decode;
 pub mod edge;
 pub mod error;
 pub mod io;
+pub mod loadgen;
 pub mod model;
 pub mod net;
 pub mod profile;

@@ -353,8 +353,13 @@ fn refusals_are_clear() {
 /// A bare QUIC client endpoint that trusts `fingerprint` (for peers that misbehave); with
 /// `window`, its receive windows are that small.
 fn raw_endpoint(fingerprint: String, window: Option<u32>) -> quinn::Endpoint {
+    raw_endpoint_at("127.0.0.1:0", fingerprint, window)
+}
+
+/// [`raw_endpoint`] bound to `bind` (another loopback address: another peer).
+fn raw_endpoint_at(bind: &str, fingerprint: String, window: Option<u32>) -> quinn::Endpoint {
     let tls = hat::net::tls::client_config(&Trust::Fingerprint(fingerprint)).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client(bind.parse().unwrap()).unwrap();
     let mut cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut transport = hat::net::transport::transport_config();
     if let Some(w) = window {
@@ -877,4 +882,122 @@ fn with_the_slm_fallback_an_answer_outlives_every_cloud() {
             }
         }
     }
+}
+
+/// The value of the Prometheus sample `name` (with its labels) in `text`.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+/// `hat loadgen`'s engine against a cloud that serves metrics: the load it reports is what the
+/// cloud counted, block for block and row for row, and refusals are counted by code.
+#[test]
+fn the_cloud_metrics_count_what_a_load_generator_sends() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let config = hat::cloud::CloudConfig { metrics: Some("127.0.0.1:0".parse().unwrap()), ..cloud_config(dir.path().to_path_buf(), None, 2, 4096) };
+    let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
+    let states = hat::loadgen::recorded_states(&w.device, 256).unwrap();
+    assert_eq!(states.dims(), [1, 256, 576]);
+    let opts = hat::loadgen::LoadOptions { cloud: edge_options(w, &server), sessions: 2, duration: std::time::Duration::from_secs(1), prefill: 32, block_rows: 5, advance: 2, think: std::time::Duration::ZERO };
+    let r = hat::loadgen::run(&opts, &states).unwrap();
+    assert!(r.rounds >= 4 && r.positions_per_s > 0.0 && r.round_ms_p99 >= r.round_ms_p50 && r.round_ms_p50 >= r.cloud_compute_ms_p50, "{r:?}");
+    // A session for another split is refused, and counted.
+    let wrong = ConnectOptions { split_id: "0123456789abcdef0123456789abcdef".into(), ..edge_options(w, &server) };
+    assert!(QuicLink::connect(wrong).is_err());
+
+    let url = format!("http://{}/metrics", server.metrics_addr.unwrap());
+    let text = ureq::get(&url).call().unwrap().into_string().unwrap();
+    assert_eq!(sample(&text, "hat_cloud_sessions_total"), 2.0);
+    assert_eq!(sample(&text, "hat_cloud_blocks_total{kind=\"sequence\"}"), (2 + r.rounds) as f64);
+    assert_eq!(sample(&text, "hat_cloud_rows_total{kind=\"sequence\"}"), (2 * 32 + 5 * r.rounds) as f64);
+    // Passes may hold both sessions' blocks (batching): every block and row is in one.
+    assert_eq!(sample(&text, "hat_cloud_pass_blocks_sum"), (2 + r.rounds) as f64);
+    assert_eq!(sample(&text, "hat_cloud_pass_rows_sum"), (2 * 32 + 5 * r.rounds) as f64);
+    assert_eq!(sample(&text, "hat_cloud_pass_seconds_count"), sample(&text, "hat_cloud_pass_blocks_count"));
+    assert_eq!(sample(&text, "hat_cloud_errors_total{code=\"SplitMismatch\"}"), 1.0);
+    assert!(sample(&text, "hat_cloud_bytes_received_total") > (5 * r.rounds * 576 * 4) as f64);
+    assert!(sample(&text, "hat_cloud_bytes_sent_total") > (5 * r.rounds * 576 * 4) as f64);
+    assert!(sample(&text, "hat_cloud_resident_memory_bytes") > 1e6);
+    assert!(text.contains("# TYPE hat_cloud_queue_wait_seconds histogram"), "{text}");
+}
+
+/// An address that keeps sending wrong tokens is shut out for a while (its connections refused
+/// before any handshake); other addresses are served meanwhile, and it is served again after.
+#[test]
+fn repeated_wrong_tokens_shut_an_address_out() {
+    use hat::net::protocol::{read_frame, write_frame, Message, PROTOCOL_VERSION};
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let server = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), Some("s3cret"), 2, 4096)).unwrap();
+    let (addr, split_id, hidden) = (server.addr, w.device.manifest.split_id.clone(), w.device.manifest.hidden_size as u32);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // One hello from 127.0.0.2: the answer's kind (or the connection's failure).
+    let attempt = |token: &str| -> Result<String, String> {
+        runtime.block_on(async {
+            let endpoint = raw_endpoint_at("127.0.0.2:0", server.fingerprint.clone(), None);
+            let conn = endpoint.connect(addr, hat::net::tls::SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let hello = Message::Hello { version: PROTOCOL_VERSION, split_id: split_id.clone(), token: token.into(), hidden_size: hidden, dtype: WireDtype::F16 };
+            write_frame(&mut send, &hello.encode()).await.map_err(|e| e.to_string())?;
+            let body = read_frame(&mut recv, 1 << 20).await.map_err(|e| e.to_string())?.ok_or("no answer")?;
+            Ok(match Message::decode(&body).map_err(|e| e.to_string())? {
+                Message::Error { code, .. } => format!("{code:?}"),
+                other => other.kind_name().to_string(),
+            })
+        })
+    };
+    for i in 0..=hat::cloud::server::FREE_BAD_TOKENS {
+        assert_eq!(attempt("wrong").as_deref(), Ok("Unauthorized"), "wrong token #{}", i + 1);
+    }
+    // One past the free ones: shut out (1 s), even with the right token.
+    let e = attempt("s3cret").expect_err("shut out");
+    assert!(e.contains("refused"), "{e}");
+    // Another address is served meanwhile.
+    let good = ConnectOptions { token: Some("s3cret".into()), ..edge_options(w, &server) };
+    drop(QuicLink::connect(good).expect("127.0.0.1 is not shut out"));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(attempt("s3cret").as_deref(), Ok("welcome"), "served again after the penalty");
+}
+
+/// Six edges at once on a cloud of its own (batching on, the default): their prefill chunks,
+/// chains and trees interleave and their decode blocks share passes (the cloud's metrics show
+/// passes of several blocks), and every edge's greedy output is still `hat generate`'s.
+#[test]
+fn sessions_sharing_passes_each_get_hat_generates_tokens() {
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let config = hat::cloud::CloudConfig { metrics: Some("127.0.0.1:0".parse().unwrap()), ..cloud_config(dir.path().to_path_buf(), None, 8, 4096) };
+    let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
+    let ps = prompts(w);
+    let jobs: Vec<(&Vec<u32>, &str, TreeChoice, usize)> = vec![
+        (&ps[0], "partial", TreeChoice::Auto, 16),
+        (&ps[1], "conditioned", TreeChoice::Chain, 8),
+        (&ps[2], "none", TreeChoice::Auto, 0),
+        (&ps[1], "partial", TreeChoice::Fixed { nodes: 10, depth: Some(4) }, 16),
+        (&ps[0], "conditioned", TreeChoice::Chain, 4),
+        (&ps[2], "partial", TreeChoice::Auto, 1),
+    ];
+    let wants: Vec<Vec<u32>> = jobs.iter().map(|(ids, ..)| reference(w, ids, 20)).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(ids, which, tree, chunk)| {
+                let server = &server;
+                s.spawn(move || {
+                    let mut link = hat::testing::connect(server, &w.device, WireDtype::F32, LinkEmulation::default(), None).unwrap();
+                    let opts = EdgeOptions { draft: DraftOptions { tree, ..DraftOptions::default() }, ..options(Mode::Hat, 4, chunk, SamplingParams::greedy(), 20) };
+                    hat::edge::generate(&w.device, &adapter(w, which), &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap().token_ids
+                })
+            })
+            .collect();
+        for (i, (h, want)) in handles.into_iter().zip(&wants).enumerate() {
+            assert_eq!(&h.join().unwrap(), want, "edge {i}");
+        }
+    });
+    let text = ureq::get(&format!("http://{}/metrics", server.metrics_addr.unwrap())).call().unwrap().into_string().unwrap();
+    let (passes, blocks) = (sample(&text, "hat_cloud_pass_blocks_count"), sample(&text, "hat_cloud_pass_blocks_sum"));
+    eprintln!("{blocks} blocks in {passes} passes");
+    assert!(blocks > passes, "some passes held several sessions' blocks: {blocks} blocks in {passes} passes");
+    assert_eq!(blocks, sample(&text, "hat_cloud_blocks_total{kind=\"sequence\"}") + sample(&text, "hat_cloud_blocks_total{kind=\"tree\"}"));
 }

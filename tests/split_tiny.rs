@@ -166,3 +166,58 @@ fn tampered_manifests_are_refused() {
     let err = CloudBundle::load(dir.path(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("no manifest.json"), "{err}");
 }
+
+/// Several sessions' blocks in one packed pass compute bitwise what each computes alone
+/// (sequences of 1 and 7 rows after different prefixes, a draft tree on an empty cache), and
+/// leave every cache as alone; blocks that would not compute exactly packed are refused.
+#[test]
+fn a_packed_pass_computes_every_block_bitwise_as_alone() {
+    use hat::model::tree::{TreeShape, ROOT};
+    use hat::model::PackedBlock;
+    let (_d, loaded) = tiny(TinySpec::default());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("split");
+    write_split(&loaded, &SplitPlan::new(6, 1, 1).unwrap(), &out, DType::F32, false, &hidden_bar()).unwrap();
+    let cloud = CloudBundle::load(&out.join("cloud"), &Device::Cpu).unwrap();
+    let stack = &cloud.middle;
+    let rand = |n: usize| Tensor::randn(0f32, 1f32, (1, n, 64), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mut caches = Vec::new();
+    for prefix in [5, 9, 0] {
+        let mut c = stack.new_cache();
+        if prefix > 0 {
+            stack.forward(&rand(prefix), 0, &mut c).unwrap();
+        }
+        caches.push(c);
+    }
+    let tree = TreeShape::new(vec![ROOT, 0, 0, 1, 2]).unwrap();
+    let blocks = [rand(1), rand(7), rand(5)];
+    let mut alone_caches = caches.clone();
+    let alone = [
+        stack.forward(&blocks[0], 5, &mut alone_caches[0]).unwrap(),
+        stack.forward(&blocks[1], 9, &mut alone_caches[1]).unwrap(),
+        stack.forward_tree(&blocks[2], &mut alone_caches[2], tree.mask(0, 0..5)).unwrap(),
+    ];
+    let mut packed_caches = caches.clone();
+    let mut items: Vec<PackedBlock> = packed_caches.iter_mut().zip(&blocks).enumerate().map(|(i, (cache, x))| PackedBlock { x: x.clone(), cache, tree: (i == 2).then(|| tree.mask(0, 0..5)) }).collect();
+    let packed = stack.forward_packed(&mut items).unwrap();
+    for i in 0..3 {
+        assert_eq!(bits(&alone[i]), bits(&packed[i]), "block {i}");
+        assert_eq!(alone_caches[i].len(), packed_caches[i].len());
+    }
+    // The caches hold the same: the next position computes the same after either.
+    for i in 0..2 {
+        let next = rand(1);
+        let a = stack.forward(&next, alone_caches[i].len(), &mut alone_caches[i]).unwrap();
+        let b = stack.forward(&next, packed_caches[i].len(), &mut packed_caches[i]).unwrap();
+        assert_eq!(bits(&a), bits(&b), "after block {i}");
+    }
+    // A sequence longer than the small-m kernel's (gemm computes it alone) cannot join, nor can
+    // more rows than the exact kernels take; the caches stay as they were.
+    let mut c = stack.new_cache();
+    assert!(stack.forward_packed(&mut [PackedBlock { x: rand(13), cache: &mut c, tree: None }]).is_err());
+    let mut cs: Vec<_> = (0..6).map(|_| stack.new_cache()).collect();
+    let mut many: Vec<PackedBlock> = cs.iter_mut().map(|cache| PackedBlock { x: rand(12), cache, tree: None }).collect();
+    assert!(stack.forward_packed(&mut many).is_err());
+    assert!(cs.iter().all(|c| c.is_empty()) && c.is_empty());
+}

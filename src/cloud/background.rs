@@ -12,6 +12,8 @@ use crate::split::CloudBundle;
 pub struct BackgroundServer {
     pub addr: SocketAddr,
     pub fingerprint: String,
+    /// Where its metrics are served, when the config asked for them.
+    pub metrics_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     thread: Option<std::thread::JoinHandle<()>>,
     crash: Option<tokio::sync::oneshot::Sender<()>>,
@@ -40,7 +42,7 @@ impl BackgroundServer {
                             return false;
                         }
                     };
-                    let info = server.local_addr().map(|a| (a, server.fingerprint().to_string(), server.endpoint()));
+                    let info = server.local_addr().map(|a| (a, server.fingerprint().to_string(), server.endpoint(), server.metrics_addr()));
                     let _ = tx.send(info);
                     let crash = async {
                         if crash_rx.await.is_err() {
@@ -58,8 +60,8 @@ impl BackgroundServer {
                 }
             })
             .map_err(|e| Error::invalid(format!("cannot start the server thread: {e}")))?;
-        let (addr, fingerprint, endpoint) = rx.recv().map_err(|_| Error::invalid("the server thread died"))??;
-        Ok(Self { addr, fingerprint, endpoint, thread: Some(thread), crash: Some(crash_tx) })
+        let (addr, fingerprint, endpoint, metrics_addr) = rx.recv().map_err(|_| Error::invalid("the server thread died"))??;
+        Ok(Self { addr, fingerprint, metrics_addr, endpoint, thread: Some(thread), crash: Some(crash_tx) })
     }
 
     /// Stops dead, as a frozen or stuck process would: every task stops where it is, nothing

@@ -1,19 +1,24 @@
 //! `hat serve-cloud`: the middle submodel behind a QUIC endpoint.
 //!
 //! One task per connection; each session (one bidirectional stream) owns its middle-layer KV
-//! cache, freed when the session ends or idles out. Model compute runs on tokio's blocking pool,
-//! never on the async threads. A malformed or refused request gets an error frame and a log line
+//! cache, freed when the session ends or idles out. Model compute never runs on the async
+//! threads: by default the blocks every session has waiting go through the middle layers
+//! together, packed in one pass (`batch`); with batching off, each block runs on tokio's
+//! blocking pool on its own. A malformed or refused request gets an error frame and a log line
 //! and ends that session only; the server keeps serving every other one.
 //!
 //! Files: [`server`] (the endpoint and its connections), `session` (one edge's session: the
 //! handshake, limits, compute, probes), [`load`] (how busy the cloud has been, sent with every
-//! reply), [`background`] (a server on its own thread).
+//! reply), [`metrics`] (Prometheus text on `--metrics ADDR`), [`background`] (a server on its own
+//! thread).
 //!
 //! May use [`crate::net`], [`crate::split`], [`crate::sched`], [`crate::model`] and [`crate::util`]; never `edge`
 //! or `train`.
 
 pub mod background;
+mod batch;
 pub mod load;
+pub mod metrics;
 pub mod server;
 mod session;
 
@@ -48,5 +53,11 @@ pub struct CloudConfig {
     /// The middle layers' cost model, told to every edge in the handshake (from `hat profile`
     /// or measured at start).
     pub cost: crate::sched::CloudModel,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`), if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Whether the sessions' blocks share passes through the middle layers.
+    pub batching: bool,
+    /// Most positions in one packed pass (at most [`crate::model::kernels::EXACT_ROWS`]).
+    pub batch_rows: usize,
 }
 

@@ -9,6 +9,49 @@ use crate::cloud::CloudConfig;
 use crate::error::{Error, Result};
 use crate::split::CloudBundle;
 
+/// Wrong tokens an address may send before its connections are refused for a while.
+pub const FREE_BAD_TOKENS: u32 = 3;
+/// The longest an address is shut out for wrong tokens (the time doubles with each one past
+/// [`FREE_BAD_TOKENS`], from one second).
+pub const MAX_PENALTY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Addresses that sent wrong tokens: how many, and until when their connections are refused.
+#[derive(Default)]
+pub(crate) struct Penalties(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>);
+
+impl Penalties {
+    /// How long `ip` is still shut out, if it is.
+    pub(crate) fn shut_out(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let map = self.0.lock().ok()?;
+        let (_, until) = map.get(&ip)?;
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Counts a wrong token from `ip`; returns the penalty it earned, if any.
+    pub(crate) fn failed(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let mut map = self.0.lock().ok()?;
+        let now = std::time::Instant::now();
+        if map.len() > 10_000 {
+            // Bounded: forget addresses whose penalty is over.
+            map.retain(|_, (_, until)| *until > now);
+        }
+        let entry = map.entry(ip).or_insert((0, now));
+        entry.0 += 1;
+        let over = entry.0.checked_sub(FREE_BAD_TOKENS).filter(|&n| n > 0)?;
+        let penalty = std::time::Duration::from_secs(1u64 << (over - 1).min(6)).min(MAX_PENALTY);
+        entry.1 = now + penalty;
+        Some(penalty)
+    }
+
+    /// A right token from `ip`: its count starts over.
+    pub(crate) fn passed(&self, ip: std::net::IpAddr) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&ip);
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(crate) bundle: Arc<CloudBundle>,
     pub(crate) config: CloudConfig,
@@ -17,7 +60,11 @@ pub(crate) struct Shared {
     /// refused.
     pub(crate) connections: Arc<tokio::sync::Semaphore>,
     pub(crate) next_session: AtomicU64,
-    pub(crate) load: crate::cloud::load::LoadMeter,
+    pub(crate) load: Arc<crate::cloud::load::LoadMeter>,
+    pub(crate) metrics: Arc<crate::cloud::metrics::CloudMetrics>,
+    pub(crate) penalties: Penalties,
+    /// The batch scheduler, when batching is on.
+    pub(crate) batcher: Option<crate::cloud::batch::Batcher>,
 }
 
 impl Shared {
@@ -33,6 +80,8 @@ pub struct CloudServer {
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     fingerprint: String,
+    /// The metrics listener, bound with the endpoint, served with it.
+    metrics_listener: Option<std::net::TcpListener>,
 }
 
 /// Connections the server keeps open at once: every session's, and as many again plus 16 for
@@ -63,8 +112,23 @@ impl CloudServer {
             .map_err(|e| Error::invalid(format!("cannot listen on {}: {e}", config.listen)))?;
         let max_context = config.max_context.min(bundle.middle.max_positions());
         let config = CloudConfig { max_context, ..config };
+        let metrics_listener = match config.metrics {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| Error::invalid(format!("cannot serve metrics on {addr}: {e}")))?;
+                l.set_nonblocking(true).map_err(|e| Error::io(addr.to_string(), e))?;
+                Some(l)
+            }
+            None => None,
+        };
+        let metrics: Arc<crate::cloud::metrics::CloudMetrics> = Default::default();
+        let load: Arc<crate::cloud::load::LoadMeter> = Default::default();
+        let batcher = match config.batching {
+            true => Some(crate::cloud::batch::Batcher::start(bundle.clone(), metrics.clone(), load.clone(), config.batch_rows)?),
+            false => None,
+        };
         Ok(Self {
             endpoint,
+            metrics_listener,
             fingerprint: identity.fingerprint(),
             shared: Arc::new(Shared {
                 sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
@@ -72,7 +136,10 @@ impl CloudServer {
                 bundle,
                 config,
                 next_session: AtomicU64::new(1),
-                load: Default::default(),
+                load,
+                metrics,
+                penalties: Default::default(),
+                batcher,
             }),
         })
     }
@@ -86,16 +153,41 @@ impl CloudServer {
         &self.fingerprint
     }
 
+    /// Where the metrics are served (`http://ADDR/metrics`), if they are.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> Arc<crate::cloud::metrics::CloudMetrics> {
+        self.shared.metrics.clone()
+    }
+
     /// A handle that stops the server.
     pub fn endpoint(&self) -> quinn::Endpoint {
         self.endpoint.clone()
     }
 
     /// Serves until the endpoint is closed.
-    pub async fn serve(self) -> Result<()> {
+    pub async fn serve(mut self) -> Result<()> {
+        if let Some(l) = self.metrics_listener.take() {
+            let listener = tokio::net::TcpListener::from_std(l).map_err(|e| Error::invalid(format!("metrics listener: {e}")))?;
+            let metrics = self.shared.metrics.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::cloud::metrics::serve(metrics, listener).await {
+                    log(e);
+                }
+            });
+        }
         while let Some(incoming) = self.endpoint.accept().await {
             let shared = self.shared.clone();
             let remote = incoming.remote_address();
+            // An address that keeps sending wrong tokens is shut out for a while.
+            if let Some(left) = shared.penalties.shut_out(remote.ip()) {
+                log(format!("{remote}: refused: wrong tokens from this address, {:.0} s to wait", left.as_secs_f64()));
+                incoming.refuse();
+                continue;
+            }
             // Too many connections at once (most of them, then, peers that never open a session):
             // refuse new ones until some close.
             let Ok(permit) = shared.connections.clone().try_acquire_owned() else {

@@ -90,9 +90,14 @@ impl Attention {
     /// head_dim)` of `x`, `(batch, seq, hidden)` at positions `pos..pos + seq` (or the tree's
     /// positions of `mask`), rotated.
     pub(crate) fn qkv(&self, x: &Tensor, pos: usize, rope: &Rope, ops: Ops, mask: &AttentionMask) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, seq, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let qkv = project(&self.qkv_proj, x, ops, mask.exact())?; // (b, seq, (nh + 2 * nkv) * hd)
+        self.split_heads(&qkv, pos, rope, ops, mask)
+    }
+
+    /// [`Attention::qkv`] from the projection already made, `(batch, seq, (nh + 2 * nkv) * hd)`.
+    fn split_heads(&self, qkv: &Tensor, pos: usize, rope: &Rope, ops: Ops, mask: &AttentionMask) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, seq, _) = qkv.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |start: usize, n: usize| -> Result<Tensor> {
             let t = qkv.narrow(D::Minus1, start * hd, n * hd)?;
             Ok(t.reshape((b, seq, n, hd))?.transpose(1, 2)?.contiguous()?)
@@ -134,6 +139,11 @@ impl Attention {
     /// `softmax(q kᵀ / √d + mask) v` through `o_proj`: queries `(batch, heads, seq, head_dim)`,
     /// keys and values `(batch, kv_heads, kv_len, head_dim)` → `(batch, seq, hidden)`.
     pub(crate) fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
+        self.merge_heads(&self.attend_heads(q, k, v, ops, mask)?, ops, mask.exact())
+    }
+
+    /// [`Attention::attend`] before `o_proj`: `(batch, heads, seq, head_dim)`.
+    fn attend_heads(&self, q: &Tensor, k: &Tensor, v: &Tensor, ops: Ops, mask: &AttentionMask) -> Result<Tensor> {
         let (b, nh, seq, hd) = q.dims4()?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a K/V head
         // are stacked along the sequence axis, (b, nh, seq, hd) -> (b, nkv, n_rep * seq, hd).
@@ -152,7 +162,7 @@ impl Attention {
                 softmax(&att, ops)?.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
             }
         };
-        self.merge_heads(&y.reshape((b, nh, seq, hd))?, ops, mask.exact())
+        Ok(y.reshape((b, nh, seq, hd))?)
     }
 }
 
@@ -218,6 +228,32 @@ impl DecoderLayer {
         l.mlp.gate_up_proj = l.mlp.gate_up_proj.with_q8()?;
         l.mlp.down_proj = l.mlp.down_proj.with_q8()?;
         Ok(l)
+    }
+
+    /// Several sessions' blocks packed along the sequence axis, `x`: `(1, Σ rows, hidden)`, each
+    /// block in `blocks` (its rows, position, cache for this layer and mask, in order) → same
+    /// shape. Projections, norms and the MLP run once over every row with the row-invariant
+    /// kernels; rotary positions, the cache append and attention run per block against its own
+    /// cache. Every row computes bitwise as in [`DecoderLayer::forward`] of its block alone, for
+    /// blocks that compute exactly alone (see [`crate::model::LayerStack::forward_packed`]).
+    pub(crate) fn forward_packed(&self, x: &Tensor, blocks: &mut [(usize, usize, &mut KvCache, &AttentionMask)], rope: &Rope) -> Result<Tensor> {
+        let ops = Ops::Fused;
+        let h = rms_norm(&self.input_layernorm, x, self.eps, ops)?;
+        let qkv = project(&self.self_attn.qkv_proj, &h, ops, true)?;
+        let mut ys = Vec::with_capacity(blocks.len());
+        let mut offset = 0;
+        for (rows, pos, cache, mask) in blocks.iter_mut() {
+            let (q, k, v) = self.self_attn.split_heads(&qkv.narrow(1, offset, *rows)?, *pos, rope, ops, mask)?;
+            let (k, v) = cache.append(&k, &v)?;
+            let y = self.self_attn.attend_heads(&q, &k, &v, ops, mask)?; // (1, nh, rows, hd)
+            let (b, nh, seq, hd) = y.dims4()?;
+            ys.push(y.transpose(1, 2)?.reshape((b, seq, nh * hd))?);
+            offset += *rows;
+        }
+        let y = Tensor::cat(&ys, 1)?;
+        let x = (x + project(&self.self_attn.o_proj, &y, ops, true)?)?;
+        let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
+        Ok((&x + self.mlp.forward(&h, ops, true)?)?)
     }
 
     /// `x`: `(batch, seq, hidden)` at positions `pos..pos + seq` → same shape.

@@ -46,7 +46,7 @@ pub use layer::{AttentionMask, DecoderLayer};
 pub use ops::{Ops, Proj};
 pub use q8::Q8Matrix;
 pub use rope::{Rope, MAX_CONTEXT};
-pub use stack::{LayerStack, StackCache};
+pub use stack::{packable, LayerStack, PackedBlock, StackCache};
 
 use crate::error::Result;
 

@@ -70,6 +70,26 @@ impl StackCache {
     }
 }
 
+/// One session's block in a packed pass ([`LayerStack::forward_packed`]).
+pub struct PackedBlock<'a> {
+    /// Hidden states `(1, rows, hidden)` of positions `cache.len()..`.
+    pub x: Tensor,
+    pub cache: &'a mut StackCache,
+    /// The block's tree mask when it is a draft tree (not a chain).
+    pub tree: Option<Arc<TreeMask>>,
+}
+
+/// Whether a block of `rows` (a draft tree or not) computes exactly alone, so that it may join a
+/// packed pass: trees always do (up to [`crate::model::tree::MAX_TREE_NODES`] rows), sequences
+/// up to [`crate::model::kernels::SMALL_M`] rows (beyond, gemm computes them).
+pub fn packable(rows: usize, tree: bool) -> bool {
+    if tree {
+        rows <= crate::model::tree::MAX_TREE_NODES
+    } else {
+        rows <= crate::model::kernels::SMALL_M
+    }
+}
+
 /// Decoder layers `[start, end)` of a model, run on hidden states.
 #[derive(Debug, Clone)]
 pub struct LayerStack {
@@ -150,6 +170,78 @@ impl LayerStack {
             }
         }
         self.run(x, cache.len(), cache, Some(mask))
+    }
+
+    /// Runs several sessions' blocks in one pass: each block's rows go through the layers
+    /// packed with the others' (one pass over the weights for all), attending to its own cache
+    /// only; returns each block's output, `(1, rows, hidden)`, in order. Every block must be
+    /// [`packable`], and all of them together at most [`crate::model::kernels::EXACT_ROWS`]
+    /// rows (the row-invariant kernels' range): then every row computes bitwise as
+    /// [`LayerStack::forward`] (or
+    /// [`LayerStack::forward_tree`]) of its block alone. A failure leaves every cache as it was.
+    pub fn forward_packed(&self, blocks: &mut [PackedBlock<'_>]) -> Result<Vec<Tensor>> {
+        let Some(first) = self.layers.first() else {
+            return Ok(blocks.iter().map(|b| b.x.clone()).collect());
+        };
+        let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
+        let mut shapes = Vec::with_capacity(blocks.len());
+        for b in blocks.iter() {
+            let (rows, pos) = (b.x.dim(1)?, b.cache.len());
+            if b.cache.layers.len() != self.layers.len() {
+                return Err(Error::invalid("cache was made for another layer stack"));
+            }
+            if !packable(rows, b.tree.is_some()) {
+                return Err(Error::invalid(format!("internal: a block of {rows} rows cannot join a packed pass")));
+            }
+            let mask = match &b.tree {
+                Some(t) => {
+                    if t.rows() != rows {
+                        return Err(Error::invalid(format!("a tree mask of {} rows for a block of {rows}", t.rows())));
+                    }
+                    if let Some(&p) = t.positions.iter().max() {
+                        if p >= self.rope.max_positions() {
+                            return Err(Error::ContextTooLong { needed: p + 1, limit: self.rope.max_positions() });
+                        }
+                    }
+                    AttentionMask::Tree(t.clone())
+                }
+                None => {
+                    if pos + rows > self.rope.max_positions() {
+                        return Err(Error::ContextTooLong { needed: pos + rows, limit: self.rope.max_positions() });
+                    }
+                    AttentionMask::causal(&b.x, rows, pos, n_rep, self.ops)?
+                }
+            };
+            shapes.push((rows, pos, mask));
+        }
+        let total: usize = shapes.iter().map(|s| s.0).sum();
+        if total > crate::model::kernels::EXACT_ROWS {
+            return Err(Error::invalid(format!("internal: a packed pass of {total} rows (at most {})", crate::model::kernels::EXACT_ROWS)));
+        }
+        let xs: Vec<&Tensor> = blocks.iter().map(|b| &b.x).collect();
+        let mut h = Tensor::cat(&xs, 1)?;
+        let run = |h: &mut Tensor, blocks: &mut [PackedBlock<'_>]| -> Result<()> {
+            for (l, layer) in self.layers.iter().enumerate() {
+                let mut parts: Vec<(usize, usize, &mut KvCache, &AttentionMask)> =
+                    blocks.iter_mut().zip(&shapes).map(|(b, (rows, pos, mask))| (*rows, *pos, &mut b.cache.layers[l], mask)).collect();
+                *h = layer.forward_packed(h, &mut parts, &self.rope)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = run(&mut h, blocks) {
+            for (b, (_, pos, _)) in blocks.iter_mut().zip(&shapes) {
+                b.cache.layers.iter_mut().for_each(|c| c.truncate(*pos));
+            }
+            return Err(e);
+        }
+        let mut out = Vec::with_capacity(blocks.len());
+        let mut offset = 0;
+        for (b, (rows, pos, _)) in blocks.iter_mut().zip(&shapes) {
+            b.cache.len = pos + rows;
+            out.push(h.narrow(1, offset, *rows)?);
+            offset += rows;
+        }
+        Ok(out)
     }
 
     fn run(&self, x: &Tensor, pos: usize, cache: &mut StackCache, tree: Option<std::sync::Arc<TreeMask>>) -> Result<Tensor> {

@@ -189,6 +189,19 @@ impl BlockCache {
     /// block runs as a tree or a sequence. A failed run leaves the cache at the block's start.
     pub fn run(&mut self, stack: &crate::model::LayerStack, x: &candle_core::Tensor, start: usize, parents: &[u16], keep: &[u16]) -> Result<candle_core::Tensor> {
         let n = x.dim(1)?;
+        let block = self.prepare(start, n, parents, keep)?;
+        let y = match &block.mask {
+            Some(mask) => stack.forward_tree(x, &mut self.cache, mask.clone()),
+            None => stack.forward(x, start, &mut self.cache),
+        };
+        self.finish(block, y.is_ok());
+        y
+    }
+
+    /// The first half of [`BlockCache::run`], for a block that runs in a packed pass
+    /// ([`crate::model::LayerStack::forward_packed`]): checks it, moves the kept path and
+    /// truncates the cache to `start`. Hand the result to [`BlockCache::finish`] after the pass.
+    pub fn prepare(&mut self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<PreparedBlock> {
         let (shape, keep) = self.check(start, n, parents, keep)?;
         if let Some((s, _)) = self.last_tree.take() {
             if !keep.is_empty() {
@@ -196,16 +209,34 @@ impl BlockCache {
             }
         }
         self.cache.truncate(start);
-        let y = match &shape {
-            Some(t) if !t.is_chain() => stack.forward_tree(x, &mut self.cache, t.mask(start, 0..n)),
-            _ => stack.forward(x, start, &mut self.cache),
-        };
-        if y.is_err() {
-            self.cache.truncate(start);
-        } else if let Some(t) = shape {
-            self.last_tree = Some((start, t));
+        let mask = shape.as_ref().filter(|t| !t.is_chain()).map(|t| t.mask(start, 0..n));
+        Ok(PreparedBlock { start, shape, mask })
+    }
+
+    /// The second half of [`BlockCache::run`]: after a failed pass the cache goes back to the
+    /// block's start; after a tree, its shape is kept for the next block's path.
+    pub fn finish(&mut self, block: PreparedBlock, ok: bool) {
+        if !ok {
+            self.cache.truncate(block.start);
+        } else if let Some(t) = block.shape {
+            self.last_tree = Some((block.start, t));
         }
-        y
+    }
+}
+
+/// A block checked and made ready by [`BlockCache::prepare`].
+#[derive(Debug)]
+pub struct PreparedBlock {
+    pub start: usize,
+    shape: Option<TreeShape>,
+    /// The tree mask, when the block runs as a tree (not a sequence).
+    pub mask: Option<std::sync::Arc<TreeMask>>,
+}
+
+impl PreparedBlock {
+    /// Whether the block runs as a draft tree.
+    pub fn is_tree(&self) -> bool {
+        self.mask.is_some()
     }
 }
 

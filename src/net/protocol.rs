@@ -138,6 +138,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code's name, as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BadRequest => "BadRequest",
+            Self::VersionMismatch => "VersionMismatch",
+            Self::SplitMismatch => "SplitMismatch",
+            Self::Unauthorized => "Unauthorized",
+            Self::Busy => "Busy",
+            Self::ContextTooLong => "ContextTooLong",
+            Self::Internal => "Internal",
+            Self::IdleTimeout => "IdleTimeout",
+        }
+    }
+
     fn from_u16(v: u16) -> Self {
         match v {
             2 => Self::VersionMismatch,

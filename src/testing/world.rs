@@ -76,6 +76,9 @@ pub fn cloud_config(state_dir: PathBuf, token: Option<&str>, max_sessions: usize
             middle: crate::sched::StageCost { fixed_ms: 0.2, per_row_ms: 0.05, per_row_ctx_ms: 0.0, ..Default::default() },
             slowdown: vec![1.0, 2.0],
         },
+        metrics: None,
+        batching: true,
+        batch_rows: crate::model::kernels::EXACT_ROWS,
     }
 }
 
