@@ -4,6 +4,7 @@
 # verification positions/s (and the ratio to one session), round latency p50/p99, the cloud's
 # compute per block, the rest of a round, and the server's resident memory after each N.
 # Usage: recipes/bench-loadgen.sh [seconds per N, default 10] [extra serve-cloud flags]
+# (e.g. --no-batching); $HAT_LOADGEN_FLAGS go to every loadgen (e.g. "--block-rows 1 --advance 1").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-10}
@@ -25,7 +26,7 @@ echo "| sessions | positions/s | × one session | round p50 ms | round p99 ms | 
 echo "|---|---|---|---|---|---|---|---|"
 base=
 for n in 1 2 4 8 16 32; do
-  json=$("$hat" loadgen --bundle "$split/device" --cloud 127.0.0.1:4620 --cloud-fingerprint "$fp" --sessions "$n" --duration "$secs" --json)
+  json=$("$hat" loadgen --bundle "$split/device" --cloud 127.0.0.1:4620 --cloud-fingerprint "$fp" --sessions "$n" --duration "$secs" --json ${HAT_LOADGEN_FLAGS:-})
   rss=$(curl -s 127.0.0.1:4621/metrics | sed -n 's/^hat_cloud_resident_memory_bytes //p')
   python3 - "$json" "$rss" "${base:-}" <<'PY'
 import json, sys

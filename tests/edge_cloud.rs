@@ -865,7 +865,7 @@ fn with_the_slm_fallback_an_answer_outlives_every_cloud() {
         match fallback {
             hat::edge::Fallback::None => {
                 assert_eq!(handed_out[..], want[..handed_out.len()], "the tokens before the loss are verified ones");
-                let e = r.err().expect("no cloud, no fallback: an error");
+                let e = r.expect_err("no cloud, no fallback: an error");
                 assert_eq!(e.cloud_failure(), Some(hat::error::CloudFailure::Unreachable), "{e}");
                 assert!(e.to_string().contains("reached none within 1.0 s"), "{e}");
                 assert!(handed_out.len() < 24);

@@ -7,6 +7,12 @@
 //! has at most one block waiting, so no session waits more than one pass behind a newer one.
 //! Every row computes bitwise as it would alone.
 //!
+//! Sessions answer each reply with their next block a moment later; a scheduler that started a
+//! pass the instant one block was in would run the sessions one after the other, each block
+//! alone, forever out of step. So when fewer blocks wait than sessions have been sending
+//! lately, the scheduler waits for the others a little: at most a tenth of the last pass, and
+//! [`MAX_WAIT`].
+//!
 //! A block that fails validation never gets here (the session checks it first); one that fails
 //! in its pass fails only itself when it ran alone, and every block of a packed pass that fails
 //! gets the error (their caches go back to their blocks' starts).
@@ -24,6 +30,11 @@ use crate::model::tree::{BlockCache, PreparedBlock};
 use crate::model::{packable, PackedBlock};
 use crate::net::protocol::{HiddenBlock, WireDtype};
 use crate::split::CloudBundle;
+
+/// The longest a pass waits for more sessions' blocks.
+pub const MAX_WAIT: Duration = Duration::from_millis(5);
+/// Sessions that sent a block within this long count as sending.
+const RECENT: Duration = Duration::from_secs(1);
 
 /// One session's block, waiting for a pass.
 pub(crate) struct Job {
@@ -86,20 +97,34 @@ struct Ready {
 impl Scheduler {
     fn run(self, rx: std::sync::mpsc::Receiver<Job>) {
         let mut queue: VecDeque<Ready> = VecDeque::new();
+        // When each session last sent a block, and how long the last pass took.
+        let mut seen: std::collections::HashMap<u64, Instant> = Default::default();
+        let mut last_pass = Duration::ZERO;
         loop {
             if queue.is_empty() {
                 match rx.recv() {
-                    Ok(job) => self.admit(job, &mut queue),
+                    Ok(job) => self.admit(job, &mut queue, &mut seen),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = rx.try_recv() {
-                self.admit(job, &mut queue);
+                self.admit(job, &mut queue, &mut seen);
             }
+            // Wait a little for the sessions that have been sending and have no block here yet.
+            seen.retain(|_, t| t.elapsed() < RECENT);
+            let deadline = Instant::now() + (last_pass / 10).min(MAX_WAIT);
+            while queue.len() < seen.len() && queue.iter().map(|r| r.x.dims().get(1).copied().unwrap_or(0)).sum::<usize>() < self.budget {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(job) => self.admit(job, &mut queue, &mut seen),
+                    Err(_) => break,
+                }
+            }
+            let began = Instant::now();
             let Some(first) = queue.pop_front() else { continue };
             let rows = first.x.dims().get(1).copied().unwrap_or(0);
             if !packable(rows, first.prepared.is_tree()) || rows > self.budget {
                 self.guarded_pass(vec![first]);
+                last_pass = began.elapsed();
                 continue;
             }
             // The oldest block, then every later packable block that fits the budget, in order.
@@ -116,6 +141,7 @@ impl Scheduler {
                 }
             }
             self.guarded_pass(pass);
+            last_pass = began.elapsed();
         }
     }
 
@@ -128,7 +154,8 @@ impl Scheduler {
     }
 
     /// Decodes a job's block and prepares its cache; a job that fails there is answered at once.
-    fn admit(&self, mut job: Job, queue: &mut VecDeque<Ready>) {
+    fn admit(&self, mut job: Job, queue: &mut VecDeque<Ready>, seen: &mut std::collections::HashMap<u64, Instant>) {
+        seen.insert(job.session, Instant::now());
         let (start, count) = (job.block.start as usize, job.block.count as usize);
         let ready = job.block.to_tensor(job.hidden, &Device::Cpu).and_then(|x| Ok((x, job.cache.prepare(start, count, &job.parents, &job.keep)?)));
         match ready {
