@@ -92,6 +92,14 @@ fn profile_measures_a_tiny_split_and_run_edge_checks_the_profile() {
             serde_json::from_slice(&o.stdout).unwrap()
         })
         .collect();
+    // The load generator against the same cloud: two sessions for a second.
+    let load = ["loadgen", "--bundle", device.to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--sessions", "2", "--duration", "1", "--prefill", "8", "--json"];
+    let o = hat(&load, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(l["rounds"].as_u64().unwrap() > 0 && l["positions_per_s"].as_f64().unwrap() > 0.0 && l["round_ms_p99"].as_f64().unwrap() >= l["round_ms_p50"].as_f64().unwrap(), "{l}");
+    let o = hat(&[&load[..], &["--advance", "9"]].concat(), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("cannot accept 9 positions"), "{}", stderr(&o));
     let _ = server.kill();
     let _ = server.wait();
     for v in &runs {

@@ -180,9 +180,8 @@ impl EdgeService {
         let job_in = job.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            svc.metrics.running.inc();
+            let _running = Running::start(&svc.metrics);
             svc.run(&job_in, runtime, &tx, received);
-            svc.metrics.running.dec();
         });
         // Errors before the session is open get an HTTP status of their own.
         match rx.recv().await {
@@ -221,7 +220,11 @@ impl EdgeService {
                         body["error"]["completion_tokens"] = tokens.into();
                         (vec![sse(&body), SseEvent::default().data("[DONE]")], false, true)
                     }
-                    Some(Event::Started) | None => (vec![], first, true),
+                    // The generation ended without an answer (it failed unexpectedly).
+                    Some(Event::Started) | None => {
+                        let error = ApiError::internal("internal: the generation ended without an answer");
+                        (vec![sse(&error.body()), SseEvent::default().data("[DONE]")], first, true)
+                    }
                 };
                 Some((futures_util::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>)), (rx, id, job, first, ended)))
             })
@@ -323,6 +326,22 @@ impl EdgeService {
         self.metrics.generated(&report, ttft, received.elapsed());
         let _ = events.send(Event::Done { finish: openai::finish_reason(report.stop_reason), report: Box::new(report), ttft });
         Ok(())
+    }
+}
+
+/// Counts a generation as running for as long as it lives, however it ends.
+struct Running<'a>(&'a Metrics);
+
+impl<'a> Running<'a> {
+    fn start(metrics: &'a Metrics) -> Self {
+        metrics.running.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.dec();
     }
 }
 

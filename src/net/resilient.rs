@@ -86,7 +86,14 @@ impl ResilientLink {
             attempt += 1;
             let mut opts = self.clouds[i].clone();
             opts.connect_timeout = opts.connect_timeout.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(100));
-            let replayed = QuicLink::connect(opts).and_then(|mut link| self.replay(&mut link).map(|()| link));
+            let replayed = QuicLink::connect(opts).and_then(|mut link| match self.replay(&mut link) {
+                Ok(()) => Ok(link),
+                Err(e) => {
+                    // A cloud that failed the replay is not waited for.
+                    link.abandon();
+                    Err(e)
+                }
+            });
             match replayed {
                 Ok(link) => {
                     let old = std::mem::replace(&mut self.link, link);
