@@ -1,5 +1,6 @@
 //! The `hat` command line: a thin layer over the `hat` library, one file per subcommand.
 
+mod audit;
 mod download;
 mod generate;
 mod loadgen;
@@ -42,6 +43,7 @@ enum Command {
     ServeEdge(serve_edge::Args),
     Download(download::Args),
     Loadgen(loadgen::Args),
+    Audit(audit::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Split(a) => split::run(a),
         Command::Download(a) => download::run(a),
         Command::Loadgen(a) => loadgen::run(a),
+        Command::Audit(a) => audit::run(a),
         Command::TrainAdapter(a) => train_adapter::run(a),
         Command::Profile(a) => profile::run(a),
         Command::ServeCloud(a) => serve_cloud::run(a),

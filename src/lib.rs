@@ -15,6 +15,7 @@
 //!   layer     folder      uses (besides util/ and error.rs, which every folder may use)
 //!   service   api/    ──▶ profile/ edge/ split/ decode/ net/ io/
 //!             loadgen ──▶ split/ net/ model/
+//!             audit/  ──▶ decode/ net/ io/ model/
 //!   roles     profile/ ─▶ edge/ adapter/ split/ net/ sched/ model/
 //!             train/  ──▶ edge/ adapter/ split/ decode/ net/ io/ model/
 //!             edge/   ──▶ adapter/ split/ decode/ net/ sched/ model/
@@ -46,16 +47,17 @@
 //! - [`profile`]: `hat profile`: measuring the device, the cloud and the link into those cost
 //!   models, the profile file, charts, and planning one session's prefill;
 //! - [`api`]: `hat serve-edge`: the device side as a local OpenAI-compatible HTTP service;
-//! - [`loadgen`]: `hat loadgen`: many sessions against one cloud, measuring the cloud alone.
+//! - [`loadgen`]: `hat loadgen`: many sessions against one cloud, measuring the cloud alone;
+//! - [`audit`]: `hat audit`: what a curious cloud recovers from the hidden states it sees.
 //!
-//! Folders still to come sit beside these: a batch scheduler inside `cloud/`, `audit/` (a
-//! curious cloud, over `split` and `train`).
+//! Still to come: learned inverters in `audit/` (over `train`).
 //!
 //! The `testing` feature adds `hat::testing`: tiny random models and the shared model → split →
 //! cloud → connected edge set-up of the integration tests and benchmarks.
 
 pub mod adapter;
 pub mod api;
+pub mod audit;
 pub mod cloud;
 pub mod decode;
 pub mod edge;

@@ -32,7 +32,7 @@ fn help_lists_every_subcommand() {
         .take_while(|l| l.starts_with("  "))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    for cmd in ["generate", "split", "train-adapter", "profile", "serve-cloud", "run-edge", "serve-edge", "loadgen", "download"] {
+    for cmd in ["generate", "split", "train-adapter", "profile", "serve-cloud", "run-edge", "serve-edge", "loadgen", "audit", "download"] {
         assert!(commands.contains(&cmd), "{cmd} is not a command entry of --help: {commands:?}");
         let o = hat(&[cmd, "--help"], &[]);
         let usage = String::from_utf8_lossy(&o.stdout);

@@ -121,6 +121,16 @@ impl LayerStack {
         Self { range, layers, rope, ops: Ops::Fused }
     }
 
+    /// Layers `range` (model layer numbers) of this stack as a stack of their own (the weights
+    /// are shared).
+    pub fn slice(&self, range: Range<usize>) -> Result<Self> {
+        if range.start < self.range.start || range.end > self.range.end || range.start > range.end {
+            return Err(Error::invalid(format!("layers [{}, {}) are not inside [{}, {})", range.start, range.end, self.range.start, self.range.end)));
+        }
+        let layers = self.layers[range.start - self.range.start..range.end - self.range.start].to_vec();
+        Ok(Self { range, layers, rope: self.rope.clone(), ops: self.ops })
+    }
+
     /// A copy whose layers compute short blocks from 8-bit weights ([`DecoderLayer::with_q8`]).
     pub fn with_q8(&self) -> Result<Self> {
         let layers = self.layers.iter().map(DecoderLayer::with_q8).collect::<Result<Vec<_>>>()?;

@@ -1,0 +1,112 @@
+//! `hat audit`: what a curious cloud recovers from the hidden states it sees.
+
+use std::path::PathBuf;
+
+use hat::audit::AuditOptions;
+
+use crate::ModelArgs;
+
+/// Play an honest-but-curious cloud and measure what it recovers of conversations.
+///
+/// For held-out conversations of --dataset (the first user turn through the chat template, then
+/// the model's greedy reply), the cloud sees what hat sends: the input submodel's states (up) and
+/// the middle layers' outputs (down), rounded as the wire rounds them. Attacks of a cloud that
+/// holds the model's public weights: replay inversion of the uplink (per position, candidate
+/// tokens ranked by cosine to the embedding rows are run through the public input layers after
+/// the prefix recovered so far; the closest state wins) and the public output layers and head on
+/// the downlink (the model's next-token prediction: greedy answers exactly). The replay's
+/// candidates are ranked by what the attacker learns from its own text (400 conversations before
+/// the audited ones) through the public layers. Recovery counts
+/// content tokens only (not the chat template's), top-1 and top-10, beside a unigram baseline.
+/// Learned inverters (a cloud without the device's weights) are not implemented yet.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Conversations (ShareGPT JSON or JSONL, as train-adapter reads them).
+    #[arg(long)]
+    pub dataset: PathBuf,
+
+    /// Device layers before the cloud (K1) to audit, comma-separated.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+    pub input_layers: Vec<usize>,
+
+    /// Device layers after the cloud (K2).
+    #[arg(long, default_value_t = 2)]
+    pub output_layers: usize,
+
+    /// Conversations to audit.
+    #[arg(long, default_value_t = 8)]
+    pub conversations: usize,
+
+    /// Skip this many conversations first (held out from what adapters train on: the first
+    /// 1,600 by default).
+    #[arg(long, default_value_t = 2000)]
+    pub skip: usize,
+
+    /// Most content tokens of each prompt.
+    #[arg(long, default_value_t = 96)]
+    pub prompt_tokens: usize,
+
+    /// Tokens of each greedy reply.
+    #[arg(long, default_value_t = 32)]
+    pub reply_tokens: usize,
+
+    /// How hidden states are rounded on the wire.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+    pub wire_dtype: String,
+
+    /// Candidate tokens the replay inversion checks per position.
+    #[arg(long, default_value_t = 256)]
+    pub candidates: usize,
+
+    /// Print one JSON object (`{"results": [...], "unigram_baseline": …}`) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The attacker's own text: this many conversations before the audited ones, each turn cut to
+/// this many tokens.
+const ATTACKER_CONVERSATIONS: usize = 400;
+const ATTACKER_TOKENS_PER_TURN: usize = 256;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let wire = hat::net::protocol::WireDtype::parse(&args.wire_dtype)?;
+    anyhow::ensure!(!args.input_layers.is_empty() && args.conversations > 0, "give --input-layers and at least one conversation");
+    let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
+    let with_prompt = |c: &hat::io::dataset::Conversation| c.first_prompt().is_some_and(|p| !p.trim().is_empty());
+    // The attacker's own text (for its candidate ranker): conversations before the audited ones.
+    let own: Vec<_> = data.conversations.iter().take(args.skip).rev().filter(|c| with_prompt(c)).take(ATTACKER_CONVERSATIONS).cloned().collect();
+    let conversations: Vec<_> = data.conversations.into_iter().skip(args.skip).filter(with_prompt).take(args.conversations).collect();
+    anyhow::ensure!(!conversations.is_empty(), "--dataset {} has no conversation with a user turn after the first {} (--skip)", args.dataset.display(), args.skip);
+    let loaded = args.model.load()?;
+    let model = loaded.model(candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let opts = AuditOptions { input_layers: args.input_layers.clone(), output_layers: args.output_layers, prompt_tokens: args.prompt_tokens, reply_tokens: args.reply_tokens, wire, candidates: args.candidates };
+    let pb = hat::util::progress::bar(conversations.len() as u64, "replies");
+    let samples = hat::audit::samples(&model, &loaded.tokenizer, &conversations, &opts)?;
+    pb.finish_and_clear();
+    let pb = hat::util::progress::bar((samples.len() * opts.input_layers.len()) as u64, "attacks");
+    let mut attacker_texts = Vec::new();
+    for c in &own {
+        for turn in &c.turns {
+            attacker_texts.push(loaded.tokenizer.encode_prompt_within(&turn.text, turn.role == "user", ATTACKER_TOKENS_PER_TURN)?);
+        }
+    }
+    let results = hat::audit::run(&model, &samples, &attacker_texts, &opts, &mut || pb.inc(1))?;
+    pb.finish_and_clear();
+    let baseline = hat::audit::unigram_baseline(&samples);
+    if args.json {
+        println!("{}", serde_json::json!({ "results": results, "unigram_baseline": baseline, "conversations": samples.len(), "wire_dtype": wire.name(), "learned_inverters": "not implemented yet" }));
+        return Ok(());
+    }
+    println!("| K1 | direction | attack | inverter | top-1 | top-10 | content tokens |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!("| {} | {} | {} | {} | {:.1} % | {:.1} % | {} |", r.input_layers, r.direction, r.attack, r.inverter, 100.0 * r.top1, 100.0 * r.top10, r.tokens);
+    }
+    println!("\nunigram baseline (always the most frequent content token): {:.1} %; {} conversations, {} on the wire", 100.0 * baseline, samples.len(), wire.name());
+    println!("learned inverters (a cloud without the device's weights): not implemented yet");
+    Ok(())
+}

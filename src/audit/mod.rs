@@ -1,0 +1,298 @@
+//! `hat audit`: an honest-but-curious cloud, measured. What can a cloud recover of a conversation
+//! from the hidden states it sees?
+//!
+//! Built so far: the attacks of a cloud that holds the model's public weights (the usual case).
+//! - **Replay inversion of the uplink** (`up`): for each position, candidate tokens are run
+//!   through the public input submodel after the prefix recovered so far (all candidates of a
+//!   position in one block, each seeing the prefix and itself), rounded as the wire rounds them,
+//!   and the closest state wins. Candidates come ranked by what the attacker learns from its own
+//!   text through the same public layers: a linear probe from states to tokens, and every
+//!   token's state at position 0.
+//! - **The public head on the downlink** (`down`): the public output submodel and head on the
+//!   middle outputs give the model's next-token distribution at every position: generated
+//!   tokens (greedy answers exactly) and prompt tokens as far as the model predicts them.
+//!
+//! Counts are over content tokens only (the chat template's are known to everyone), beside a
+//! unigram baseline (always guessing the most frequent content token). Learned inverters (a
+//! cloud without the device's weights) are not built yet.
+//!
+//! May use [`crate::model`], [`crate::io`], [`crate::decode`], [`crate::net`] (wire rounding) and
+//! [`crate::util`]; only the commands use it.
+
+use std::sync::Arc;
+
+use candle_core::{IndexOp, Tensor, D};
+use serde::Serialize;
+
+use crate::decode::{generate, ModelDecoder, SamplingParams};
+use crate::error::{Error, Result};
+use crate::io::dataset::Conversation;
+use crate::io::tokenizer::{HatTokenizer, Message};
+use crate::model::tree::{TreeMask, MAX_TREE_NODES};
+use crate::model::{LayerStack, Model};
+use crate::net::protocol::WireDtype;
+
+/// What the audit runs.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Device layers before the cloud (K1), one audit each.
+    pub input_layers: Vec<usize>,
+    /// Device layers after the cloud (K2).
+    pub output_layers: usize,
+    /// Most content tokens of each prompt.
+    pub prompt_tokens: usize,
+    /// Tokens of each greedy reply.
+    pub reply_tokens: usize,
+    /// How states are rounded on the wire.
+    pub wire: WireDtype,
+    /// Candidates the replay inversion checks per position (by cosine to the embedding rows).
+    pub candidates: usize,
+}
+
+/// One conversation as the cloud would see it: the tokens, and which of them are content.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub ids: Vec<u32>,
+    /// Per position: a content token (the user's text or the reply), not the template's.
+    pub content: Vec<bool>,
+}
+
+/// One attack's recovery.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditResult {
+    pub attack: &'static str,
+    pub direction: &'static str,
+    pub input_layers: usize,
+    pub inverter: &'static str,
+    /// Fraction of content tokens recovered as the best guess, and among the ten best.
+    pub top1: f64,
+    pub top10: f64,
+    pub tokens: usize,
+}
+
+/// The conversations as samples: the first user turn through the chat template (cut to
+/// `prompt_tokens` of content), then the model's greedy reply.
+pub fn samples(model: &Model, tokenizer: &HatTokenizer, conversations: &[Conversation], opts: &AuditOptions) -> Result<Vec<Sample>> {
+    let template = tokenizer.chat_template.as_ref().ok_or_else(|| Error::invalid("the audit needs a model with a chat template"))?;
+    let frame = tokenizer.encode(&template.render(&[Message::user("")], true)?)?;
+    let mut out = Vec::new();
+    for c in conversations {
+        let Some(prompt) = c.first_prompt().filter(|p| !p.trim().is_empty()) else { continue };
+        let ids = tokenizer.encode_prompt_within(prompt, true, frame.len() + opts.prompt_tokens)?;
+        // The template around the content: the common prefix and suffix with an empty message.
+        let head = ids.iter().zip(&frame).take_while(|(a, b)| a == b).count();
+        let tail = ids.iter().rev().zip(frame.iter().rev()).take_while(|(a, b)| a == b).count().min(ids.len() - head);
+        let mut content: Vec<bool> = (0..ids.len()).map(|i| i >= head && i < ids.len() - tail).collect();
+        let reply = generate(&mut ModelDecoder::new(model), &ids, opts.reply_tokens, &SamplingParams::greedy(), &tokenizer.eos_token_ids, |_| Ok(()))?.token_ids;
+        content.extend(reply.iter().map(|t| !tokenizer.is_eos(*t)));
+        let mut all = ids;
+        all.extend(reply);
+        out.push(Sample { ids: all, content });
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("no conversation with a user turn to audit"));
+    }
+    Ok(out)
+}
+
+/// The first `k1` layers, the middle, and the last `k2` of `model`.
+fn split(model: &Model, k1: usize, k2: usize) -> Result<(LayerStack, LayerStack, LayerStack)> {
+    let l = model.config.num_hidden_layers;
+    if k1 == 0 || k2 == 0 || k1 + k2 >= l {
+        return Err(Error::invalid(format!("input layers {k1} and output layers {k2} do not split a model of {l} layers (each at least 1, the middle not empty)")));
+    }
+    Ok((model.layers.slice(0..k1)?, model.layers.slice(k1..l - k2)?, model.layers.slice(l - k2..l)?))
+}
+
+/// Hits among the content tokens: `(top-1, top-10, counted)`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Hits(usize, usize, usize);
+
+impl Hits {
+    fn add(&mut self, other: Hits) {
+        *self = Hits(self.0 + other.0, self.1 + other.1, self.2 + other.2);
+    }
+
+    fn result(self, direction: &'static str, k1: usize, inverter: &'static str) -> AuditResult {
+        let f = |n: usize| if self.2 == 0 { 0.0 } else { n as f64 / self.2 as f64 };
+        AuditResult { attack: "public-weights", direction, input_layers: k1, inverter, top1: f(self.0), top10: f(self.1), tokens: self.2 }
+    }
+}
+
+/// What the attacker learns from its own text through the public input submodel, to rank the
+/// candidates of a position: a linear probe from states to tokens (ridge regression onto one-hot
+/// targets, positions after the first), and the state of every token at position 0 (the first
+/// position sees nothing before it, so its state names its token).
+struct Ranker {
+    /// `(hidden, vocab)`: a state's scores.
+    probe: Tensor,
+    /// `(vocab, hidden)`: every token's state at position 0, rounded as the wire rounds it.
+    first: Tensor,
+}
+
+impl Ranker {
+    fn fit(model: &Model, input: &LayerStack, texts: &[Vec<u32>], wire: WireDtype) -> Result<Self> {
+        let hidden = model.config.hidden_size;
+        let vocab = model.embedder.weight().dim(0)?;
+        let (mut states, mut tokens) = (Vec::new(), Vec::new());
+        for ids in texts.iter().filter(|t| t.len() > 1) {
+            let h = wire.round_trip(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?)?.squeeze(0)?;
+            states.push(h.narrow(0, 1, ids.len() - 1)?);
+            tokens.extend_from_slice(&ids[1..]);
+        }
+        if tokens.is_empty() {
+            return Err(Error::invalid("no text to fit the attacker's probe on"));
+        }
+        let h = Tensor::cat(&states, 0)?.to_dtype(candle_core::DType::F64)?; // (N, hidden)
+        let y = Tensor::new(tokens.as_slice(), h.device())?;
+        // Sᵀ = Σ over rows of the state into its token's row: (vocab, hidden).
+        let s_t = Tensor::zeros((vocab, hidden), candle_core::DType::F64, h.device())?.index_add(&y, &h, 0)?;
+        let gram: Vec<Vec<f64>> = h.t()?.matmul(&h)?.to_vec2()?;
+        let ridge = 1e-3 * (0..hidden).map(|i| gram[i][i]).sum::<f64>() / hidden as f64;
+        let inverse = invert_spd(gram, ridge)?;
+        let inverse = Tensor::new(inverse, h.device())?.reshape((hidden, hidden))?;
+        let probe = inverse.matmul(&s_t.t()?)?.to_dtype(candle_core::DType::F32)?; // (hidden, vocab)
+        let mut first = Vec::new();
+        for chunk in (0..vocab as u32).collect::<Vec<_>>().chunks(1024) {
+            let x = model.embedder.embed_ids(chunk)?.reshape((chunk.len(), 1, hidden))?;
+            first.push(wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?.squeeze(1)?);
+        }
+        Ok(Self { probe, first: Tensor::cat(&first, 0)? })
+    }
+
+    /// Token ids, most likely first, for the state `target` `(hidden,)` at position `t`.
+    fn rank(&self, target: &Tensor, t: usize) -> Result<Vec<u32>> {
+        let scores = if t == 0 {
+            self.first.broadcast_sub(&target.unsqueeze(0)?)?.sqr()?.sum(D::Minus1)?.neg()?
+        } else {
+            target.unsqueeze(0)?.matmul(&self.probe)?.squeeze(0)?
+        };
+        Ok(scores.arg_sort_last_dim(false)?.to_vec1::<u32>()?)
+    }
+}
+
+/// `(a + ridge·I)⁻¹` for a symmetric positive semi-definite `a` (Cholesky), flattened row-major.
+fn invert_spd(mut a: Vec<Vec<f64>>, ridge: f64) -> Result<Vec<f64>> {
+    let n = a.len();
+    for (i, row) in a.iter_mut().enumerate() {
+        row[i] += ridge.max(1e-12);
+    }
+    // a = L Lᵀ, L in the lower triangle.
+    for j in 0..n {
+        let d = a[j][j] - (0..j).map(|k| a[j][k] * a[j][k]).sum::<f64>();
+        if d <= 0.0 || !d.is_finite() {
+            return Err(Error::invalid("the attacker's probe could not be fitted (a singular system)"));
+        }
+        a[j][j] = d.sqrt();
+        for i in j + 1..n {
+            a[i][j] = (a[i][j] - (0..j).map(|k| a[i][k] * a[j][k]).sum::<f64>()) / a[j][j];
+        }
+    }
+    let mut inv = vec![0f64; n * n];
+    for c in 0..n {
+        // Solve L z = e_c, then Lᵀ x = z.
+        let mut z = vec![0f64; n];
+        for i in 0..n {
+            let e = if i == c { 1.0 } else { 0.0 };
+            z[i] = (e - (0..i).map(|k| a[i][k] * z[k]).sum::<f64>()) / a[i][i];
+        }
+        for i in (0..n).rev() {
+            let x = (z[i] - (i + 1..n).map(|k| a[k][i] * inv[k * n + c]).sum::<f64>()) / a[i][i];
+            inv[i * n + c] = x;
+        }
+    }
+    Ok(inv)
+}
+
+/// The replay inversion of one sample's uplink through `input` (see the module doc).
+fn replay(model: &Model, input: &LayerStack, ranker: &Ranker, sample: &Sample, opts: &AuditOptions) -> Result<Hits> {
+    let n = sample.ids.len();
+    let x = model.embedder.embed_ids(&sample.ids)?;
+    let sent = opts.wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?.squeeze(0)?; // (n, hidden)
+    let mut cache = input.new_cache();
+    let mut hits = Hits::default();
+    for t in 0..n {
+        let target = sent.i(t)?; // (hidden,)
+        let ranked = ranker.rank(&target, t)?;
+        let mut scored: Vec<(f32, u32)> = Vec::new();
+        let target_norm = target.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
+        for block in ranked[..opts.candidates.min(ranked.len())].chunks(MAX_TREE_NODES) {
+            let c = block.len();
+            // Each candidate sees the prefix and itself, at position t.
+            let mask = Arc::new(TreeMask { prefix: t, visible: (0..c).map(|i| vec![t + i]).collect(), positions: vec![t; c] });
+            let h = input.forward_tree(&model.embedder.embed_ids(block)?, &mut cache, mask);
+            cache.truncate(t);
+            let h = opts.wire.round_trip(&h?)?.squeeze(0)?; // (c, hidden)
+            let dist = h.broadcast_sub(&target.unsqueeze(0)?)?.sqr()?.sum(D::Minus1)?.sqrt()?.to_vec1::<f32>()?;
+            scored.extend(dist.iter().map(|d| d / target_norm).zip(block.iter().copied()));
+            // A state that matches to the wire's rounding ends the search.
+            if scored.iter().any(|&(d, _)| d < 1e-3) {
+                break;
+            }
+        }
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let best = scored.first().map_or(ranked[0], |s| s.1);
+        if sample.content[t] {
+            let truth = sample.ids[t];
+            hits.add(Hits(usize::from(best == truth), usize::from(scored.iter().take(10).any(|s| s.1 == truth)), 1));
+        }
+        // The attacker goes on from what it recovered.
+        input.forward(&model.embedder.embed_ids(&[best])?, t, &mut cache)?;
+    }
+    Ok(hits)
+}
+
+/// The public head on one sample's downlink (see the module doc).
+fn public_head(model: &Model, stacks: &(LayerStack, LayerStack, LayerStack), sample: &Sample, wire: WireDtype) -> Result<Hits> {
+    let (input, middle, output) = stacks;
+    let x = model.embedder.embed_ids(&sample.ids)?;
+    let up = wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?;
+    let down = wire.round_trip(&middle.forward(&up, 0, &mut middle.new_cache())?)?;
+    let logits = model.head.forward(&output.forward(&down, 0, &mut output.new_cache())?)?.squeeze(0)?; // (n, vocab)
+    let ranked = logits.arg_sort_last_dim(false)?;
+    let mut hits = Hits::default();
+    for t in 1..sample.ids.len() {
+        if sample.content[t] {
+            let top: Vec<u32> = ranked.i((t - 1, 0..10))?.to_vec1()?;
+            hits.add(Hits(usize::from(top[0] == sample.ids[t]), usize::from(top.contains(&sample.ids[t])), 1));
+        }
+    }
+    Ok(hits)
+}
+
+/// The unigram baseline: always guessing the most frequent content token.
+pub fn unigram_baseline(samples: &[Sample]) -> f64 {
+    let mut counts = std::collections::HashMap::<u32, usize>::new();
+    let mut total = 0;
+    for s in samples {
+        for (&t, &c) in s.ids.iter().zip(&s.content) {
+            if c {
+                *counts.entry(t).or_default() += 1;
+                total += 1;
+            }
+        }
+    }
+    counts.values().max().map_or(0.0, |&m| m as f64 / total.max(1) as f64)
+}
+
+/// Runs every attack for every K1 (`attacker_texts`: token ids of the attacker's own text, for
+/// its candidate ranker); `tick` after each (K1, sample) pair.
+pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, tick: &mut dyn FnMut()) -> Result<Vec<AuditResult>> {
+    if opts.candidates == 0 {
+        return Err(Error::invalid("--candidates must be at least 1"));
+    }
+    let mut out = Vec::new();
+    for &k1 in &opts.input_layers {
+        let stacks = split(model, k1, opts.output_layers)?;
+        let ranker = Ranker::fit(model, &stacks.0, attacker_texts, opts.wire)?;
+        let (mut up, mut down) = (Hits::default(), Hits::default());
+        for s in samples {
+            up.add(replay(model, &stacks.0, &ranker, s, opts)?);
+            down.add(public_head(model, &stacks, s, opts.wire)?);
+            tick();
+        }
+        out.push(up.result("up", k1, "replay"));
+        out.push(down.result("down", k1, "public-head"));
+    }
+    Ok(out)
+}

@@ -1,0 +1,46 @@
+//! `hat audit`'s public-weights attacks on a tiny in-process model: the replay inversion recovers
+//! the uplink exactly, the public head reads greedy answers exactly, the chat template's tokens
+//! are not counted, and bad input is a clear error.
+
+use candle_core::{DType, Device};
+use hat::audit::{run, samples, AuditOptions, Sample};
+use hat::io::dataset::{Conversation, Turn};
+use hat::io::source::{LoadedModel, ModelSpec};
+use hat::net::protocol::WireDtype;
+use hat::testing::{tiny_model, TinySpec};
+
+fn conversation(text: &str) -> Conversation {
+    Conversation { id: text.into(), turns: vec![Turn { role: "user".into(), text: text.into() }] }
+}
+
+#[test]
+fn public_weights_recover_the_uplink_and_read_greedy_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), TinySpec::default()).unwrap();
+    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300 };
+    let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
+    let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
+    // Every candidate is tried (the tiny vocabulary is 264 tokens), so the replay cannot miss.
+    // Only the user's text (one token per byte here) and the reply count, not the template.
+    let prompt_len = |s: &Sample| s.ids.len() - opts.reply_tokens;
+    for (s, c) in ss.iter().zip(&convs) {
+        let text = c.first_prompt().unwrap();
+        assert_eq!(s.content[..prompt_len(s)].iter().filter(|&&c| c).count(), text.len(), "{text}");
+    }
+    let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
+    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    for r in results.iter().filter(|r| r.direction == "up") {
+        assert_eq!(r.top1, 1.0, "the replay recovers every content token: {r:?}");
+    }
+    // The reply alone: the public head reads every greedy token.
+    let replies: Vec<Sample> = ss.iter().map(|s| Sample { ids: s.ids.clone(), content: (0..s.ids.len()).map(|i| i >= prompt_len(s)).collect() }).collect();
+    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().iter().filter(|r| r.direction == "down") {
+        assert_eq!(r.top1, 1.0, "{r:?}");
+    }
+    // Bad input.
+    assert!(samples(&model, &loaded.tokenizer, &[], &opts).unwrap_err().to_string().contains("no conversation"));
+    let deep = AuditOptions { input_layers: vec![5], ..opts.clone() };
+    assert!(run(&model, &ss, &own, &deep, &mut || {}).unwrap_err().to_string().contains("do not split"));
+}
