@@ -40,13 +40,20 @@ fn help_lists_every_subcommand() {
     }
 }
 
+/// A tiny model in `dir/m`, split by `hat split` into `dir/split` with `layers` on each side of
+/// the device; returns the model's and the split's folders.
+fn tiny_split(dir: &Path, layers: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let model = tiny_model(&dir.join("m"), TinySpec::default()).unwrap();
+    let split = dir.join("split");
+    let o = hat(&["split", "--model", model.to_str().unwrap(), "--input-layers", layers, "--output-layers", layers, "--out", split.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (model, split)
+}
+
 #[test]
 fn profile_measures_a_tiny_split_and_run_edge_checks_the_profile() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
-    let split = dir.path().join("split");
-    let o = hat(&["split", "--model", model.to_str().unwrap(), "--input-layers", "1", "--output-layers", "1", "--out", split.to_str().unwrap()], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (_, split) = tiny_split(dir.path(), "1");
     let out = dir.path().join("p.json");
     let plots = dir.path().join("plots");
     let (cloud, device) = (split.join("cloud"), split.join("device"));
@@ -139,16 +146,28 @@ fn serve_cloud(cloud: &Path, listen: &str, state: &Path) -> (std::process::Child
     (server, addr, fingerprint, rx)
 }
 
+/// `hat run-edge --json` started against the cloud at `addr` for 40 greedy tokens, f32 on the
+/// wire, slowed down (chunks of 4 positions, 100 ms round trips) so that a test can kill the cloud
+/// at chosen points of the answer; `extra` flags added.
+fn slow_edge(split: &Path, addr: &str, fingerprint: &str, prompt: &str, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_hat"))
+        .args(["run-edge", "--bundle", split.join("device").to_str().unwrap(), "--cloud", addr, "--cloud-fingerprint", fingerprint, "--prompt", prompt])
+        .args(["--max-tokens", "40", "--adapter", "none", "--wire-dtype", "f32", "--chunk-size", "4", "--link-rtt-ms", "100", "--json"])
+        .args(extra)
+        .env("HAT_NO_PROGRESS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// The cloud process is killed (SIGKILL: no close reaches the edge) at two points of an answer
 /// and another one started on the same address; `run-edge` notices the overdue reply, replays
 /// its session to the new process and prints the same tokens as `hat generate`.
 #[test]
 fn run_edge_outlives_a_killed_cloud() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
-    let split = dir.path().join("split");
-    let o = hat(&["split", "--model", model.to_str().unwrap(), "--input-layers", "2", "--output-layers", "2", "--out", split.to_str().unwrap()], &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (model, split) = tiny_split(dir.path(), "2");
     let prompt = "tell me a story about the sea and the wind";
     let o = hat(&["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--max-tokens", "40", "--json"], &[]);
     let want: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -157,14 +176,7 @@ fn run_edge_outlives_a_killed_cloud() {
     // round trip, about a dozen rounds. The times count from the session's opening.
     for kill_after_ms in [20, 600] {
         let (mut cloud, addr, fingerprint, opened) = serve_cloud(&split.join("cloud"), "127.0.0.1:0", &state);
-        let edge = Command::new(env!("CARGO_BIN_EXE_hat"))
-            .args(["run-edge", "--bundle", split.join("device").to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", prompt])
-            .args(["--max-tokens", "40", "--adapter", "none", "--wire-dtype", "f32", "--chunk-size", "4", "--link-rtt-ms", "100", "--json", "--cloud-timeout", "30"])
-            .env("HAT_NO_PROGRESS", "1")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let edge = slow_edge(&split, &addr, &fingerprint, prompt, &["--cloud-timeout", "30"]);
         opened.recv_timeout(std::time::Duration::from_secs(30)).expect("the edge opens a session");
         std::thread::sleep(std::time::Duration::from_millis(kill_after_ms));
         cloud.kill().unwrap();
@@ -183,14 +195,7 @@ fn run_edge_outlives_a_killed_cloud() {
     // Killed for good: after --cloud-timeout the run fails, and --json still reports the
     // verified tokens it had (with --fallback slm it would finish on the device).
     let (mut cloud, addr, fingerprint, opened) = serve_cloud(&split.join("cloud"), "127.0.0.1:0", &state);
-    let edge = Command::new(env!("CARGO_BIN_EXE_hat"))
-        .args(["run-edge", "--bundle", split.join("device").to_str().unwrap(), "--cloud", &addr, "--cloud-fingerprint", &fingerprint, "--prompt", prompt])
-        .args(["--max-tokens", "40", "--adapter", "none", "--wire-dtype", "f32", "--chunk-size", "4", "--link-rtt-ms", "100", "--json", "--cloud-timeout", "1", "--connect-timeout", "0.3"])
-        .env("HAT_NO_PROGRESS", "1")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let edge = slow_edge(&split, &addr, &fingerprint, prompt, &["--cloud-timeout", "1", "--connect-timeout", "0.3"]);
     opened.recv_timeout(std::time::Duration::from_secs(30)).expect("the edge opens a session");
     std::thread::sleep(std::time::Duration::from_millis(600));
     cloud.kill().unwrap();

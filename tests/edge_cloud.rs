@@ -756,6 +756,22 @@ enum Loss {
     Crash,
 }
 
+/// A cloud of its own for the world's split (state in `dir`), and a tap for an edge's session
+/// with it that signals the receiver once the edge has received `after_frames` frames from it
+/// (the handshake's welcome is the first): the moment the test loses the cloud.
+fn doomed_cloud(w: &World, dir: &Path, after_frames: usize) -> (BackgroundServer, FrameTap, std::sync::mpsc::Receiver<()>) {
+    let doomed = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.to_path_buf(), None, 4, 4096)).unwrap();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let seen = std::sync::atomic::AtomicUsize::new(0);
+    let kill_tx = Mutex::new(kill_tx);
+    let tap: FrameTap = Arc::new(move |dir, _body: &[u8]| {
+        if dir == Direction::Down && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == after_frames {
+            let _ = kill_tx.lock().unwrap().send(());
+        }
+    });
+    (doomed, tap, kill_rx)
+}
+
 /// The cloud is lost at several points of an answer (right after the handshake, i.e. before
 /// the prefill's first reply; mid-prefill; mid-decoding; closed or crashed): the edge finds the
 /// other cloud, replays the session there, and the greedy tokens are still `hat generate`'s.
@@ -768,17 +784,7 @@ fn losing_the_cloud_mid_answer_changes_no_token() {
     let quick = |o: ConnectOptions| ConnectOptions { connect_timeout: std::time::Duration::from_secs(1), ..o };
     for (after_frames, loss) in [(1, Loss::Close), (2, Loss::Crash), (6, Loss::Close), (11, Loss::Crash)] {
         let dir = tempfile::tempdir().unwrap();
-        let doomed = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), None, 4, 4096)).unwrap();
-        // The tap sees each frame from the doomed cloud; after `after_frames` of them (the
-        // handshake's welcome is the first) the cloud is lost.
-        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
-        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let kill_tx = Mutex::new(kill_tx);
-        let tap: FrameTap = Arc::new(move |dir, _body: &[u8]| {
-            if dir == Direction::Down && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == after_frames {
-                let _ = kill_tx.lock().unwrap().send(());
-            }
-        });
+        let (doomed, tap, kill_rx) = doomed_cloud(w, dir.path(), after_frames);
         let clouds = vec![ConnectOptions { tap: Some(tap), ..quick(edge_options(w, &doomed)) }, quick(edge_options(w, &w.server))];
         let killer = std::thread::spawn(move || {
             if kill_rx.recv().is_err() {
@@ -838,15 +844,7 @@ fn with_the_slm_fallback_an_answer_outlives_every_cloud() {
     let a = adapter(w, "partial");
     for fallback in [hat::edge::Fallback::None, hat::edge::Fallback::Slm] {
         let dir = tempfile::tempdir().unwrap();
-        let doomed = BackgroundServer::start(w.cloud.clone(), cloud_config(dir.path().to_path_buf(), None, 4, 4096)).unwrap();
-        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
-        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let kill_tx = Mutex::new(kill_tx);
-        let tap: FrameTap = Arc::new(move |dir, _body: &[u8]| {
-            if dir == Direction::Down && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == 6 {
-                let _ = kill_tx.lock().unwrap().send(());
-            }
-        });
+        let (doomed, tap, kill_rx) = doomed_cloud(w, dir.path(), 6);
         let only = vec![ConnectOptions { tap: Some(tap), connect_timeout: std::time::Duration::from_millis(300), ..edge_options(w, &doomed) }];
         let killer = std::thread::spawn(move || {
             if kill_rx.recv().is_ok() {
