@@ -84,8 +84,10 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "int8", value_parser = ["int8", "f32"])]
     pub draft_compute: String,
 
-    /// Draft the next round while the cloud verifies this one (`on`), or not (`off`); chains
-    /// only (--draft-tree chain).
+    /// Draft the next round while the cloud verifies this one (`on`), or not (`off`): a chain
+    /// drafts on after its guess of the reply; a tree grows on, best first, with nodes the cloud
+    /// does not see, and when the reply's bonus token is one of them the next round is sent
+    /// without drafting.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_ahead: String,
 

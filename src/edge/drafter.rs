@@ -85,7 +85,8 @@ pub struct DraftOptions {
     /// Stop drafting on low confidence: `None`, the threshold from measured costs; `Some(t)`,
     /// fixed (`Some(0.0)`: always draft `--draft-len`).
     pub threshold: Option<f32>,
-    /// Draft the next round while the cloud verifies this one (chains only).
+    /// Draft the next round while the cloud verifies this one (a chain on its guess of the
+    /// reply; a tree grown on with nodes the cloud does not see).
     pub overlap: bool,
     /// Chains or trees.
     pub tree: TreeChoice,

@@ -30,6 +30,8 @@
 //! (`tree`: EAGLE-2's dynamic tree, sized from measured costs); the cloud verifies every branch
 //! in one pass with a tree mask, the device walks down the accepted path
 //! ([`crate::decode::accept_tree`]), and every cache keeps that path at consecutive positions.
+//! While the cloud verifies a tree the device grows it on with nodes the cloud does not see;
+//! when the bonus token is one of them, the next round is drafted already (`tree`'s docs).
 //!
 //! Files: `state` (caches, timers, the steps every phase uses), `prefill` (chunked prefill),
 //! `draft` (drafting a round and the next one ahead, the draft path), `tree` (drafting a tree,
@@ -265,7 +267,7 @@ fn generate_verified<L: MiddleLink>(
     let eos = &dev.tokenizer.eos_token_ids;
     let drafting = opts.mode == Mode::Hat && opts.draft_len > 0;
     let trees = drafting && drafter.options.tree != TreeChoice::Chain;
-    let overlap = drafting && drafter.options.overlap && !trees;
+    let overlap = drafting && drafter.options.overlap;
     let mut sampler = Sampler::new(opts.sampling)?;
     let mut steps = DraftLength::new(drafter.options.threshold, sampler.is_greedy());
     let mut edge = Edge::new(dev, drafter, link);
@@ -284,8 +286,11 @@ fn generate_verified<L: MiddleLink>(
         stop = StopReason::Stopped;
     }
     let mut times = RoundTimes::default();
-    // The round of `next`, when it was drafted ahead during the previous round.
+    // The round of `next`, when it was drafted ahead during the previous round (a chain, or
+    // the subtree under `next` of a tree).
     let mut prepared: Option<Drafted> = None;
+    let mut prepared_tree: Option<tree::TreeRound> = None;
+    let mut ahead_clock = tree::AheadClock::default();
     // Trees: the rows the last verification kept (the cloud learns them with the next block),
     // the measured cost of a row, nodes sent.
     let mut keep: Vec<u16> = Vec::new();
@@ -321,22 +326,42 @@ fn generate_verified<L: MiddleLink>(
             let limits = tree_limits(drafter.options.tree, gamma, limit.saturating_sub(base + 1), threshold, &steps, &row_cost, sampler.is_greedy());
             node_threshold = limits.node_threshold;
             let t = Instant::now();
-            let round = edge.draft_tree(next, base, &limits, eos, &sampler, &mut steps)?;
+            let mut round = match prepared_tree.take() {
+                Some(tree) => edge.reseed_tree(tree, base, &limits)?,
+                None => edge.draft_tree(next, base, &limits, eos, &sampler, &mut steps)?,
+            };
             times.draft += t.elapsed();
             edge.link.submit_tree(base, &round.hidden, round.shape.parents(), &keep)?;
+            let sent = Instant::now();
             let n = round.shape.len();
             tree_nodes += n - 1;
-            let waited = edge.wait_time;
+            if overlap {
+                // The tree grows on while the cloud verifies it (the reply decides nothing here:
+                // the committed tokens are the LLM's whatever the tree holds).
+                let t = Instant::now();
+                ahead_clock.sent();
+                let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock)?;
+                times.ahead += t.elapsed();
+                times.ahead_rounds += usize::from(grew);
+            }
             let reply = edge.receive()?;
+            ahead_clock.received();
             let t = Instant::now();
             let logits = edge.tree_logits(&reply, &round.shape)?; // (n, vocab)
             let TreeAcceptance { path, next: new_token } = accept_tree(|i| round.children(i), |i| sampler.select(&logits.get(i)?))?;
             let depth = (0..n).map(|i| round.shape.depth(i)).max().unwrap_or(0);
             stats.record(depth, path.len() - 1);
-            edge.keep_tree_path(base, &path, &round, &reply)?;
+            let last = path.last().copied().unwrap_or(0);
+            match round.ahead_child(last, new_token) {
+                Some(child) => {
+                    prepared_tree = Some(edge.keep_tree_ahead(base, &path, child, &round, &reply)?);
+                    times.ahead_hits += 1;
+                }
+                None => edge.keep_tree_path(base, &path, &round, &reply)?,
+            }
             keep = path.iter().map(|&i| i as u16).collect();
             times.verify += t.elapsed();
-            row_cost.record(n, ms(t.elapsed() + (edge.wait_time - waited)));
+            row_cost.record(n, ms(sent.elapsed()));
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
             stopped = commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
             next = new_token;
@@ -365,7 +390,7 @@ fn generate_verified<L: MiddleLink>(
         let ends = drafts.last().is_some_and(|d| eos.contains(d));
         let (next_committed, next_base) = (tokens.len() + k + 1, base + k + 1);
         let mut ahead = None;
-        if overlap && !ends && next_committed < opts.max_tokens && next_base < limit {
+        if overlap && !trees && !ends && next_committed < opts.max_tokens && next_base < limit {
             let t = Instant::now();
             let until_reply = sampler.is_greedy();
             // Greedy: drafting ahead only fills time the device would wait, so it drafts whatever the

@@ -44,6 +44,10 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     pub(super) last_logits: Option<Tensor>,
     /// A reply that arrived while the device was drafting ahead.
     early: Option<MiddleReply>,
+    /// Adapter positions to run again on the cloud's middle outputs before the next drafting
+    /// ahead: the first position, input states `(1, n, hidden)` and their conditions (a tree's
+    /// path kept with its drafted-ahead subtree, [`Edge::keep_tree_ahead`]).
+    pub(super) refresh: Option<(usize, Tensor, Tensor)>,
     pub(super) device_time: Duration,
     pub(super) wait_time: Duration,
     pub(super) cloud_time: Duration,
@@ -66,6 +70,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             features: None,
             last_logits: None,
             early: None,
+            refresh: None,
             device_time: Duration::ZERO,
             wait_time: Duration::ZERO,
             cloud_time: Duration::ZERO,
@@ -157,6 +162,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
     }
 
     pub(super) fn rollback(&mut self, valid: usize) {
+        self.refresh = None;
         self.input.truncate(valid);
         self.adapter_cache.truncate(valid);
         self.slm_output.truncate(valid);

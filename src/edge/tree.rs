@@ -25,6 +25,18 @@
 //! sent). A node joins while `p ≥ r / T`; a level is drafted further while its best node's `p`
 //! is at least the chain's threshold, a draft step's cost over `T` ([`super::drafter`]). With
 //! sampling both stay at their priors, so that a seeded run does not depend on timings.
+//!
+//! ## Drafting ahead (`--no-draft-overlap` switches it off)
+//! While the cloud verifies a tree the device grows it further, best first by cumulative draft
+//! probability, with nodes the cloud does not see ([`Edge::grow_ahead`]); a node's cumulative
+//! probability is also the draft's estimate of the chance that verification ends on it. When
+//! the reply's bonus token is one of those nodes (a child of the accepted path's last node), the
+//! next round is drafted already: every cache keeps the path, that node and its descendants
+//! ([`Edge::keep_tree_ahead`]), and the next round sends the best of them
+//! ([`Edge::reseed_tree`]) with one more level of leaves, without a draft step on the critical
+//! path. The LLM path stays exact: a node's input-submodel state depends only on its ancestors,
+//! which the kept path and subtree hold at the same positions; the draft path of those nodes was
+//! conditioned on predicted middle outputs, which only changes what is drafted.
 
 use std::time::Instant;
 
@@ -38,6 +50,12 @@ use crate::edge::state::Edge;
 use crate::error::{Error, Result};
 use crate::model::tree::{TreeShape, MAX_TREE_NODES, ROOT};
 use crate::net::{MiddleLink, MiddleReply};
+
+/// How many of its most likely next tokens a drafted node keeps (drafting ahead looks further
+/// down the list than a round's `branch`).
+const KEPT_NEXT: usize = 8;
+/// Nodes added per step of drafting ahead (one pass of the input submodel and the draft path).
+const AHEAD_WIDTH: usize = 8;
 
 /// How far a round's tree may grow.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,27 +74,190 @@ pub(super) struct TreeLimits {
     pub level_threshold: f32,
 }
 
-/// A round's draft tree, ready to verify.
+/// A node of a round's tree as the device drafted it.
+#[derive(Clone)]
+struct Node {
+    /// Its parent's index ([`ROOT`] for the root).
+    parent: u16,
+    token: u32,
+    depth: usize,
+    /// The product of the draft's probabilities along the path from the root.
+    cum: f32,
+    /// Its input-submodel state, `(1, 1, hidden)`: what the cloud gets.
+    hidden: Tensor,
+    /// Once through the draft path: the adapter's prediction of its middle output `(1, 1,
+    /// hidden)` (its children's condition), and the draft's most likely next tokens with their
+    /// probabilities (none after an end-of-sequence token).
+    predicted: Option<Tensor>,
+    next: Vec<(u32, f32)>,
+}
+
+/// A round's draft tree: the nodes sent for verification (`shape`, `tokens`, `hidden`), and
+/// after them those drafted ahead while the cloud verifies.
 pub(super) struct TreeRound {
+    /// The sent nodes' shape and tokens (node 0: the committed token).
     pub shape: TreeShape,
-    /// The token of each node (node 0: the committed token).
     pub tokens: Vec<u32>,
-    /// Input-submodel states of every node, `(1, n, hidden)`.
+    /// Input-submodel states of the sent nodes, `(1, n, hidden)`.
     pub hidden: Tensor,
+    nodes: Vec<Node>,
+    /// Nodes `[0, expanded)` have been through the draft path: every draft-path cache holds them
+    /// at the slots after the round's start, in node order.
+    expanded: usize,
 }
 
 impl TreeRound {
-    /// The children of a node and their tokens.
+    /// A tree of its root alone, not sent yet.
+    fn root(token: u32, hidden: Tensor) -> Result<Self> {
+        let node = Node { parent: ROOT, token, depth: 0, cum: 1.0, hidden: hidden.clone(), predicted: None, next: Vec::new() };
+        Ok(Self { shape: TreeShape::chain(1)?, tokens: vec![token], hidden, nodes: vec![node], expanded: 0 })
+    }
+
+    /// The children of a sent node and their tokens (what verification may accept).
     pub fn children(&self, i: usize) -> Vec<(usize, u32)> {
         self.shape.children(i).map(|c| (c, self.tokens[c])).collect()
     }
+
+    /// Every node drafted.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn parents(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.parent).collect()
+    }
+
+    fn has_child(&self, parent: usize, token: u32) -> bool {
+        self.nodes.iter().any(|n| n.parent as usize == parent && n.parent != ROOT && n.token == token)
+    }
+
+    /// The drafted-ahead child of node `parent` with this token: the next round's root, drafted
+    /// already.
+    pub fn ahead_child(&self, parent: usize, token: u32) -> Option<usize> {
+        (self.shape.len()..self.nodes.len()).find(|&i| self.nodes[i].parent as usize == parent && self.nodes[i].token == token && i < self.expanded)
+    }
+
+    /// Node `c` and its descendants, in node order.
+    fn subtree_rows(&self, c: usize) -> Vec<usize> {
+        let mut inside = vec![false; self.nodes.len()];
+        let mut rows = Vec::new();
+        for i in c..self.nodes.len() {
+            inside[i] = i == c || (self.nodes[i].parent != ROOT && inside[self.nodes[i].parent as usize]);
+            if inside[i] {
+                rows.push(i);
+            }
+        }
+        rows
+    }
+
+    /// The tree of these nodes (increasing; the first is the new root, every other one's parent
+    /// among them), re-indexed, with depths and cumulative probabilities from the new root.
+    fn restrict(&self, rows: &[usize]) -> Result<Self> {
+        let root = &self.nodes[rows[0]];
+        let mut index = vec![None; self.nodes.len()];
+        let mut nodes = Vec::with_capacity(rows.len());
+        for (j, &i) in rows.iter().enumerate() {
+            let n = &self.nodes[i];
+            let parent = match j {
+                0 => ROOT,
+                _ => index[n.parent as usize].ok_or_else(|| Error::invalid("internal: a kept tree node without its parent"))?,
+            };
+            index[i] = Some(j as u16);
+            nodes.push(Node { parent, depth: n.depth - root.depth, cum: if root.cum > 0.0 { n.cum / root.cum } else { 0.0 }, ..n.clone() });
+        }
+        let expanded = rows.iter().take_while(|&&i| i < self.expanded).count();
+        let mut tree = Self { nodes, expanded, ..Self::root(root.token, root.hidden.clone())? };
+        tree.nodes[0].parent = ROOT;
+        Ok(tree)
+    }
+
+    /// Fixes every node drafted so far as the round's block.
+    fn seal(&mut self) -> Result<()> {
+        self.shape = TreeShape::new(self.parents())?;
+        self.tokens = self.nodes.iter().map(|n| n.token).collect();
+        let rows: Vec<&Tensor> = self.nodes.iter().map(|n| &n.hidden).collect();
+        self.hidden = if rows.len() == 1 { rows[0].clone() } else { Tensor::cat(&rows, 1)? };
+        Ok(())
+    }
+
+    /// The best `count` new children of the nodes `from` (expanded ones), by cumulative
+    /// probability: `(cum, parent, token)`, at least `threshold`, at most `depth` deep.
+    fn candidates(&self, from: impl Iterator<Item = usize>, branch: usize, threshold: f32, depth: usize, count: usize) -> Vec<(f32, usize, u32)> {
+        let mut candidates: Vec<(f32, usize, u32)> = Vec::new();
+        for u in from {
+            let n = &self.nodes[u];
+            if n.depth >= depth {
+                continue;
+            }
+            for &(token, p) in n.next.iter().take(branch) {
+                if !self.has_child(u, token) {
+                    candidates.push((n.cum * p, u, token));
+                }
+            }
+        }
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+        candidates.retain(|c| c.0 >= threshold && c.0 > 0.0);
+        candidates.truncate(count);
+        candidates
+    }
 }
 
-/// A node of the level being drafted: its draft probabilities over the draft head's rows.
-struct Frontier {
-    node: usize,
-    cum: f32,
-    probs: Vec<f32>,
+/// When a tree's reply is expected, so that drafting ahead does not start a step that would
+/// delay it: the time from sending a tree to its reply (measured when the device waited for it;
+/// a lower bound when the reply came in during a step ahead) and what a step ahead costs, both
+/// medians of recent rounds.
+#[derive(Debug, Default)]
+pub(super) struct AheadClock {
+    sent: Option<Instant>,
+    /// The last time the reply was not in yet, and whether it was seen arriving during a step.
+    last_poll: Option<Instant>,
+    arrived: bool,
+    replies_ms: Vec<f64>,
+    steps_ms: Vec<f64>,
+}
+
+impl AheadClock {
+    /// A tree was sent.
+    pub(super) fn sent(&mut self) {
+        (self.sent, self.last_poll, self.arrived) = (Some(Instant::now()), None, false);
+    }
+
+    /// Its reply is in (called when `receive` returns).
+    pub(super) fn received(&mut self) {
+        let Some(sent) = self.sent.take() else { return };
+        let at = match (self.arrived, self.last_poll) {
+            (true, Some(p)) => p,
+            (true, None) => return,
+            (false, _) => Instant::now(),
+        };
+        push_recent(&mut self.replies_ms, ms(at.duration_since(sent)));
+    }
+
+    fn record_step(&mut self, d: std::time::Duration) {
+        push_recent(&mut self.steps_ms, ms(d));
+    }
+
+    /// Whether a step ahead started now would end before the reply is expected (always, until
+    /// both are measured).
+    fn time_for_a_step(&self) -> bool {
+        match (self.sent, median(&self.replies_ms), median(&self.steps_ms)) {
+            (Some(sent), Some(reply), Some(step)) => ms(sent.elapsed()) + step <= reply,
+            _ => true,
+        }
+    }
+}
+
+fn push_recent(v: &mut Vec<f64>, x: f64) {
+    v.push(x);
+    if v.len() > 16 {
+        v.remove(0);
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 impl<L: MiddleLink> Edge<'_, L> {
@@ -85,93 +266,161 @@ impl<L: MiddleLink> Edge<'_, L> {
     pub(super) fn draft_tree(&mut self, next: u32, base: usize, limits: &TreeLimits, eos: &[u32], sampler: &Sampler, steps: &mut DraftLength) -> Result<TreeRound> {
         let h = self.input_hidden(&[next])?;
         self.push_tail(&h)?;
-        let mut parents = vec![ROOT];
-        let mut tokens = vec![next];
-        let mut hidden = vec![h];
+        let mut tree = TreeRound::root(next, h)?;
         let t = Instant::now();
         let logits = self.draft_logits()?;
         steps.record_step(ms(t.elapsed()));
-        // The adapter's predicted middle output of each node (its children's condition).
-        let mut predicted = vec![self.features.take()];
-        let mut frontier = vec![Frontier { node: 0, cum: 1.0, probs: self.draft_probs(&logits, sampler)? }];
+        tree.nodes[0].predicted = self.features.take();
+        tree.nodes[0].next = self.next_tokens(&logits, sampler)?;
+        tree.expanded = 1;
+        self.last_logits = None;
         let budget = limits.nodes.min(MAX_TREE_NODES - 1);
+        let mut frontier = vec![0];
         for depth in 1..=limits.depth {
-            let room = budget - (tokens.len() - 1);
-            let mut candidates: Vec<(f32, usize, u32)> = Vec::new();
-            for f in &frontier {
-                for (row, p) in top_rows(&f.probs, limits.branch) {
-                    candidates.push((f.cum * p, f.node, self.head.token(row)));
-                }
-            }
-            candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-            candidates.retain(|c| c.0 >= limits.node_threshold && c.0 > 0.0);
-            candidates.truncate(limits.width.min(room));
+            let room = budget - (tree.len() - 1);
+            let candidates = tree.candidates(frontier.iter().copied(), limits.branch, limits.node_threshold, depth, limits.width.min(room));
             if candidates.is_empty() {
                 break;
             }
             let t = Instant::now();
-            let first = tokens.len();
-            for &(_, parent, token) in &candidates {
-                parents.push(parent as u16);
-                tokens.push(token);
-            }
-            let shape = TreeShape::new(parents.clone())?;
-            let mask = shape.mask(base, first..tokens.len());
-            let x = self.dev.embedder.embed_ids(&tokens[first..])?;
-            let h = self.dev.input.forward_tree(&x, &mut self.input, mask.clone())?;
-            hidden.push(h.clone());
-            let best = candidates[0].0;
-            let deeper = depth < limits.depth && tokens.len() - 1 < budget && best >= limits.level_threshold;
+            let first = tree.len();
+            self.add_nodes(&mut tree, base, &candidates)?;
+            let deeper = depth < limits.depth && tree.len() - 1 < budget && candidates[0].0 >= limits.level_threshold;
             if !deeper {
-                self.device_time += t.elapsed();
                 break;
             }
             // The level's draft path: the adapter on the nodes (conditioned on their parents'
             // predicted middle outputs), the output submodel, the draft head.
-            let prev = match self.adapter.is_conditioned() {
-                true => {
-                    let rows = candidates
-                        .iter()
-                        .map(|&(_, parent, _)| predicted[parent].clone().ok_or_else(|| Error::invalid("internal: a tree node without its parent's middle output")))
-                        .collect::<Result<Vec<_>>>()?;
-                    Some(Tensor::cat(&rows, 1)?)
-                }
-                false => None,
-            };
-            let m = self.adapter.forward_tree(&h, prev.as_ref(), &mut self.adapter_cache, mask.clone())?;
-            let y = match self.adapter.draft_context {
-                DraftContext::Drafted => self.draft_output.forward_tree(&m, &mut self.slm_output, mask)?,
-                DraftContext::Verified => self.draft_output.forward_tree(&m, &mut self.llm_output, mask)?,
-            };
-            let logits = self.head.logits_all(&self.dev.head, &y)?; // (level, rows)
-            frontier.clear();
-            for (j, &(cum, _, token)) in candidates.iter().enumerate() {
-                let node = first + j;
-                predicted.push(Some(m.narrow(1, j, 1)?));
-                if !eos.contains(&token) {
-                    frontier.push(Frontier { node, cum, probs: self.draft_probs(&logits.get(j)?, sampler)? });
-                }
-            }
-            self.device_time += t.elapsed();
+            self.expand(&mut tree, base, eos, sampler)?;
             steps.record_step(ms(t.elapsed()));
+            frontier = (first..tree.len()).filter(|&i| !tree.nodes[i].next.is_empty()).collect();
             if frontier.is_empty() {
                 break;
             }
         }
         // The draft path holds the root and the expanded levels; what verification keeps of it
-        // runs again (the catch-up of the next round).
-        self.last_logits = None;
-        let hidden = if hidden.len() == 1 { hidden.remove(0) } else { Tensor::cat(&hidden, 1)? };
-        Ok(TreeRound { shape: TreeShape::new(parents)?, tokens, hidden })
+        // runs again (the catch-up of the next round), unless the next round was drafted ahead.
+        tree.seal()?;
+        Ok(tree)
     }
 
-    /// The draft's distribution over the draft head's rows at one node, `logits` `(rows,)`.
-    fn draft_probs(&self, logits: &Tensor, sampler: &Sampler) -> Result<Vec<f32>> {
-        if sampler.is_greedy() {
-            Ok(candle_nn::ops::softmax_last_dim(logits)?.to_vec1::<f32>()?)
-        } else {
-            sampler.probs(logits)
+    /// While the cloud verifies the sent tree at `base`: grows it with nodes the cloud does not
+    /// see, the sent leaves through the draft path first, then [`AHEAD_WIDTH`] at a time, the most
+    /// likely new children of any node, each step through the input submodel and the draft
+    /// path; until the reply is in or expected before a step would end (`clock`), the tree holds
+    /// [`MAX_TREE_NODES`] nodes, or `slots` positions are used. Returns whether anything was
+    /// drafted ahead.
+    pub(super) fn grow_ahead(&mut self, tree: &mut TreeRound, base: usize, slots: usize, eos: &[u32], sampler: &Sampler, clock: &mut AheadClock) -> Result<bool> {
+        let mut grew = false;
+        let cap = MAX_TREE_NODES.min(slots);
+        if let Some((start, x, prev)) = self.refresh.take() {
+            // The kept path of a tree drafted ahead, conditioned on the cloud's middle outputs
+            // now (its later nodes keep what they drafted).
+            let end = self.adapter_cache.len();
+            self.adapter_cache.truncate(start);
+            self.adapter.forward(&x, Some(&prev), start, &mut self.adapter_cache)?;
+            self.adapter_cache.restore(end)?;
         }
+        loop {
+            if self.reply_arrived()? {
+                clock.arrived = true;
+                break;
+            }
+            clock.last_poll = Some(Instant::now());
+            if !clock.time_for_a_step() {
+                break;
+            }
+            let t = Instant::now();
+            if tree.expanded < tree.len() {
+                self.expand(tree, base, eos, sampler)?;
+            } else {
+                let room = cap.saturating_sub(tree.len());
+                let candidates = tree.candidates(0..tree.len(), KEPT_NEXT, 0.0, usize::MAX, AHEAD_WIDTH.min(room));
+                if candidates.is_empty() {
+                    break;
+                }
+                self.add_nodes(tree, base, &candidates)?;
+                self.expand(tree, base, eos, sampler)?;
+            }
+            clock.record_step(t.elapsed());
+            grew = true;
+        }
+        Ok(grew)
+    }
+
+    /// Adds nodes `(cum, parent, token)` after the tree's last and runs them through the input
+    /// submodel (its cache holds every node of the tree at the slots after `base`).
+    fn add_nodes(&mut self, tree: &mut TreeRound, base: usize, new: &[(f32, usize, u32)]) -> Result<()> {
+        let t = Instant::now();
+        let first = tree.len();
+        let mut parents = tree.parents();
+        parents.extend(new.iter().map(|&(_, parent, _)| parent as u16));
+        let shape = TreeShape::new(parents)?;
+        let tokens: Vec<u32> = new.iter().map(|c| c.2).collect();
+        let x = self.dev.embedder.embed_ids(&tokens)?;
+        let h = self.dev.input.forward_tree(&x, &mut self.input, shape.mask(base, first..first + new.len()))?;
+        for (j, &(cum, parent, token)) in new.iter().enumerate() {
+            let depth = tree.nodes[parent].depth + 1;
+            tree.nodes.push(Node { parent: parent as u16, token, depth, cum, hidden: h.narrow(1, j, 1)?, predicted: None, next: Vec::new() });
+        }
+        self.device_time += t.elapsed();
+        Ok(())
+    }
+
+    /// Runs the nodes not yet through the draft path through it, as one block with the tree's
+    /// mask: the adapter (conditioned on their parents' predicted middle outputs), the output
+    /// submodel and the draft head; keeps each node's predicted middle output and most likely
+    /// next tokens.
+    fn expand(&mut self, tree: &mut TreeRound, base: usize, eos: &[u32], sampler: &Sampler) -> Result<()> {
+        let range = tree.expanded..tree.len();
+        if range.is_empty() {
+            return Ok(());
+        }
+        if self.adapter_cache.len() != base + range.start {
+            return Err(Error::invalid(format!("internal: the draft path holds {} positions, not the tree's first {} after {base}", self.adapter_cache.len(), range.start)));
+        }
+        let t = Instant::now();
+        let mask = TreeShape::new(tree.parents())?.mask(base, range.clone());
+        let rows: Vec<&Tensor> = tree.nodes[range.clone()].iter().map(|n| &n.hidden).collect();
+        let h = Tensor::cat(&rows, 1)?;
+        let prev = match self.adapter.is_conditioned() {
+            true => {
+                let rows = tree.nodes[range.clone()]
+                    .iter()
+                    .map(|n| tree.nodes[n.parent as usize].predicted.clone().ok_or_else(|| Error::invalid("internal: a tree node without its parent's middle output")))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&rows, 1)?)
+            }
+            false => None,
+        };
+        let m = self.adapter.forward_tree(&h, prev.as_ref(), &mut self.adapter_cache, mask.clone())?;
+        let y = match self.adapter.draft_context {
+            DraftContext::Drafted => self.draft_output.forward_tree(&m, &mut self.slm_output, mask)?,
+            DraftContext::Verified => self.draft_output.forward_tree(&m, &mut self.llm_output, mask)?,
+        };
+        let logits = self.head.logits_all(&self.dev.head, &y)?; // (rows, draft rows)
+        for (j, i) in range.clone().enumerate() {
+            let next = match eos.contains(&tree.nodes[i].token) {
+                true => Vec::new(),
+                false => self.next_tokens(&logits.get(j)?, sampler)?,
+            };
+            let node = &mut tree.nodes[i];
+            node.predicted = Some(m.narrow(1, j, 1)?);
+            node.next = next;
+        }
+        tree.expanded = range.end;
+        self.device_time += t.elapsed();
+        Ok(())
+    }
+
+    /// The draft's most likely next tokens at one node and their probabilities, `logits` `(rows,)`
+    /// over the draft head's rows.
+    fn next_tokens(&self, logits: &Tensor, sampler: &Sampler) -> Result<Vec<(u32, f32)>> {
+        let probs = match sampler.is_greedy() {
+            true => candle_nn::ops::softmax_last_dim(logits)?.to_vec1::<f32>()?,
+            false => sampler.probs(logits)?,
+        };
+        Ok(top_rows(&probs, KEPT_NEXT).into_iter().map(|(row, p)| (self.head.token(row), p)).collect())
     }
 
     /// The LLM's logits at every node of a verified tree, `(n, vocab)`: the output submodel on
@@ -200,6 +449,7 @@ impl<L: MiddleLink> Edge<'_, L> {
         self.adapter_cache.truncate(base + 1);
         self.slm_output.truncate(base + 1);
         self.last_logits = None;
+        self.refresh = None;
         let rows = |t: &Tensor, of: &[usize]| -> Result<Tensor> {
             let idx = Tensor::from_vec(of.iter().map(|&i| i as u32).collect::<Vec<_>>(), of.len(), t.device())?;
             Ok(t.index_select(&idx, 1)?)
@@ -208,6 +458,82 @@ impl<L: MiddleLink> Edge<'_, L> {
         self.features = None;
         self.push_features(&rows(&reply.hidden, path)?)?;
         Ok(())
+    }
+
+    /// After verification of the tree at `base` when the bonus token is node `next` drafted
+    /// ahead (a child of the path's last node): every cache keeps the path, `next` and its
+    /// descendants at consecutive positions (the LLM output cache first takes back the draft
+    /// states verification truncated), and returns them as the next round's tree, not sent yet.
+    ///
+    /// A conditioned adapter drafted the path's nodes after the root, and `next`, on predicted
+    /// middle outputs; they run again on the cloud's (`reply`) when the next tree is drafted
+    /// ahead, off the critical path ([`Edge::grow_ahead`]).
+    pub(super) fn keep_tree_ahead(&mut self, base: usize, path: &[usize], next: usize, round: &TreeRound, reply: &MiddleReply) -> Result<TreeRound> {
+        let subtree = round.subtree_rows(next);
+        if round.expanded < round.len() {
+            return Err(Error::invalid("internal: keeping a tree drafted ahead that is not through the draft path"));
+        }
+        let rows: Vec<usize> = path.iter().chain(&subtree).copied().collect();
+        self.input.keep_path(base, &rows)?;
+        self.adapter_cache.keep_path(base, &rows)?;
+        match self.adapter.draft_context {
+            DraftContext::Drafted => {
+                self.slm_output.keep_path(base, &rows)?;
+                self.llm_output.keep_path(base, path)?;
+            }
+            DraftContext::Verified => {
+                self.llm_output.restore(base + round.len())?;
+                self.llm_output.keep_path(base, &rows)?;
+            }
+        }
+        self.tail = None;
+        self.features = None;
+        self.last_logits = None;
+        self.refresh = None;
+        if self.adapter.is_conditioned() {
+            let rows: Vec<&Tensor> = path[1..].iter().chain([&next]).map(|&i| &round.nodes[i].hidden).collect();
+            let idx = Tensor::from_vec(path.iter().map(|&i| i as u32).collect::<Vec<_>>(), path.len(), reply.hidden.device())?;
+            self.refresh = Some((base + 1, Tensor::cat(&rows, 1)?, reply.hidden.index_select(&idx, 1)?));
+        }
+        round.restrict(&subtree)
+    }
+
+    /// The round after a hit ([`Edge::keep_tree_ahead`]) at `base` (its root's position): keeps
+    /// the drafted-ahead nodes worth sending within `limits` (every cache drops the others), adds
+    /// one level of leaves through the input submodel, and seals the block.
+    pub(super) fn reseed_tree(&mut self, mut tree: TreeRound, base: usize, limits: &TreeLimits) -> Result<TreeRound> {
+        let t = Instant::now();
+        let budget = limits.nodes.min(MAX_TREE_NODES - 1);
+        let mut order: Vec<usize> = (1..tree.len()).filter(|&i| tree.nodes[i].depth <= limits.depth && tree.nodes[i].cum >= limits.node_threshold && tree.nodes[i].cum > 0.0).collect();
+        // Stable: a parent (cum at least its child's, an earlier index) ranks first.
+        order.sort_by(|&a, &b| tree.nodes[b].cum.total_cmp(&tree.nodes[a].cum));
+        order.truncate(budget);
+        order.sort_unstable();
+        let mut chosen = vec![false; tree.len()];
+        chosen[0] = true;
+        let mut rows = vec![0];
+        for i in order {
+            if chosen[tree.nodes[i].parent as usize] {
+                chosen[i] = true;
+                rows.push(i);
+            }
+        }
+        for cache in [&mut self.input, &mut self.adapter_cache] {
+            cache.keep_path(base, &rows)?;
+        }
+        match self.adapter.draft_context {
+            DraftContext::Drafted => self.slm_output.keep_path(base, &rows)?,
+            DraftContext::Verified => self.llm_output.keep_path(base, &rows)?,
+        }
+        tree = tree.restrict(&rows)?;
+        self.device_time += t.elapsed();
+        let room = budget - (tree.len() - 1);
+        let leaves = tree.candidates(0..tree.len(), limits.branch, limits.node_threshold, limits.depth, limits.width.min(room));
+        if !leaves.is_empty() {
+            self.add_nodes(&mut tree, base, &leaves)?;
+        }
+        tree.seal()?;
+        Ok(tree)
     }
 }
 
