@@ -31,16 +31,46 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
     }
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
     let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
-    for r in results.iter().filter(|r| r.direction == "up") {
+    for r in results.iter().filter(|r| r.attack == "public-weights" && r.direction == "up") {
         assert_eq!(r.top1, 1.0, "the replay recovers every content token: {r:?}");
     }
     // The reply alone: the public head reads every greedy token.
     let replies: Vec<Sample> = ss.iter().map(|s| Sample { ids: s.ids.clone(), content: (0..s.ids.len()).map(|i| i >= prompt_len(s)).collect() }).collect();
-    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().iter().filter(|r| r.direction == "down") {
+    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().iter().filter(|r| r.attack == "public-weights" && r.direction == "down") {
         assert_eq!(r.top1, 1.0, "{r:?}");
     }
     // Bad input.
     assert!(samples(&model, &loaded.tokenizer, &[], &opts).unwrap_err().to_string().contains("no conversation"));
     let deep = AuditOptions { input_layers: vec![5], ..opts.clone() };
     assert!(run(&model, &ss, &own, &deep, &mut || {}).unwrap_err().to_string().contains("do not split"));
+}
+
+/// The learned inverters of a cloud without the device's weights, on the tiny model: each is
+/// reported for every K1 (the untrained one without pairs, the trained ones at each budget), and
+/// a trained probe on a shallow split beats always guessing the most frequent content token.
+#[test]
+fn learned_inverters_beat_the_unigram_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path(), TinySpec::default()).unwrap();
+    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8 };
+    let texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light", "where is the nearest train station?"];
+    let convs: Vec<Conversation> = texts.iter().map(|t| conversation(t)).collect();
+    let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
+    // The attacker's own text: different sentences over the same letters (one token per byte).
+    let own: Vec<Vec<u32>> = (0..60)
+        .map(|i| loaded.tokenizer.encode(&format!("sentence {i}: the train in the morning, a cat and a dog at the station; birds near the park sing {i}")).unwrap())
+        .collect();
+    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    let baseline = hat::audit::unigram_baseline(&ss);
+    let learned: Vec<_> = results.iter().filter(|r| r.attack == "learned").collect();
+    let names: Vec<_> = learned.iter().map(|r| (r.inverter, r.train_tokens.unwrap() > 0)).collect();
+    assert_eq!(names.len(), 1 + 2 * hat::audit::BUDGETS.len(), "{names:?}");
+    assert_eq!(names[0], ("nearest-embedding", false));
+    for r in &learned {
+        assert!((0.0..=1.0).contains(&r.top1) && r.top1 <= r.top10 && r.tokens > 0, "{r:?}");
+    }
+    let probe = learned.iter().filter(|r| r.inverter == "linear-probe").map(|r| r.top1).fold(0.0, f64::max);
+    assert!(probe > baseline, "the trained probe ({probe}) beats the unigram baseline ({baseline})");
 }

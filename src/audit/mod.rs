@@ -12,12 +12,17 @@
 //!   middle outputs give the model's next-token distribution at every position: generated
 //!   tokens (greedy answers exactly) and prompt tokens as far as the model predicts them.
 //!
+//! And the learned inverters of a cloud **without** the device's weights ([`learned`]): the
+//! nearest embedding row, a linear probe and a small network over a window of states, trained on
+//! the attacker's own (state, token) pairs with growing budgets.
+//!
 //! Counts are over content tokens only (the chat template's are known to everyone), beside a
-//! unigram baseline (always guessing the most frequent content token). Learned inverters (a
-//! cloud without the device's weights) are not built yet.
+//! unigram baseline (always guessing the most frequent content token).
 //!
 //! May use [`crate::model`], [`crate::io`], [`crate::decode`], [`crate::net`] (wire rounding) and
 //! [`crate::util`]; only the commands use it.
+
+pub mod learned;
 
 use std::sync::Arc;
 
@@ -68,6 +73,9 @@ pub struct AuditResult {
     pub top1: f64,
     pub top10: f64,
     pub tokens: usize,
+    /// Learned inverters: the attacker's (state, token) pairs they were trained on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_tokens: Option<usize>,
 }
 
 /// The conversations as samples: the first user turn through the chat template (cut to
@@ -115,7 +123,7 @@ impl Hits {
 
     fn result(self, direction: &'static str, k1: usize, inverter: &'static str) -> AuditResult {
         let f = |n: usize| if self.2 == 0 { 0.0 } else { n as f64 / self.2 as f64 };
-        AuditResult { attack: "public-weights", direction, input_layers: k1, inverter, top1: f(self.0), top10: f(self.1), tokens: self.2 }
+        AuditResult { attack: "public-weights", direction, input_layers: k1, inverter, top1: f(self.0), top10: f(self.1), tokens: self.2, train_tokens: None }
     }
 }
 
@@ -293,6 +301,35 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
         }
         out.push(up.result("up", k1, "replay"));
         out.push(down.result("down", k1, "public-head"));
+        out.extend(learned_attacks(model, &stacks.0, samples, attacker_texts, opts, k1)?);
+    }
+    Ok(out)
+}
+
+/// Shares of the attacker's pairs the learned inverters are trained on (its budget).
+pub const BUDGETS: [f64; 2] = [0.1, 1.0];
+
+/// The learned inverters on the uplink through `input` at K1 = `k1`.
+fn learned_attacks(model: &Model, input: &LayerStack, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, k1: usize) -> Result<Vec<AuditResult>> {
+    let states = |ids: &[u32]| -> Result<learned::Text> {
+        let h = opts.wire.round_trip(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?)?.squeeze(0)?;
+        learned::Text::new(&h, ids.to_vec())
+    };
+    let own = attacker_texts.iter().filter(|t| t.len() > 1).map(|t| states(t)).collect::<Result<Vec<_>>>()?;
+    let audited = samples.iter().map(|s| states(&s.ids)).collect::<Result<Vec<_>>>()?;
+    let content: Vec<Vec<bool>> = samples.iter().map(|s| s.content.clone()).collect();
+    let result = |inverter: &dyn learned::Inverter, train_tokens: usize| -> Result<AuditResult> {
+        let (top1, top10, n) = learned::recovery(inverter, &audited, &content)?;
+        let f = |x: usize| if n == 0 { 0.0 } else { x as f64 / n as f64 };
+        Ok(AuditResult { attack: "learned", direction: "up", input_layers: k1, inverter: inverter.name(), top1: f(top1), top10: f(top10), tokens: n, train_tokens: Some(train_tokens) })
+    };
+    let mut out = vec![result(&learned::NearestEmbedding::new(model.embedder.weight())?, 0)?];
+    let vocab = model.embedder.weight().dim(0)?;
+    for share in BUDGETS {
+        let texts = learned::budget(&own, share);
+        let (x, tokens) = learned::pairs(texts)?;
+        out.push(result(&learned::LinearProbe::fit(&x, &tokens, vocab)?, tokens.len())?);
+        out.push(result(&learned::MlpWindow::train(texts, 0)?, tokens.len())?);
     }
     Ok(out)
 }

@@ -252,6 +252,10 @@ pub struct DraftingReport {
     /// verification's outcome was right).
     pub ahead_rounds: usize,
     pub ahead_hits: usize,
+    /// Trees: the cloud's compute while the device drafted ahead over that while it waited
+    /// (medians of recent rounds; 0 until both are measured). Drafting ahead stays on while this
+    /// is at most 1.1 (it is ~1 on a device of its own, higher when they share cores).
+    pub ahead_cloud_slowdown: f64,
     /// The tree setting (`chain`, `auto`, `NODESxDEPTH`); drafted nodes sent for verification in
     /// all (the roots not counted), and the mean per round.
     pub draft_tree: String,

@@ -291,6 +291,7 @@ fn generate_verified<L: MiddleLink>(
     let mut prepared: Option<Drafted> = None;
     let mut prepared_tree: Option<tree::TreeRound> = None;
     let mut ahead_clock = tree::AheadClock::default();
+    let mut ahead_policy = tree::AheadPolicy::default();
     // Trees: the rows the last verification kept (the cloud learns them with the next block),
     // the measured cost of a row, nodes sent.
     let mut keep: Vec<u16> = Vec::new();
@@ -335,9 +336,11 @@ fn generate_verified<L: MiddleLink>(
             let sent = Instant::now();
             let n = round.shape.len();
             tree_nodes += n - 1;
-            if overlap {
-                // The tree grows on while the cloud verifies it (the reply decides nothing here:
-                // the committed tokens are the LLM's whatever the tree holds).
+            let ahead = overlap && ahead_policy.this_round();
+            if ahead {
+                // The tree grows on while the cloud verifies it (neither the reply nor timing
+                // decides anything here: the committed tokens are the LLM's whatever the tree
+                // holds).
                 let t = Instant::now();
                 ahead_clock.sent();
                 let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock)?;
@@ -346,6 +349,9 @@ fn generate_verified<L: MiddleLink>(
             }
             let reply = edge.receive()?;
             ahead_clock.received();
+            if overlap {
+                ahead_policy.record(ahead, ms(reply.cloud_compute));
+            }
             let t = Instant::now();
             let logits = edge.tree_logits(&reply, &round.shape)?; // (n, vocab)
             let TreeAcceptance { path, next: new_token } = accept_tree(|i| round.children(i), |i| sampler.select(&logits.get(i)?))?;
@@ -442,6 +448,7 @@ fn generate_verified<L: MiddleLink>(
         ahead_ms: ms(times.ahead),
         ahead_rounds: times.ahead_rounds,
         ahead_hits: times.ahead_hits,
+        ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
         draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
         tree_nodes,
         tree_nodes_per_round: if trees && stats.rounds > 0 { tree_nodes as f64 / stats.rounds as f64 } else { 0.0 },

@@ -247,6 +247,53 @@ impl AheadClock {
     }
 }
 
+/// Whether drafting ahead pays: it is free on a device of its own, but where the device shares
+/// cores with the cloud (or anything else the reply waits on) it slows the cloud down more than
+/// it saves. The edge compares the cloud's compute time for trees verified while it drafted
+/// ahead with those verified while it waited: a few rounds of each first, then a round of the
+/// other kind every [`AheadPolicy::PROBE_EVERY`] rounds, the latest measurements deciding.
+#[derive(Debug, Default)]
+pub(super) struct AheadPolicy {
+    rounds: usize,
+    with_ahead: Vec<f64>,
+    without: Vec<f64>,
+}
+
+impl AheadPolicy {
+    const EXPLORE: usize = 6;
+    const PROBE_EVERY: usize = 16;
+    /// Drafting ahead stays on while the cloud's compute with it is at most this many times
+    /// what it is without.
+    const SLOWDOWN: f64 = 1.1;
+
+    /// Whether this round drafts ahead.
+    pub(super) fn this_round(&self) -> bool {
+        if self.rounds < Self::EXPLORE {
+            return self.rounds % 2 == 1;
+        }
+        self.pays() != (self.rounds % Self::PROBE_EVERY == 0)
+    }
+
+    /// Whether drafting ahead does not slow the cloud down (yes until measured).
+    pub(super) fn pays(&self) -> bool {
+        self.slowdown().is_none_or(|s| s <= Self::SLOWDOWN)
+    }
+
+    /// The cloud's median compute with drafting ahead over that without, once both are measured.
+    pub(super) fn slowdown(&self) -> Option<f64> {
+        match (median(&self.with_ahead), median(&self.without)) {
+            (Some(with), Some(without)) if without > 0.0 => Some(with / without),
+            _ => None,
+        }
+    }
+
+    /// A round's cloud compute (ms), and whether the device drafted ahead meanwhile.
+    pub(super) fn record(&mut self, ahead: bool, cloud_ms: f64) {
+        self.rounds += 1;
+        push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, cloud_ms);
+    }
+}
+
 fn push_recent(v: &mut Vec<f64>, x: f64) {
     v.push(x);
     if v.len() > 16 {

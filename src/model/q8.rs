@@ -152,6 +152,10 @@ unsafe fn dots_group<const G: usize>(w: &[i8], x: &[f32], k: usize, first: usize
     let mut acc = [[_mm256_setzero_ps(); 2]; G];
     let xp = x.as_ptr().add(first * k);
     for c in 0..blocks {
+        if c % 4 == 0 {
+            // A cache line of the row a few rows on (see `kernels::PREFETCH_ROWS`).
+            _mm_prefetch(w.as_ptr().wrapping_add(crate::model::kernels::PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
+        }
         let raw = _mm_loadu_si128(w.as_ptr().add(c * 16) as *const __m128i);
         let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
         let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
