@@ -154,7 +154,7 @@ unsafe fn dots_group<const G: usize>(w: &[i8], x: &[f32], k: usize, first: usize
     for c in 0..blocks {
         if c % 4 == 0 {
             // A cache line of the row a few rows on (see `kernels::PREFETCH_ROWS`).
-            _mm_prefetch(w.as_ptr().wrapping_add(crate::model::kernels::PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
+            _mm_prefetch(w.as_ptr().wrapping_add(crate::model::kernels::PREFETCH_ROWS * k + c * 16), _MM_HINT_T0);
         }
         let raw = _mm_loadu_si128(w.as_ptr().add(c * 16) as *const __m128i);
         let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
