@@ -128,7 +128,9 @@ fn greedy_hat_with_f32_on_the_wire_equals_hat_generate() {
                 let r = run(w, &a, ids, opts, WireDtype::F32);
                 assert_eq!(r.token_ids, want, "prompt {p}, adapter {which}, γ={gamma}, chunk={chunk}");
                 if which == "oracle" {
-                    assert!(r.mean_accepted > 2.5, "oracle adapter should be accepted: {r:?}");
+                    // Its drafts are the model's tokens (how many a round sends is the measured
+                    // tree rule's choice, which depends on timing).
+                    assert!(r.acceptance_rate > 0.9 && r.mean_accepted > 1.5, "oracle adapter should be accepted: {r:?}");
                 }
             }
         }
