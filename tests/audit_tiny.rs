@@ -13,12 +13,18 @@ fn conversation(text: &str) -> Conversation {
     Conversation { id: text.into(), turns: vec![Turn { role: "user".into(), text: text.into() }] }
 }
 
-#[test]
-fn public_weights_recover_the_uplink_and_read_greedy_answers() {
+/// The tiny model (its directory, kept alive by the caller), loaded in f32.
+fn tiny() -> (tempfile::TempDir, LoadedModel, hat::model::Model) {
     let dir = tempfile::tempdir().unwrap();
     tiny_model(dir.path(), TinySpec::default()).unwrap();
     let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
     let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    (dir, loaded, model)
+}
+
+#[test]
+fn public_weights_recover_the_uplink_and_read_greedy_answers() {
+    let (_dir, loaded, model) = tiny();
     let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300 };
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
@@ -50,10 +56,7 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
 /// a trained probe on a shallow split beats always guessing the most frequent content token.
 #[test]
 fn learned_inverters_beat_the_unigram_baseline() {
-    let dir = tempfile::tempdir().unwrap();
-    tiny_model(dir.path(), TinySpec::default()).unwrap();
-    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap();
-    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let (_dir, loaded, model) = tiny();
     let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8 };
     let texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light", "where is the nearest train station?"];
     let convs: Vec<Conversation> = texts.iter().map(|t| conversation(t)).collect();

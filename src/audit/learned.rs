@@ -62,60 +62,54 @@ pub trait Inverter {
     fn scores(&self, text: &Text) -> Result<(Tensor, Option<&[u32]>)>;
 }
 
-/// The token whose public embedding row is closest (cosine) to the state.
-pub struct NearestEmbedding {
-    /// `(hidden, vocab)`: the embedding rows scaled to unit norm, transposed.
-    rows_t: Tensor,
-}
-
-impl NearestEmbedding {
-    pub fn new(embedding: &Tensor) -> Result<Self> {
-        let norm = embedding.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
-        Ok(Self { rows_t: embedding.broadcast_div(&norm)?.t()?.contiguous()? })
-    }
-}
-
-impl Inverter for NearestEmbedding {
-    fn name(&self) -> &'static str {
-        "nearest-embedding"
-    }
-
-    fn scores(&self, text: &Text) -> Result<(Tensor, Option<&[u32]>)> {
-        Ok((text.states.matmul(&self.rows_t)?, None))
-    }
-}
-
-/// Ridge regression from the state to one-hot tokens.
-pub struct LinearProbe {
+/// An inverter that scores every token linearly, `state · weights`: the nearest public
+/// embedding row (cosine; [`Linear::nearest_embedding`]) or a ridge probe
+/// ([`Linear::probe`]).
+pub struct Linear {
+    name: &'static str,
     /// `(hidden, vocab)`.
     weights: Tensor,
 }
 
-impl LinearProbe {
-    /// Fits the probe on `pairs` (states `(N, hidden)`, tokens) over a vocabulary of `vocab`.
-    pub fn fit(states: &Tensor, tokens: &[u32], vocab: usize) -> Result<Self> {
-        let hidden = states.dim(1)?;
-        if tokens.is_empty() {
-            return Err(Error::invalid("no (state, token) pairs to fit the attacker's probe on"));
-        }
-        let h = states.to_dtype(DType::F64)?;
-        let y = Tensor::new(tokens, h.device())?;
-        let s_t = Tensor::zeros((vocab, hidden), DType::F64, h.device())?.index_add(&y, &h, 0)?; // (vocab, hidden)
-        let gram: Vec<Vec<f64>> = h.t()?.matmul(&h)?.to_vec2()?;
-        let ridge = 1e-3 * (0..hidden).map(|i| gram[i][i]).sum::<f64>() / hidden as f64;
-        let inverse = Tensor::new(super::invert_spd(gram, ridge)?, h.device())?.reshape((hidden, hidden))?;
-        Ok(Self { weights: inverse.matmul(&s_t.t()?)?.to_dtype(DType::F32)? })
+impl Linear {
+    /// The token whose public embedding row is closest (cosine) to the state.
+    pub fn nearest_embedding(embedding: &Tensor) -> Result<Self> {
+        let norm = embedding.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
+        Ok(Self { name: "nearest-embedding", weights: embedding.broadcast_div(&norm)?.t()?.contiguous()? })
+    }
+
+    /// Ridge regression from states `(N, hidden)` to their one-hot `tokens` over a vocabulary of
+    /// `vocab`.
+    pub fn probe(states: &Tensor, tokens: &[u32], vocab: usize) -> Result<Self> {
+        Ok(Self { name: "linear-probe", weights: ridge_probe(states, tokens, vocab)? })
     }
 }
 
-impl Inverter for LinearProbe {
+impl Inverter for Linear {
     fn name(&self) -> &'static str {
-        "linear-probe"
+        self.name
     }
 
     fn scores(&self, text: &Text) -> Result<(Tensor, Option<&[u32]>)> {
         Ok((text.states.matmul(&self.weights)?, None))
     }
+}
+
+/// The ridge-regression weights `(hidden, vocab)` from states `(N, hidden)` to their one-hot
+/// `tokens`: `(HᵀH + λI)⁻¹ Hᵀ Y`, λ a thousandth of the mean diagonal of `HᵀH`.
+pub(super) fn ridge_probe(states: &Tensor, tokens: &[u32], vocab: usize) -> Result<Tensor> {
+    let hidden = states.dim(1)?;
+    if tokens.is_empty() {
+        return Err(Error::invalid("no (state, token) pairs to fit the attacker's probe on"));
+    }
+    let h = states.to_dtype(DType::F64)?;
+    let y = Tensor::new(tokens, h.device())?;
+    // Sᵀ = Σ over rows of the state into its token's row: (vocab, hidden).
+    let s_t = Tensor::zeros((vocab, hidden), DType::F64, h.device())?.index_add(&y, &h, 0)?;
+    let gram: Vec<Vec<f64>> = h.t()?.matmul(&h)?.to_vec2()?;
+    let ridge = 1e-3 * (0..hidden).map(|i| gram[i][i]).sum::<f64>() / hidden as f64;
+    let inverse = Tensor::new(super::invert_spd(gram, ridge)?, h.device())?.reshape((hidden, hidden))?;
+    Ok(inverse.matmul(&s_t.t()?)?.to_dtype(DType::F32)?)
 }
 
 /// A one-hidden-layer network over windows of three states.

@@ -151,15 +151,7 @@ impl Ranker {
         if tokens.is_empty() {
             return Err(Error::invalid("no text to fit the attacker's probe on"));
         }
-        let h = Tensor::cat(&states, 0)?.to_dtype(candle_core::DType::F64)?; // (N, hidden)
-        let y = Tensor::new(tokens.as_slice(), h.device())?;
-        // Sᵀ = Σ over rows of the state into its token's row: (vocab, hidden).
-        let s_t = Tensor::zeros((vocab, hidden), candle_core::DType::F64, h.device())?.index_add(&y, &h, 0)?;
-        let gram: Vec<Vec<f64>> = h.t()?.matmul(&h)?.to_vec2()?;
-        let ridge = 1e-3 * (0..hidden).map(|i| gram[i][i]).sum::<f64>() / hidden as f64;
-        let inverse = invert_spd(gram, ridge)?;
-        let inverse = Tensor::new(inverse, h.device())?.reshape((hidden, hidden))?;
-        let probe = inverse.matmul(&s_t.t()?)?.to_dtype(candle_core::DType::F32)?; // (hidden, vocab)
+        let probe = learned::ridge_probe(&Tensor::cat(&states, 0)?, &tokens, vocab)?; // (hidden, vocab)
         let mut first = Vec::new();
         for chunk in (0..vocab as u32).collect::<Vec<_>>().chunks(1024) {
             let x = model.embedder.embed_ids(chunk)?.reshape((chunk.len(), 1, hidden))?;
@@ -323,12 +315,12 @@ fn learned_attacks(model: &Model, input: &LayerStack, samples: &[Sample], attack
         let f = |x: usize| if n == 0 { 0.0 } else { x as f64 / n as f64 };
         Ok(AuditResult { attack: "learned", direction: "up", input_layers: k1, inverter: inverter.name(), top1: f(top1), top10: f(top10), tokens: n, train_tokens: Some(train_tokens) })
     };
-    let mut out = vec![result(&learned::NearestEmbedding::new(model.embedder.weight())?, 0)?];
+    let mut out = vec![result(&learned::Linear::nearest_embedding(model.embedder.weight())?, 0)?];
     let vocab = model.embedder.weight().dim(0)?;
     for share in BUDGETS {
         let texts = learned::budget(&own, share);
         let (x, tokens) = learned::pairs(texts)?;
-        out.push(result(&learned::LinearProbe::fit(&x, &tokens, vocab)?, tokens.len())?);
+        out.push(result(&learned::Linear::probe(&x, &tokens, vocab)?, tokens.len())?);
         out.push(result(&learned::MlpWindow::train(texts, 0)?, tokens.len())?);
     }
     Ok(out)

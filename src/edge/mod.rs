@@ -396,7 +396,7 @@ fn generate_verified<L: MiddleLink>(
         let ends = drafts.last().is_some_and(|d| eos.contains(d));
         let (next_committed, next_base) = (tokens.len() + k + 1, base + k + 1);
         let mut ahead = None;
-        if overlap && !trees && !ends && next_committed < opts.max_tokens && next_base < limit {
+        if overlap && !ends && next_committed < opts.max_tokens && next_base < limit {
             let t = Instant::now();
             let until_reply = sampler.is_greedy();
             // Greedy: drafting ahead only fills time the device would wait, so it drafts whatever the
