@@ -21,6 +21,12 @@ use crate::ModelArgs;
 /// of it: the nearest public embedding row (no training), a linear probe, and a small network over
 /// a window of three states. Recovery counts content tokens only (not the chat template's), top-1
 /// and top-10, beside a unigram baseline. The learned inverters take a few minutes per K1.
+///
+/// Every attack runs under each of --defences, with its cost: the agreement of the device's next
+/// token with the model's (noise makes outputs differ from the model's) and the device's compute
+/// per token at each K1. `rotation` (a secret orthogonal basis across the wire, the cloud's
+/// weights rotated to match) is shown against a cloud that knows the public weights: it solves
+/// for the rotation from its own weights.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -63,7 +69,18 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub candidates: usize,
 
-    /// Print one JSON object (`{"results": [...], "unigram_baseline": …}`) instead of a table.
+    /// Defences to audit under, comma-separated: none, noise=S (Gaussian noise of S × each
+    /// state's RMS on the uplink), rotation.
+    #[arg(long, default_value = "none", value_delimiter = ',')]
+    pub defences: Vec<String>,
+
+    /// Write SVG charts here: top-1 recovery against K1 per attack, and against the attacker's
+    /// training pairs per learned inverter.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+
+    /// Print one JSON object (`{"results": [...], "costs": [...], "unigram_baseline": …}`)
+    /// instead of the tables.
     #[arg(long)]
     pub json: bool,
 }
@@ -85,30 +102,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(!conversations.is_empty(), "--dataset {} has no conversation with a user turn after the first {} (--skip)", args.dataset.display(), args.skip);
     let loaded = args.model.load()?;
     let model = loaded.model(candle_core::DType::F32, &candle_core::Device::Cpu)?;
-    let opts = AuditOptions { input_layers: args.input_layers.clone(), output_layers: args.output_layers, prompt_tokens: args.prompt_tokens, reply_tokens: args.reply_tokens, wire, candidates: args.candidates };
+    let defences = args.defences.iter().map(|d| hat::audit::Defence::parse(d)).collect::<Result<Vec<_>, _>>()?;
+    let opts = AuditOptions { input_layers: args.input_layers.clone(), output_layers: args.output_layers, prompt_tokens: args.prompt_tokens, reply_tokens: args.reply_tokens, wire, candidates: args.candidates, defences };
     let pb = hat::util::progress::bar(conversations.len() as u64, "replies");
     let samples = hat::audit::samples(&model, &loaded.tokenizer, &conversations, &opts)?;
     pb.finish_and_clear();
-    let pb = hat::util::progress::bar((samples.len() * opts.input_layers.len()) as u64, "attacks");
+    let pb = hat::util::progress::bar((samples.len() * opts.input_layers.len() * opts.defences.len()) as u64, "attacks");
     let mut attacker_texts = Vec::new();
     for c in &own {
         for turn in &c.turns {
             attacker_texts.push(loaded.tokenizer.encode_prompt_within(&turn.text, turn.role == "user", ATTACKER_TOKENS_PER_TURN)?);
         }
     }
-    let results = hat::audit::run(&model, &samples, &attacker_texts, &opts, &mut || pb.inc(1))?;
+    let audit = hat::audit::run(&model, &samples, &attacker_texts, &opts, &mut || pb.inc(1))?;
     pb.finish_and_clear();
     let baseline = hat::audit::unigram_baseline(&samples);
+    let charts = match &args.plot {
+        Some(dir) => hat::audit::plot::charts(&audit).iter().map(|(name, svg)| hat::util::svg::write(dir, name, svg)).collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
     if args.json {
-        println!("{}", serde_json::json!({ "results": results, "unigram_baseline": baseline, "conversations": samples.len(), "wire_dtype": wire.name() }));
+        println!("{}", serde_json::json!({ "results": audit.results, "costs": audit.costs, "unigram_baseline": baseline, "conversations": samples.len(), "wire_dtype": wire.name() }));
         return Ok(());
     }
-    println!("| K1 | direction | attack | inverter | attacker's pairs | top-1 | top-10 | content tokens |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for r in &results {
+    println!("| K1 | defence | direction | attack | inverter | attacker's pairs | top-1 | top-10 | content tokens |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &audit.results {
         let pairs = r.train_tokens.map_or("public weights".to_string(), |n| n.to_string());
-        println!("| {} | {} | {} | {} | {pairs} | {:.1} % | {:.1} % | {} |", r.input_layers, r.direction, r.attack, r.inverter, 100.0 * r.top1, 100.0 * r.top10, r.tokens);
+        println!("| {} | {} | {} | {} | {} | {pairs} | {:.1} % | {:.1} % | {} |", r.input_layers, r.defence, r.direction, r.attack, r.inverter, 100.0 * r.top1, 100.0 * r.top10, r.tokens);
+    }
+    println!("\n| K1 | defence | next token agrees with the model's | device ms per token | rotation recovered to |");
+    println!("|---|---|---|---|---|");
+    for c in &audit.costs {
+        let rotation = c.rotation_error.map_or("-".to_string(), |e| format!("{e:.1e}"));
+        println!("| {} | {} | {:.1} % | {:.1} | {rotation} |", c.input_layers, c.defence, 100.0 * c.agreement, c.device_ms_per_token);
     }
     println!("\nunigram baseline (always the most frequent content token): {:.1} %; {} conversations, {} on the wire", 100.0 * baseline, samples.len(), wire.name());
+    for c in charts {
+        println!("chart: {}", c.display());
+    }
     Ok(())
 }

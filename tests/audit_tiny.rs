@@ -1,9 +1,11 @@
 //! `hat audit`'s public-weights attacks on a tiny in-process model: the replay inversion recovers
 //! the uplink exactly, the public head reads greedy answers exactly, the chat template's tokens
-//! are not counted, and bad input is a clear error.
+//! are not counted, and bad input is a clear error; the learned inverters beat a unigram baseline;
+//! a secret rotation hides nothing from a cloud with the public weights, and noise costs
+//! agreement with the model.
 
 use candle_core::{DType, Device};
-use hat::audit::{run, samples, AuditOptions, Sample};
+use hat::audit::{run, samples, AuditOptions, Defence, Sample};
 use hat::io::dataset::{Conversation, Turn};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
@@ -25,7 +27,7 @@ fn tiny() -> (tempfile::TempDir, LoadedModel, hat::model::Model) {
 #[test]
 fn public_weights_recover_the_uplink_and_read_greedy_answers() {
     let (_dir, loaded, model) = tiny();
-    let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300 };
+    let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300, defences: vec![Defence::None] };
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
     // Every candidate is tried (the tiny vocabulary is 264 tokens), so the replay cannot miss.
@@ -36,13 +38,13 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
         assert_eq!(s.content[..prompt_len(s)].iter().filter(|&&c| c).count(), text.len(), "{text}");
     }
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
-    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap().results;
     for r in results.iter().filter(|r| r.attack == "public-weights" && r.direction == "up") {
         assert_eq!(r.top1, 1.0, "the replay recovers every content token: {r:?}");
     }
     // The reply alone: the public head reads every greedy token.
     let replies: Vec<Sample> = ss.iter().map(|s| Sample { ids: s.ids.clone(), content: (0..s.ids.len()).map(|i| i >= prompt_len(s)).collect() }).collect();
-    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().iter().filter(|r| r.attack == "public-weights" && r.direction == "down") {
+    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().results.iter().filter(|r| r.attack == "public-weights" && r.direction == "down") {
         assert_eq!(r.top1, 1.0, "{r:?}");
     }
     // Bad input.
@@ -57,7 +59,7 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
 #[test]
 fn learned_inverters_beat_the_unigram_baseline() {
     let (_dir, loaded, model) = tiny();
-    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8 };
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8, defences: vec![Defence::None] };
     let texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light", "where is the nearest train station?"];
     let convs: Vec<Conversation> = texts.iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
@@ -65,7 +67,7 @@ fn learned_inverters_beat_the_unigram_baseline() {
     let own: Vec<Vec<u32>> = (0..60)
         .map(|i| loaded.tokenizer.encode(&format!("sentence {i}: the train in the morning, a cat and a dog at the station; birds near the park sing {i}")).unwrap())
         .collect();
-    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap().results;
     let baseline = hat::audit::unigram_baseline(&ss);
     let learned: Vec<_> = results.iter().filter(|r| r.attack == "learned").collect();
     let names: Vec<_> = learned.iter().map(|r| (r.inverter, r.train_tokens.unwrap() > 0)).collect();
@@ -76,4 +78,38 @@ fn learned_inverters_beat_the_unigram_baseline() {
     }
     let probe = learned.iter().filter(|r| r.inverter == "linear-probe").map(|r| r.top1).fold(0.0, f64::max);
     assert!(probe > baseline, "the trained probe ({probe}) beats the unigram baseline ({baseline})");
+}
+
+/// Defences on the tiny model: a secret rotation leaves outputs as they were and hides nothing
+/// from a cloud that knows the public weights (it recovers the rotation and then the uplink
+/// exactly); heavy noise on the uplink makes the device's tokens differ from the model's and the
+/// replay miss (3× each state's RMS: the tiny model's shallow states are far apart, and the
+/// replay still finds every token through noise as large as the state).
+#[test]
+fn a_rotation_hides_nothing_and_noise_costs_agreement() {
+    let (_dir, loaded, model) = tiny();
+    let defences = vec![Defence::None, Defence::Rotation, Defence::Noise { sigma: 3.0 }];
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences };
+    let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
+    let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
+    let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
+    let audit = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    let replay = |d: &str| audit.results.iter().find(|r| r.defence == d && r.inverter == "replay").unwrap().top1;
+    let cost = |d: &str| audit.costs.iter().find(|c| c.defence == d).unwrap();
+    assert_eq!(audit.costs.len(), 3);
+    assert!(audit.results.iter().all(|r| ["none", "rotation", "noise=3"].contains(&r.defence.as_str())), "{:?}", audit.results);
+    assert_eq!(cost("none").agreement, 1.0, "f32 on the wire, no defence: the model's tokens");
+    assert!(cost("rotation").agreement > 0.97, "a rotation keeps the outputs: {:?}", cost("rotation"));
+    assert!(cost("rotation").rotation_error.unwrap() < 1e-3, "{:?}", cost("rotation"));
+    assert!(cost("none").rotation_error.is_none() && cost("none").device_ms_per_token > 0.0);
+    assert_eq!(replay("none"), 1.0);
+    assert_eq!(replay("rotation"), 1.0, "the recovered rotation undoes the defence");
+    assert!(cost("noise=3").agreement < 1.0, "{:?}", cost("noise=3"));
+    assert!(replay("noise=3") < 1.0, "{}", replay("noise=3"));
+    // The charts name every attack and defence.
+    let charts = hat::audit::plot::charts(&audit);
+    assert_eq!(charts.iter().map(|c| c.0).collect::<Vec<_>>(), ["audit-by-input-layers", "audit-by-budget"]);
+    assert!(charts[0].1.contains("replay up (rotation)") && charts[1].1.contains("mlp-window K1=1 (noise=3)"), "{}", charts[0].1);
+    let no = AuditOptions { defences: vec![], ..opts };
+    assert!(run(&model, &ss, &own, &no, &mut || {}).unwrap_err().to_string().contains("at least one defence"));
 }

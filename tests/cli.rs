@@ -275,6 +275,34 @@ fn bad_inputs_are_errors_not_panics() {
     }
 }
 
+/// `hat audit` against a model or data set that does not fit it: each a clear error naming the
+/// problem, before any attack runs.
+#[test]
+fn audit_refuses_a_mismatched_model_or_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(&dir.path().join("m"), TinySpec::default()).unwrap();
+    let model = model.to_str().unwrap();
+    let not_chats = dir.path().join("numbers.json");
+    std::fs::write(&not_chats, "[1, 2, 3]").unwrap();
+    let one = dir.path().join("one.jsonl");
+    std::fs::write(&one, r#"{"id": "a", "conversations": [{"from": "human", "value": "hello there"}]}"#).unwrap();
+    let (not_chats, one) = (not_chats.to_str().unwrap(), one.to_str().unwrap());
+    let cases: &[(&[&str], &str)] = &[
+        (&["--dataset", not_chats], "cannot read --dataset"),
+        (&["--dataset", one], "no conversation with a user turn after the first 2000"),
+        // The tiny model has 6 layers: 5 on the device and 2 after leave no middle.
+        (&["--dataset", one, "--skip", "0", "--input-layers", "5"], "do not split a model of 6 layers"),
+        (&["--dataset", one, "--skip", "0", "--defences", "shuffle"], "unknown defence"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["audit", "--model", model];
+        all.extend_from_slice(args);
+        let o = hat(&all, &[]);
+        let e = stderr(&o);
+        assert!(!o.status.success() && e.contains(want) && !e.contains("panicked"), "{args:?}: {e}");
+    }
+}
+
 /// Lays out a hub cache entry the way hf-hub does: blobs, a snapshot and a ref.
 fn fake_hub_cache(home: &Path, repo: &str, model: &Path) {
     let folder = home.join("hub").join(format!("models--{}", repo.replace('/', "--")));

@@ -108,7 +108,7 @@ pub(super) fn ridge_probe(states: &Tensor, tokens: &[u32], vocab: usize) -> Resu
     let s_t = Tensor::zeros((vocab, hidden), DType::F64, h.device())?.index_add(&y, &h, 0)?;
     let gram: Vec<Vec<f64>> = h.t()?.matmul(&h)?.to_vec2()?;
     let ridge = 1e-3 * (0..hidden).map(|i| gram[i][i]).sum::<f64>() / hidden as f64;
-    let inverse = Tensor::new(super::invert_spd(gram, ridge)?, h.device())?.reshape((hidden, hidden))?;
+    let inverse = Tensor::new(crate::util::linalg::invert_spd(gram, ridge)?, h.device())?.reshape((hidden, hidden))?;
     Ok(inverse.matmul(&s_t.t()?)?.to_dtype(DType::F32)?)
 }
 

@@ -16,18 +16,27 @@
 //! nearest embedding row, a linear probe and a small network over a window of states, trained on
 //! the attacker's own (state, token) pairs with growing budgets.
 //!
+//! Each attack runs under each [`defence`] asked for (none, noise on the uplink, a secret
+//! rotation), with what the defence costs: the agreement of the device's next token with the
+//! model's, and the device's compute per token at each K1.
+//!
 //! Counts are over content tokens only (the chat template's are known to everyone), beside a
 //! unigram baseline (always guessing the most frequent content token).
 //!
 //! May use [`crate::model`], [`crate::io`], [`crate::decode`], [`crate::net`] (wire rounding) and
 //! [`crate::util`]; only the commands use it.
 
+pub mod defence;
 pub mod learned;
+pub mod plot;
 
 use std::sync::Arc;
 
 use candle_core::{IndexOp, Tensor, D};
 use serde::Serialize;
+
+pub use defence::Defence;
+use defence::Guard;
 
 use crate::decode::{generate, ModelDecoder, SamplingParams};
 use crate::error::{Error, Result};
@@ -52,6 +61,8 @@ pub struct AuditOptions {
     pub wire: WireDtype,
     /// Candidates the replay inversion checks per position (by cosine to the embedding rows).
     pub candidates: usize,
+    /// Defences to audit under (each K1 × each defence).
+    pub defences: Vec<Defence>,
 }
 
 /// One conversation as the cloud would see it: the tokens, and which of them are content.
@@ -69,6 +80,8 @@ pub struct AuditResult {
     pub direction: &'static str,
     pub input_layers: usize,
     pub inverter: &'static str,
+    /// The defence in place ([`Defence::name`]).
+    pub defence: String,
     /// Fraction of content tokens recovered as the best guess, and among the ten best.
     pub top1: f64,
     pub top10: f64,
@@ -81,6 +94,10 @@ pub struct AuditResult {
 /// The conversations as samples: the first user turn through the chat template (cut to
 /// `prompt_tokens` of content), then the model's greedy reply.
 pub fn samples(model: &Model, tokenizer: &HatTokenizer, conversations: &[Conversation], opts: &AuditOptions) -> Result<Vec<Sample>> {
+    // Every split is checked before any reply is generated.
+    for &k1 in &opts.input_layers {
+        split(model, k1, opts.output_layers)?;
+    }
     let template = tokenizer.chat_template.as_ref().ok_or_else(|| Error::invalid("the audit needs a model with a chat template"))?;
     let frame = tokenizer.encode(&template.render(&[Message::user("")], true)?)?;
     let mut out = Vec::new();
@@ -121,9 +138,9 @@ impl Hits {
         *self = Hits(self.0 + other.0, self.1 + other.1, self.2 + other.2);
     }
 
-    fn result(self, direction: &'static str, k1: usize, inverter: &'static str) -> AuditResult {
+    fn result(self, direction: &'static str, k1: usize, inverter: &'static str, defence: Defence) -> AuditResult {
         let f = |n: usize| if self.2 == 0 { 0.0 } else { n as f64 / self.2 as f64 };
-        AuditResult { attack: "public-weights", direction, input_layers: k1, inverter, top1: f(self.0), top10: f(self.1), tokens: self.2, train_tokens: None }
+        AuditResult { attack: "public-weights", direction, input_layers: k1, inverter, defence: defence.name(), top1: f(self.0), top10: f(self.1), tokens: self.2, train_tokens: None }
     }
 }
 
@@ -139,12 +156,12 @@ struct Ranker {
 }
 
 impl Ranker {
-    fn fit(model: &Model, input: &LayerStack, texts: &[Vec<u32>], wire: WireDtype) -> Result<Self> {
+    /// `own`: the attacker's reading of the states of its own texts, `(n, hidden)` each.
+    fn fit(model: &Model, input: &LayerStack, texts: &[Vec<u32>], own: &[Tensor], wire: WireDtype) -> Result<Self> {
         let hidden = model.config.hidden_size;
         let vocab = model.embedder.weight().dim(0)?;
         let (mut states, mut tokens) = (Vec::new(), Vec::new());
-        for ids in texts.iter().filter(|t| t.len() > 1) {
-            let h = wire.round_trip(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?)?.squeeze(0)?;
+        for (ids, h) in texts.iter().zip(own).filter(|(t, _)| t.len() > 1) {
             states.push(h.narrow(0, 1, ids.len() - 1)?);
             tokens.extend_from_slice(&ids[1..]);
         }
@@ -171,48 +188,14 @@ impl Ranker {
     }
 }
 
-/// `(a + ridge·I)⁻¹` for a symmetric positive semi-definite `a` (Cholesky), flattened row-major.
-fn invert_spd(mut a: Vec<Vec<f64>>, ridge: f64) -> Result<Vec<f64>> {
-    let n = a.len();
-    for (i, row) in a.iter_mut().enumerate() {
-        row[i] += ridge.max(1e-12);
-    }
-    // a = L Lᵀ, L in the lower triangle.
-    for j in 0..n {
-        let d = a[j][j] - (0..j).map(|k| a[j][k] * a[j][k]).sum::<f64>();
-        if d <= 0.0 || !d.is_finite() {
-            return Err(Error::invalid("the attacker's probe could not be fitted (a singular system)"));
-        }
-        a[j][j] = d.sqrt();
-        for i in j + 1..n {
-            a[i][j] = (a[i][j] - (0..j).map(|k| a[i][k] * a[j][k]).sum::<f64>()) / a[j][j];
-        }
-    }
-    let mut inv = vec![0f64; n * n];
-    for c in 0..n {
-        // Solve L z = e_c, then Lᵀ x = z.
-        let mut z = vec![0f64; n];
-        for i in 0..n {
-            let e = if i == c { 1.0 } else { 0.0 };
-            z[i] = (e - (0..i).map(|k| a[i][k] * z[k]).sum::<f64>()) / a[i][i];
-        }
-        for i in (0..n).rev() {
-            let x = (z[i] - (i + 1..n).map(|k| a[k][i] * inv[k * n + c]).sum::<f64>()) / a[i][i];
-            inv[i * n + c] = x;
-        }
-    }
-    Ok(inv)
-}
-
-/// The replay inversion of one sample's uplink through `input` (see the module doc).
-fn replay(model: &Model, input: &LayerStack, ranker: &Ranker, sample: &Sample, opts: &AuditOptions) -> Result<Hits> {
+/// The replay inversion of one sample's uplink through `input` (see the module doc), from the
+/// attacker's reading `seen` `(n, hidden)` of it.
+fn replay(model: &Model, input: &LayerStack, ranker: &Ranker, sample: &Sample, seen: &Tensor, opts: &AuditOptions) -> Result<Hits> {
     let n = sample.ids.len();
-    let x = model.embedder.embed_ids(&sample.ids)?;
-    let sent = opts.wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?.squeeze(0)?; // (n, hidden)
     let mut cache = input.new_cache();
     let mut hits = Hits::default();
     for t in 0..n {
-        let target = sent.i(t)?; // (hidden,)
+        let target = seen.i(t)?; // (hidden,)
         let ranked = ranker.rank(&target, t)?;
         let mut scored: Vec<(f32, u32)> = Vec::new();
         let target_norm = target.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
@@ -242,14 +225,13 @@ fn replay(model: &Model, input: &LayerStack, ranker: &Ranker, sample: &Sample, o
     Ok(hits)
 }
 
-/// The public head on one sample's downlink (see the module doc).
-fn public_head(model: &Model, stacks: &(LayerStack, LayerStack, LayerStack), sample: &Sample, wire: WireDtype) -> Result<Hits> {
-    let (input, middle, output) = stacks;
-    let x = model.embedder.embed_ids(&sample.ids)?;
-    let up = wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?;
-    let down = wire.round_trip(&middle.forward(&up, 0, &mut middle.new_cache())?)?;
-    let logits = model.head.forward(&output.forward(&down, 0, &mut output.new_cache())?)?.squeeze(0)?; // (n, vocab)
-    let ranked = logits.arg_sort_last_dim(false)?;
+/// One sample through the split under `guard`: the public head on the attacker's reading of the
+/// downlink (see the module doc), and the agreement of the device's next token with the model's
+/// at every position, `(agreeing, positions)`. `sent`: the uplink as it left the device.
+fn downlink(model: &Model, output: &LayerStack, guard: &Guard, sample: &Sample, sent: &Tensor) -> Result<(Hits, (usize, usize))> {
+    let down = guard.middle(sent)?;
+    let read = |h: &Tensor| -> Result<Tensor> { Ok(model.head.forward(&output.forward(h, 0, &mut output.new_cache())?)?.squeeze(0)?) }; // (n, vocab)
+    let ranked = read(&guard.attacker_reads(&down)?)?.arg_sort_last_dim(false)?;
     let mut hits = Hits::default();
     for t in 1..sample.ids.len() {
         if sample.content[t] {
@@ -257,7 +239,10 @@ fn public_head(model: &Model, stacks: &(LayerStack, LayerStack, LayerStack), sam
             hits.add(Hits(usize::from(top[0] == sample.ids[t]), usize::from(top.contains(&sample.ids[t])), 1));
         }
     }
-    Ok(hits)
+    let device: Vec<u32> = read(&guard.device_reads(&down)?)?.argmax(D::Minus1)?.to_vec1()?;
+    let truth: Vec<u32> = model.forward_all(&sample.ids, &mut model.new_cache())?.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
+    let agree = device.iter().zip(&truth).filter(|(a, b)| a == b).count();
+    Ok((hits, (agree, truth.len())))
 }
 
 /// The unigram baseline: always guessing the most frequent content token.
@@ -275,45 +260,113 @@ pub fn unigram_baseline(samples: &[Sample]) -> f64 {
     counts.values().max().map_or(0.0, |&m| m as f64 / total.max(1) as f64)
 }
 
-/// Runs every attack for every K1 (`attacker_texts`: token ids of the attacker's own text, for
-/// its candidate ranker); `tick` after each (K1, sample) pair.
-pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, tick: &mut dyn FnMut()) -> Result<Vec<AuditResult>> {
+/// What a defence costs on one split.
+#[derive(Debug, Clone, Serialize)]
+pub struct DefenceCost {
+    pub input_layers: usize,
+    pub defence: String,
+    /// Fraction of positions of the audited texts whose next token on the device (argmax) is the
+    /// model's (1 up to the wire's rounding without noise).
+    pub agreement: f64,
+    /// The device's compute per decoded token at this K1 (input layers, output layers and head,
+    /// one position after 128 cached), median, ms.
+    pub device_ms_per_token: f64,
+    /// `rotation`: the largest error of the attacker's estimate of the rotation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_error: Option<f32>,
+}
+
+/// Everything the audit measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Audit {
+    pub results: Vec<AuditResult>,
+    pub costs: Vec<DefenceCost>,
+}
+
+/// Salts of the uplink noise: one per audited sample, one per text of the attacker's own.
+const OWN_TEXT_SALT: u64 = 1 << 32;
+
+/// Runs every attack for every K1 and defence (`attacker_texts`: token ids of the attacker's own
+/// text, to train its inverters and rank its replay's candidates); `tick` after each (K1,
+/// defence, sample).
+pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, tick: &mut dyn FnMut()) -> Result<Audit> {
     if opts.candidates == 0 {
         return Err(Error::invalid("--candidates must be at least 1"));
     }
-    let mut out = Vec::new();
-    for &k1 in &opts.input_layers {
-        let stacks = split(model, k1, opts.output_layers)?;
-        let ranker = Ranker::fit(model, &stacks.0, attacker_texts, opts.wire)?;
-        let (mut up, mut down) = (Hits::default(), Hits::default());
-        for s in samples {
-            up.add(replay(model, &stacks.0, &ranker, s, opts)?);
-            down.add(public_head(model, &stacks, s, opts.wire)?);
-            tick();
-        }
-        out.push(up.result("up", k1, "replay"));
-        out.push(down.result("down", k1, "public-head"));
-        out.extend(learned_attacks(model, &stacks.0, samples, attacker_texts, opts, k1)?);
+    if opts.defences.is_empty() {
+        return Err(Error::invalid("give at least one defence (none for the states as hat sends them)"));
     }
-    Ok(out)
+    let attacker_texts: Vec<Vec<u32>> = attacker_texts.iter().filter(|t| t.len() > 1).cloned().collect();
+    let attacker_texts = attacker_texts.as_slice();
+    let (mut results, mut costs) = (Vec::new(), Vec::new());
+    for &k1 in &opts.input_layers {
+        let (input, middle, output) = split(model, k1, opts.output_layers)?;
+        let device_ms_per_token = device_ms_per_token(model, &input, &output)?;
+        for &defence in &opts.defences {
+            let guard = Guard::new(defence, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
+            let uplink = |ids: &[u32], salt: u64| -> Result<Tensor> { guard.send(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?, salt) };
+            let own = attacker_texts.iter().enumerate().map(|(i, ids)| guard.attacker_reads(&uplink(ids, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
+            let ranker = Ranker::fit(model, &input, attacker_texts, &own, opts.wire)?;
+            let (mut up, mut down, mut agree) = (Hits::default(), Hits::default(), (0, 0));
+            let mut audited = Vec::new();
+            for (i, s) in samples.iter().enumerate() {
+                let sent = uplink(&s.ids, i as u64)?;
+                let seen = guard.attacker_reads(&sent)?.squeeze(0)?; // (n, hidden)
+                up.add(replay(model, &input, &ranker, s, &seen, opts)?);
+                let (hits, (a, n)) = downlink(model, &output, &guard, s, &sent)?;
+                down.add(hits);
+                agree = (agree.0 + a, agree.1 + n);
+                audited.push(seen);
+                tick();
+            }
+            results.push(up.result("up", k1, "replay", defence));
+            results.push(down.result("down", k1, "public-head", defence));
+            results.extend(learned_attacks(model, samples, &audited, attacker_texts, &own, k1, defence)?);
+            costs.push(DefenceCost {
+                input_layers: k1,
+                defence: defence.name(),
+                agreement: agree.0 as f64 / agree.1.max(1) as f64,
+                device_ms_per_token,
+                rotation_error: guard.rotation_error()?,
+            });
+        }
+    }
+    Ok(Audit { results, costs })
+}
+
+/// The device's compute per decoded token: input layers, output layers and head on one position
+/// after 128 cached, median of 15, ms.
+fn device_ms_per_token(model: &Model, input: &LayerStack, output: &LayerStack) -> Result<f64> {
+    const CONTEXT: usize = 128;
+    let ids: Vec<u32> = (0..CONTEXT as u32 + 1).map(|i| 100 + i).collect();
+    let (mut ic, mut oc) = (input.new_cache(), output.new_cache());
+    let h = input.forward(&model.embedder.embed_ids(&ids[..CONTEXT])?, 0, &mut ic)?;
+    output.forward(&h, 0, &mut oc)?;
+    let mut times = Vec::new();
+    for _ in 0..15 {
+        let start = std::time::Instant::now();
+        let h = input.forward(&model.embedder.embed_ids(&ids[CONTEXT..])?, CONTEXT, &mut ic)?;
+        model.head.forward(&output.forward(&h, CONTEXT, &mut oc)?)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        ic.truncate(CONTEXT);
+        oc.truncate(CONTEXT);
+    }
+    Ok(crate::util::stats::median(&times))
 }
 
 /// Shares of the attacker's pairs the learned inverters are trained on (its budget).
 pub const BUDGETS: [f64; 2] = [0.1, 1.0];
 
-/// The learned inverters on the uplink through `input` at K1 = `k1`.
-fn learned_attacks(model: &Model, input: &LayerStack, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, k1: usize) -> Result<Vec<AuditResult>> {
-    let states = |ids: &[u32]| -> Result<learned::Text> {
-        let h = opts.wire.round_trip(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?)?.squeeze(0)?;
-        learned::Text::new(&h, ids.to_vec())
-    };
-    let own = attacker_texts.iter().filter(|t| t.len() > 1).map(|t| states(t)).collect::<Result<Vec<_>>>()?;
-    let audited = samples.iter().map(|s| states(&s.ids)).collect::<Result<Vec<_>>>()?;
+/// The learned inverters on the uplink at K1 = `k1`, from the attacker's readings `(n, hidden)`
+/// of the audited samples (`seen`) and of its own texts (`own_seen`).
+fn learned_attacks(model: &Model, samples: &[Sample], seen: &[Tensor], attacker_texts: &[Vec<u32>], own_seen: &[Tensor], k1: usize, defence: Defence) -> Result<Vec<AuditResult>> {
+    let own = attacker_texts.iter().zip(own_seen).filter(|(t, _)| t.len() > 1).map(|(t, h)| learned::Text::new(h, t.clone())).collect::<Result<Vec<_>>>()?;
+    let audited = samples.iter().zip(seen).map(|(s, h)| learned::Text::new(h, s.ids.clone())).collect::<Result<Vec<_>>>()?;
     let content: Vec<Vec<bool>> = samples.iter().map(|s| s.content.clone()).collect();
     let result = |inverter: &dyn learned::Inverter, train_tokens: usize| -> Result<AuditResult> {
         let (top1, top10, n) = learned::recovery(inverter, &audited, &content)?;
         let f = |x: usize| if n == 0 { 0.0 } else { x as f64 / n as f64 };
-        Ok(AuditResult { attack: "learned", direction: "up", input_layers: k1, inverter: inverter.name(), top1: f(top1), top10: f(top10), tokens: n, train_tokens: Some(train_tokens) })
+        Ok(AuditResult { attack: "learned", direction: "up", input_layers: k1, inverter: inverter.name(), defence: defence.name(), top1: f(top1), top10: f(top10), tokens: n, train_tokens: Some(train_tokens) })
     };
     let mut out = vec![result(&learned::Linear::nearest_embedding(model.embedder.weight())?, 0)?];
     let vocab = model.embedder.weight().dim(0)?;

@@ -161,9 +161,16 @@ pub fn load_sharegpt(path: &Path) -> Result<LoadReport> {
 pub fn load_conversations(path: &Path) -> Result<LoadReport> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
+    // Records, none of them a conversation: not a data set of this kind at all.
+    let some = |report: LoadReport| -> Result<LoadReport> {
+        if report.conversations.is_empty() && report.skipped_malformed > 0 {
+            return Err(Error::bad_file(path, format!("none of its {} records is a conversation (ShareGPT's {{\"conversations\": [{{\"from\", \"value\"}}…]}}, or {{\"prompt\"}} / {{\"text\"}} in JSONL)", report.skipped_malformed)));
+        }
+        Ok(report)
+    };
     match first {
-        Some(b'[') => parse_sharegpt(&bytes, path),
-        Some(b'{') => parse_jsonl(&bytes, path),
+        Some(b'[') => some(parse_sharegpt(&bytes, path)?),
+        Some(b'{') => some(parse_jsonl(&bytes, path)?),
         Some(_) => {
             let text = String::from_utf8(bytes).map_err(|_| Error::bad_file(path, "text data set is not UTF-8"))?;
             let conversations = text

@@ -17,7 +17,8 @@
 //! ([`LayerStack`], [`StackCache`]), [`cache`] (the truncatable KV cache), [`ends`]
 //! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q8`] (row-scaled 8-bit matrices
 //! and their small-m matmul, for draft compute), [`tree`] (draft trees: shapes, masks, keeping a
-//! path, the cache of a session whose blocks may be trees); [`beside`]: the training-only pass of
+//! path, the cache of a session whose blocks may be trees); [`rotate`] (a stack in a rotated
+//! basis: the obfuscation `hat audit` shows to fail); [`beside`]: the training-only pass of
 //! a drafted stream beside the true one.
 //!
 //! The bottom of the library: uses only [`crate::util`] and the error type.
@@ -31,6 +32,7 @@ pub mod layer;
 pub mod ops;
 pub mod q8;
 pub mod rope;
+pub mod rotate;
 pub mod stack;
 pub mod tree;
 

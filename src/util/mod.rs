@@ -3,7 +3,9 @@
 //! import nothing from the rest of hat but its error type.
 
 pub mod digest;
+pub mod linalg;
 pub mod memory;
 pub mod progress;
 pub mod stats;
+pub mod svg;
 pub mod threads;

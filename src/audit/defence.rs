@@ -1,0 +1,144 @@
+//! Defences against a curious cloud, applied as a deployment would apply them to what crosses the
+//! wire, and what the attacker makes of each:
+//! - `none`: the states as hat sends them (rounded to the wire's dtype);
+//! - `noise=S`: Gaussian noise of `S` × each position's RMS added to the uplink states on the
+//!   device. The cloud then computes on noisy states, so **outputs differ from the model's**; the
+//!   audit measures how often the device's next token still agrees with the model's. The attacker
+//!   is a user of the service too, so its own (state, token) pairs carry the same noise;
+//! - `rotation`: a secret random orthogonal rotation of the residual stream across the wire (the
+//!   device rotates what it sends and un-rotates what comes back; the cloud holds middle weights
+//!   rotated to match, [`LayerStack::rotated`]). Outputs are unchanged, but a cloud that knows the
+//!   public weights solves for the rotation from its own weights ([`recover_rotation`]) and reads
+//!   the states as if there were none.
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::model::rotate::{random_orthogonal, recover_rotation};
+use crate::model::LayerStack;
+use crate::net::protocol::WireDtype;
+use crate::util::linalg::standard_normal;
+
+/// One defence (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Defence {
+    None,
+    /// Noise of `sigma` × each position's RMS on the uplink.
+    Noise { sigma: f32 },
+    Rotation,
+}
+
+impl Defence {
+    /// `none`, `noise=S` (S ≥ 0, relative to each state's RMS) or `rotation`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        match s {
+            "none" => Ok(Self::None),
+            "rotation" => Ok(Self::Rotation),
+            _ => match s.strip_prefix("noise=").map(str::parse::<f32>) {
+                Some(Ok(sigma)) if sigma.is_finite() && sigma >= 0.0 => Ok(Self::Noise { sigma }),
+                _ => Err(Error::invalid(format!("unknown defence {s:?}: give none, noise=S (S ≥ 0, relative to each state's RMS) or rotation"))),
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::None => "none".into(),
+            Self::Noise { sigma } => format!("noise={sigma}"),
+            Self::Rotation => "rotation".into(),
+        }
+    }
+}
+
+/// A defence set up on one split: what the device sends, what the cloud computes on it, and
+/// what the attacker reads of both.
+pub struct Guard {
+    pub defence: Defence,
+    wire: WireDtype,
+    /// The middle layers as the cloud holds them (rotated for `rotation`).
+    pub cloud_middle: LayerStack,
+    /// `rotation`: the secret rotation `(hidden, hidden)` and the attacker's estimate of it.
+    rotation: Option<(Tensor, Tensor)>,
+    seed: u64,
+}
+
+impl Guard {
+    pub fn new(defence: Defence, middle: &LayerStack, hidden: usize, wire: WireDtype, seed: u64) -> Result<Self> {
+        let (cloud_middle, rotation) = match defence {
+            Defence::Rotation => {
+                let m = random_orthogonal(hidden, seed)?;
+                let rotated = middle.rotated(&m)?;
+                let estimate = recover_rotation(middle, &rotated)?;
+                (rotated, Some((m, estimate)))
+            }
+            _ => (middle.clone(), None),
+        };
+        Ok(Self { defence, wire, cloud_middle, rotation, seed })
+    }
+
+    /// `rotation`: the largest error of the attacker's estimate of it (an entry of a matrix
+    /// whose rows have unit norm).
+    pub fn rotation_error(&self) -> Result<Option<f32>> {
+        match &self.rotation {
+            Some((m, estimate)) => Ok(Some((m - estimate)?.abs()?.flatten_all()?.max(0)?.to_scalar()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// What leaves the device for the uplink states `h` `(1, n, hidden)` of one text (`salt`
+    /// tells texts apart for the noise), rounded as the wire rounds.
+    pub fn send(&self, h: &Tensor, salt: u64) -> Result<Tensor> {
+        let h = match (&self.defence, &self.rotation) {
+            (Defence::Noise { sigma }, _) if *sigma > 0.0 => {
+                let (b, n, hidden) = h.dims3()?;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let gauss: Vec<f32> = (0..b * n * hidden).map(|_| standard_normal(&mut rng) as f32).collect();
+                let rms = h.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
+                (h + Tensor::from_vec(gauss, (b, n, hidden), &Device::Cpu)?.broadcast_mul(&(rms * *sigma as f64)?)?)?
+            }
+            (_, Some((m, _))) => h.broadcast_matmul(m)?,
+            _ => h.clone(),
+        };
+        self.wire.round_trip(&h.to_dtype(DType::F32)?)
+    }
+
+    /// The cloud's reply to what was sent, as the downlink carries it.
+    pub fn middle(&self, sent: &Tensor) -> Result<Tensor> {
+        self.wire.round_trip(&self.cloud_middle.forward(sent, 0, &mut self.cloud_middle.new_cache())?)
+    }
+
+    /// What the attacker reads of a state that crossed the wire, either way: un-rotated by its
+    /// estimate for `rotation`, as it came otherwise.
+    pub fn attacker_reads(&self, seen: &Tensor) -> Result<Tensor> {
+        match &self.rotation {
+            Some((_, estimate)) => Ok(seen.broadcast_matmul(&estimate.t()?)?),
+            None => Ok(seen.clone()),
+        }
+    }
+
+    /// What the device reads of the downlink: un-rotated by the true rotation.
+    pub fn device_reads(&self, down: &Tensor) -> Result<Tensor> {
+        match &self.rotation {
+            Some((m, _)) => Ok(down.broadcast_matmul(&m.t()?)?),
+            None => Ok(down.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defences_parse_and_bad_ones_are_refused() {
+        assert_eq!(Defence::parse("none").unwrap(), Defence::None);
+        assert_eq!(Defence::parse(" noise=0.25").unwrap(), Defence::Noise { sigma: 0.25 });
+        assert_eq!(Defence::parse("rotation").unwrap(), Defence::Rotation);
+        for bad in ["noise", "noise=-1", "noise=nan", "shuffle", ""] {
+            assert!(Defence::parse(bad).unwrap_err().to_string().contains("unknown defence"), "{bad}");
+        }
+        assert_eq!(Defence::parse(&Defence::Noise { sigma: 0.5 }.name()).unwrap(), Defence::Noise { sigma: 0.5 });
+    }
+}
