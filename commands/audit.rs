@@ -107,14 +107,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pb = hat::util::progress::bar(conversations.len() as u64, "replies");
     let samples = hat::audit::samples(&model, &loaded.tokenizer, &conversations, &opts)?;
     pb.finish_and_clear();
-    let pb = hat::util::progress::bar((samples.len() * opts.input_layers.len() * opts.defences.len()) as u64, "attacks");
+    let pb = hat::util::progress::bar(hat::audit::steps(samples.len(), &opts), "attacks");
     let mut attacker_texts = Vec::new();
     for c in &own {
         for turn in &c.turns {
             attacker_texts.push(loaded.tokenizer.encode_prompt_within(&turn.text, turn.role == "user", ATTACKER_TOKENS_PER_TURN)?);
         }
     }
-    let audit = hat::audit::run(&model, &samples, &attacker_texts, &opts, &mut || pb.inc(1))?;
+    // The bar counts the steps done and names the one running.
+    let mut begun = false;
+    let audit = hat::audit::run(&model, &samples, &attacker_texts, &opts, &mut |what| {
+        if std::mem::replace(&mut begun, true) {
+            pb.inc(1);
+        }
+        pb.set_message(what.to_string());
+    })?;
     pb.finish_and_clear();
     let baseline = hat::audit::unigram_baseline(&samples);
     let charts = match &args.plot {

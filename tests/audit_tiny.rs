@@ -38,19 +38,19 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
         assert_eq!(s.content[..prompt_len(s)].iter().filter(|&&c| c).count(), text.len(), "{text}");
     }
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
-    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap().results;
+    let results = run(&model, &ss, &own, &opts, &mut |_| {}).unwrap().results;
     for r in results.iter().filter(|r| r.attack == "public-weights" && r.direction == "up") {
         assert_eq!(r.top1, 1.0, "the replay recovers every content token: {r:?}");
     }
     // The reply alone: the public head reads every greedy token.
     let replies: Vec<Sample> = ss.iter().map(|s| Sample { ids: s.ids.clone(), content: (0..s.ids.len()).map(|i| i >= prompt_len(s)).collect() }).collect();
-    for r in run(&model, &replies, &own, &opts, &mut || {}).unwrap().results.iter().filter(|r| r.attack == "public-weights" && r.direction == "down") {
+    for r in run(&model, &replies, &own, &opts, &mut |_| {}).unwrap().results.iter().filter(|r| r.attack == "public-weights" && r.direction == "down") {
         assert_eq!(r.top1, 1.0, "{r:?}");
     }
     // Bad input.
     assert!(samples(&model, &loaded.tokenizer, &[], &opts).unwrap_err().to_string().contains("no conversation"));
     let deep = AuditOptions { input_layers: vec![5], ..opts.clone() };
-    assert!(run(&model, &ss, &own, &deep, &mut || {}).unwrap_err().to_string().contains("do not split"));
+    assert!(run(&model, &ss, &own, &deep, &mut |_| {}).unwrap_err().to_string().contains("do not split"));
 }
 
 /// The learned inverters of a cloud without the device's weights, on the tiny model: each is
@@ -67,7 +67,7 @@ fn learned_inverters_beat_the_unigram_baseline() {
     let own: Vec<Vec<u32>> = (0..60)
         .map(|i| loaded.tokenizer.encode(&format!("sentence {i}: the train in the morning, a cat and a dog at the station; birds near the park sing {i}")).unwrap())
         .collect();
-    let results = run(&model, &ss, &own, &opts, &mut || {}).unwrap().results;
+    let results = run(&model, &ss, &own, &opts, &mut |_| {}).unwrap().results;
     let baseline = hat::audit::unigram_baseline(&ss);
     let learned: Vec<_> = results.iter().filter(|r| r.attack == "learned").collect();
     let names: Vec<_> = learned.iter().map(|r| (r.inverter, r.train_tokens.unwrap() > 0)).collect();
@@ -93,7 +93,11 @@ fn a_rotation_hides_nothing_and_noise_costs_agreement() {
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
-    let audit = run(&model, &ss, &own, &opts, &mut || {}).unwrap();
+    // Every step is announced, as many as `steps` says (the progress bar's length).
+    let mut announced = Vec::new();
+    let audit = run(&model, &ss, &own, &opts, &mut |what| announced.push(what.to_string())).unwrap();
+    assert_eq!(announced.len() as u64, hat::audit::steps(ss.len(), &opts), "{announced:?}");
+    assert!(announced.iter().any(|a| a.starts_with("K1 = 1, rotation: MLP on ")), "{announced:?}");
     let replay = |d: &str| audit.results.iter().find(|r| r.defence == d && r.inverter == "replay").unwrap().top1;
     let cost = |d: &str| audit.costs.iter().find(|c| c.defence == d).unwrap();
     assert_eq!(audit.costs.len(), 3);
@@ -111,5 +115,5 @@ fn a_rotation_hides_nothing_and_noise_costs_agreement() {
     assert_eq!(charts.iter().map(|c| c.0).collect::<Vec<_>>(), ["audit-by-input-layers", "audit-by-budget"]);
     assert!(charts[0].1.contains("replay up (rotation)") && charts[1].1.contains("mlp-window K1=1 (noise=3)"), "{}", charts[0].1);
     let no = AuditOptions { defences: vec![], ..opts };
-    assert!(run(&model, &ss, &own, &no, &mut || {}).unwrap_err().to_string().contains("at least one defence"));
+    assert!(run(&model, &ss, &own, &no, &mut |_| {}).unwrap_err().to_string().contains("at least one defence"));
 }

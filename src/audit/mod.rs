@@ -286,10 +286,16 @@ pub struct Audit {
 /// Salts of the uplink noise: one per audited sample, one per text of the attacker's own.
 const OWN_TEXT_SALT: u64 = 1 << 32;
 
+/// The steps [`run`] announces for `samples` samples: for each K1 and defence, the attacker's own
+/// states (and its replay's ranker), each sample, and each learned inverter it trains.
+pub fn steps(samples: usize, opts: &AuditOptions) -> u64 {
+    (opts.input_layers.len() * opts.defences.len() * (1 + samples + 2 * BUDGETS.len())) as u64
+}
+
 /// Runs every attack for every K1 and defence (`attacker_texts`: token ids of the attacker's own
-/// text, to train its inverters and rank its replay's candidates); `tick` after each (K1,
-/// defence, sample).
-pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, tick: &mut dyn FnMut()) -> Result<Audit> {
+/// text, to train its inverters and rank its replay's candidates); `step` names each of the
+/// [`steps`] as it begins.
+pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts: &AuditOptions, step: &mut dyn FnMut(&str)) -> Result<Audit> {
     if opts.candidates == 0 {
         return Err(Error::invalid("--candidates must be at least 1"));
     }
@@ -303,6 +309,8 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
         let (input, middle, output) = split(model, k1, opts.output_layers)?;
         let device_ms_per_token = device_ms_per_token(model, &input, &output)?;
         for &defence in &opts.defences {
+            let at = format!("K1 = {k1}, {}", defence.name());
+            step(&format!("{at}: the attacker's own states"));
             let guard = Guard::new(defence, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
             let uplink = |ids: &[u32], salt: u64| -> Result<Tensor> { guard.send(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?, salt) };
             let own = attacker_texts.iter().enumerate().map(|(i, ids)| guard.attacker_reads(&uplink(ids, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
@@ -310,6 +318,7 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
             let (mut up, mut down, mut agree) = (Hits::default(), Hits::default(), (0, 0));
             let mut audited = Vec::new();
             for (i, s) in samples.iter().enumerate() {
+                step(&format!("{at}: conversation {}/{}", i + 1, samples.len()));
                 let sent = uplink(&s.ids, i as u64)?;
                 let seen = guard.attacker_reads(&sent)?.squeeze(0)?; // (n, hidden)
                 up.add(replay(model, &input, &ranker, s, &seen, opts)?);
@@ -317,11 +326,10 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
                 down.add(hits);
                 agree = (agree.0 + a, agree.1 + n);
                 audited.push(seen);
-                tick();
             }
             results.push(up.result("up", k1, "replay", defence));
             results.push(down.result("down", k1, "public-head", defence));
-            results.extend(learned_attacks(model, samples, &audited, attacker_texts, &own, k1, defence)?);
+            results.extend(learned_attacks(model, samples, &audited, attacker_texts, &own, k1, defence, &mut |what| step(&format!("{at}: {what}")))?);
             costs.push(DefenceCost {
                 input_layers: k1,
                 defence: defence.name(),
@@ -358,8 +366,10 @@ fn device_ms_per_token(model: &Model, input: &LayerStack, output: &LayerStack) -
 pub const BUDGETS: [f64; 2] = [0.1, 1.0];
 
 /// The learned inverters on the uplink at K1 = `k1`, from the attacker's readings `(n, hidden)`
-/// of the audited samples (`seen`) and of its own texts (`own_seen`).
-fn learned_attacks(model: &Model, samples: &[Sample], seen: &[Tensor], attacker_texts: &[Vec<u32>], own_seen: &[Tensor], k1: usize, defence: Defence) -> Result<Vec<AuditResult>> {
+/// of the audited samples (`seen`) and of its own texts (`own_seen`); `step` names each
+/// inverter trained as it begins.
+#[allow(clippy::too_many_arguments)]
+fn learned_attacks(model: &Model, samples: &[Sample], seen: &[Tensor], attacker_texts: &[Vec<u32>], own_seen: &[Tensor], k1: usize, defence: Defence, step: &mut dyn FnMut(&str)) -> Result<Vec<AuditResult>> {
     let own = attacker_texts.iter().zip(own_seen).filter(|(t, _)| t.len() > 1).map(|(t, h)| learned::Text::new(h, t.clone())).collect::<Result<Vec<_>>>()?;
     let audited = samples.iter().zip(seen).map(|(s, h)| learned::Text::new(h, s.ids.clone())).collect::<Result<Vec<_>>>()?;
     let content: Vec<Vec<bool>> = samples.iter().map(|s| s.content.clone()).collect();
@@ -373,7 +383,9 @@ fn learned_attacks(model: &Model, samples: &[Sample], seen: &[Tensor], attacker_
     for share in BUDGETS {
         let texts = learned::budget(&own, share);
         let (x, tokens) = learned::pairs(texts)?;
+        step(&format!("linear probe on {} pairs", tokens.len()));
         out.push(result(&learned::Linear::probe(&x, &tokens, vocab)?, tokens.len())?);
+        step(&format!("MLP on {} pairs", tokens.len()));
         out.push(result(&learned::MlpWindow::train(texts, 0)?, tokens.len())?);
     }
     Ok(out)
