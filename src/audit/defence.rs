@@ -58,7 +58,7 @@ pub struct Guard {
     pub defence: Defence,
     wire: WireDtype,
     /// The middle layers as the cloud holds them (rotated for `rotation`).
-    pub cloud_middle: LayerStack,
+    cloud_middle: LayerStack,
     /// `rotation`: the secret rotation `(hidden, hidden)` and the attacker's estimate of it.
     rotation: Option<(Tensor, Tensor)>,
     seed: u64,

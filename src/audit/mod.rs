@@ -156,12 +156,25 @@ struct Ranker {
 }
 
 impl Ranker {
-    /// `own`: the attacker's reading of the states of its own texts, `(n, hidden)` each.
-    fn fit(model: &Model, input: &LayerStack, texts: &[Vec<u32>], own: &[Tensor], wire: WireDtype) -> Result<Self> {
+    /// Every token's state at position 0 through `input`, rounded as the wire rounds it, `(vocab,
+    /// hidden)`: the same for every defence of a split.
+    fn first_states(model: &Model, input: &LayerStack, wire: WireDtype) -> Result<Tensor> {
         let hidden = model.config.hidden_size;
         let vocab = model.embedder.weight().dim(0)?;
+        let mut first = Vec::new();
+        for chunk in (0..vocab as u32).collect::<Vec<_>>().chunks(1024) {
+            let x = model.embedder.embed_ids(chunk)?.reshape((chunk.len(), 1, hidden))?;
+            first.push(wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?.squeeze(1)?);
+        }
+        Ok(Tensor::cat(&first, 0)?)
+    }
+
+    /// `own`: the attacker's reading of the states of its own texts, `(n, hidden)` each; `first`:
+    /// [`Ranker::first_states`].
+    fn fit(model: &Model, texts: &[Vec<u32>], own: &[Tensor], first: Tensor) -> Result<Self> {
+        let vocab = model.embedder.weight().dim(0)?;
         let (mut states, mut tokens) = (Vec::new(), Vec::new());
-        for (ids, h) in texts.iter().zip(own).filter(|(t, _)| t.len() > 1) {
+        for (ids, h) in texts.iter().zip(own) {
             states.push(h.narrow(0, 1, ids.len() - 1)?);
             tokens.extend_from_slice(&ids[1..]);
         }
@@ -169,12 +182,7 @@ impl Ranker {
             return Err(Error::invalid("no text to fit the attacker's probe on"));
         }
         let probe = learned::ridge_probe(&Tensor::cat(&states, 0)?, &tokens, vocab)?; // (hidden, vocab)
-        let mut first = Vec::new();
-        for chunk in (0..vocab as u32).collect::<Vec<_>>().chunks(1024) {
-            let x = model.embedder.embed_ids(chunk)?.reshape((chunk.len(), 1, hidden))?;
-            first.push(wire.round_trip(&input.forward(&x, 0, &mut input.new_cache())?)?.squeeze(1)?);
-        }
-        Ok(Self { probe, first: Tensor::cat(&first, 0)? })
+        Ok(Self { probe, first })
     }
 
     /// Token ids, most likely first, for the state `target` `(hidden,)` at position `t`.
@@ -227,8 +235,9 @@ fn replay(model: &Model, input: &LayerStack, ranker: &Ranker, sample: &Sample, s
 
 /// One sample through the split under `guard`: the public head on the attacker's reading of the
 /// downlink (see the module doc), and the agreement of the device's next token with the model's
-/// at every position, `(agreeing, positions)`. `sent`: the uplink as it left the device.
-fn downlink(model: &Model, output: &LayerStack, guard: &Guard, sample: &Sample, sent: &Tensor) -> Result<(Hits, (usize, usize))> {
+/// at every position, `(agreeing, positions)`. `sent`: the uplink as it left the device; `truth`:
+/// the model's own next token at every position.
+fn downlink(model: &Model, output: &LayerStack, guard: &Guard, sample: &Sample, sent: &Tensor, truth: &[u32]) -> Result<(Hits, (usize, usize))> {
     let down = guard.middle(sent)?;
     let read = |h: &Tensor| -> Result<Tensor> { Ok(model.head.forward(&output.forward(h, 0, &mut output.new_cache())?)?.squeeze(0)?) }; // (n, vocab)
     let ranked = read(&guard.attacker_reads(&down)?)?.arg_sort_last_dim(false)?;
@@ -240,8 +249,7 @@ fn downlink(model: &Model, output: &LayerStack, guard: &Guard, sample: &Sample, 
         }
     }
     let device: Vec<u32> = read(&guard.device_reads(&down)?)?.argmax(D::Minus1)?.to_vec1()?;
-    let truth: Vec<u32> = model.forward_all(&sample.ids, &mut model.new_cache())?.squeeze(0)?.argmax(D::Minus1)?.to_vec1()?;
-    let agree = device.iter().zip(&truth).filter(|(a, b)| a == b).count();
+    let agree = device.iter().zip(truth).filter(|(a, b)| a == b).count();
     Ok((hits, (agree, truth.len())))
 }
 
@@ -286,10 +294,11 @@ pub struct Audit {
 /// Salts of the uplink noise: one per audited sample, one per text of the attacker's own.
 const OWN_TEXT_SALT: u64 = 1 << 32;
 
-/// The steps [`run`] announces for `samples` samples: for each K1 and defence, the attacker's own
-/// states (and its replay's ranker), each sample, and each learned inverter it trains.
+/// The steps [`run`] announces for `samples` samples: for each K1, the input layers' states of
+/// every text; then for each defence, the attacker's reading of its own states (and its replay's
+/// ranker), each sample, and each learned inverter it trains.
 pub fn steps(samples: usize, opts: &AuditOptions) -> u64 {
-    (opts.input_layers.len() * opts.defences.len() * (1 + samples + 2 * BUDGETS.len())) as u64
+    (opts.input_layers.len() * (1 + opts.defences.len() * (1 + samples + 2 * BUDGETS.len()))) as u64
 }
 
 /// Runs every attack for every K1 and defence (`attacker_texts`: token ids of the attacker's own
@@ -304,25 +313,33 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
     }
     let attacker_texts: Vec<Vec<u32>> = attacker_texts.iter().filter(|t| t.len() > 1).cloned().collect();
     let attacker_texts = attacker_texts.as_slice();
+    // The model's own next token at every position of each sample, for the agreement.
+    let truth = samples.iter().map(|s| Ok(model.forward_all(&s.ids, &mut model.new_cache())?.squeeze(0)?.argmax(D::Minus1)?.to_vec1::<u32>()?)).collect::<Result<Vec<_>>>()?;
     let (mut results, mut costs) = (Vec::new(), Vec::new());
     for &k1 in &opts.input_layers {
         let (input, middle, output) = split(model, k1, opts.output_layers)?;
         let device_ms_per_token = device_ms_per_token(model, &input, &output)?;
+        // The input submodel's states, `(1, n, hidden)`, of the attacker's texts and the samples,
+        // and the ranker's position-0 states: computed once per split, whatever the defence.
+        step(&format!("K1 = {k1}: the input layers' states"));
+        let states = |ids: &[u32]| input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache());
+        let own_states = attacker_texts.iter().map(|ids| states(ids)).collect::<Result<Vec<_>>>()?;
+        let sample_states = samples.iter().map(|s| states(&s.ids)).collect::<Result<Vec<_>>>()?;
+        let first = Ranker::first_states(model, &input, opts.wire)?;
         for &defence in &opts.defences {
             let at = format!("K1 = {k1}, {}", defence.name());
-            step(&format!("{at}: the attacker's own states"));
+            step(&format!("{at}: the attacker's own states and ranker"));
             let guard = Guard::new(defence, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
-            let uplink = |ids: &[u32], salt: u64| -> Result<Tensor> { guard.send(&input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache())?, salt) };
-            let own = attacker_texts.iter().enumerate().map(|(i, ids)| guard.attacker_reads(&uplink(ids, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
-            let ranker = Ranker::fit(model, &input, attacker_texts, &own, opts.wire)?;
+            let own = own_states.iter().enumerate().map(|(i, h)| guard.attacker_reads(&guard.send(h, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
+            let ranker = Ranker::fit(model, attacker_texts, &own, first.clone())?;
             let (mut up, mut down, mut agree) = (Hits::default(), Hits::default(), (0, 0));
             let mut audited = Vec::new();
             for (i, s) in samples.iter().enumerate() {
                 step(&format!("{at}: conversation {}/{}", i + 1, samples.len()));
-                let sent = uplink(&s.ids, i as u64)?;
+                let sent = guard.send(&sample_states[i], i as u64)?;
                 let seen = guard.attacker_reads(&sent)?.squeeze(0)?; // (n, hidden)
                 up.add(replay(model, &input, &ranker, s, &seen, opts)?);
-                let (hits, (a, n)) = downlink(model, &output, &guard, s, &sent)?;
+                let (hits, (a, n)) = downlink(model, &output, &guard, s, &sent, &truth[i])?;
                 down.add(hits);
                 agree = (agree.0 + a, agree.1 + n);
                 audited.push(seen);
@@ -370,7 +387,7 @@ pub const BUDGETS: [f64; 2] = [0.1, 1.0];
 /// inverter trained as it begins.
 #[allow(clippy::too_many_arguments)]
 fn learned_attacks(model: &Model, samples: &[Sample], seen: &[Tensor], attacker_texts: &[Vec<u32>], own_seen: &[Tensor], k1: usize, defence: Defence, step: &mut dyn FnMut(&str)) -> Result<Vec<AuditResult>> {
-    let own = attacker_texts.iter().zip(own_seen).filter(|(t, _)| t.len() > 1).map(|(t, h)| learned::Text::new(h, t.clone())).collect::<Result<Vec<_>>>()?;
+    let own = attacker_texts.iter().zip(own_seen).map(|(t, h)| learned::Text::new(h, t.clone())).collect::<Result<Vec<_>>>()?;
     let audited = samples.iter().zip(seen).map(|(s, h)| learned::Text::new(h, s.ids.clone())).collect::<Result<Vec<_>>>()?;
     let content: Vec<Vec<bool>> = samples.iter().map(|s| s.content.clone()).collect();
     let result = |inverter: &dyn learned::Inverter, train_tokens: usize| -> Result<AuditResult> {
