@@ -1,16 +1,21 @@
 //! Engine benchmark: prefill tokens/s on a ~200-token prompt and decode tokens/s over 64 tokens,
 //! hat's engine side by side with candle-transformers' `quantized_llama` on the same GGUF with
-//! dequantized (f32) weights. Runs alternate between the two, and medians are reported.
+//! dequantized (f32) weights. Runs alternate between the two, and medians are reported. Then
+//! the LM head alone, as the device runs it per verification block: every row in f32 against
+//! greedy decoding's screened head (an 8-bit copy bounds which rows can be the largest; those are
+//! computed in f32: the same argmax), on the model's own final states of the prompt.
 //!
 //! `cargo bench --bench engine` (needs the default GGUF: recipes/fetch-assets.sh).
 //! Environment: HAT_BENCH_MODEL (GGUF path), HAT_BENCH_REPEATS (default 5),
-//! HAT_BENCH_PROMPT_TOKENS (default 200), HAT_BENCH_DECODE_TOKENS (default 64).
+//! HAT_BENCH_PROMPT_TOKENS (default 200), HAT_BENCH_DECODE_TOKENS (default 64), HAT_BENCH_PARTS
+//! (default `engine,head`).
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use hat::io::source::{assets_dir, LoadedModel, ModelSpec, DEFAULT_ASSET_GGUF};
+use hat::model::screen::{Screen, ScreenedHead};
 use hat::testing::bench::{env_or, median};
 
 const TEXT: &str = "The history of computing is a story of ideas that moved from laboratories into everyday \
@@ -69,13 +74,73 @@ fn main() -> anyhow::Result<()> {
     }
     prompt.truncate(prompt_len);
 
+    let parts = std::env::var("HAT_BENCH_PARTS").unwrap_or_else(|_| "engine,head".into());
+    if parts.split(',').any(|p| p == "engine") {
+        engine(&hat_model, &mut candle_model, &prompt, repeats, decode)?;
+    }
+    if parts.split(',').any(|p| p == "head") {
+        head(&hat_model, &prompt)?;
+    }
+    Ok(())
+}
+
+/// The head on 1, 3 and 5 rows of the model's final states: full f32 against screened.
+fn head(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
+    let x = model.layers.forward(&model.embedder.embed_ids(prompt)?, 0, &mut model.new_cache())?; // (1, n, hidden)
+    let mut screened = model.head.clone();
+    screened.set_screen(true)?;
+    let n = x.dim(1)?;
+    // Every position's argmax agrees (what greedy decoding takes).
+    let (mut same, mut kept) = (0, vec![]);
+    for i in 0..n {
+        let row = x.narrow(1, i, 1)?;
+        let s = screened.forward_greedy(&row)?;
+        same += usize::from(argmax(&model.head.forward_exact(&row)?)? == argmax(&s)?);
+        kept.push(s.flatten_all()?.to_vec1::<f32>()?.iter().filter(|v| v.is_finite()).count() as f64);
+    }
+    // Both screens, on the normalised states the head multiplies.
+    let screen = ScreenedHead::new(model.head.weight())?;
+    let reps = 40;
+    println!();
+    println!("| LM head ({} threads), rows | full f32 ms | screened ms (as greedy decoding does) | ratio | screened with f32 states | screened with 16-bit states (VNNI) |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|---|---|---|");
+    for rows in [1usize, 3, 5, 8] {
+        let (mut full, mut scr, mut f32s, mut ints) = (vec![], vec![], vec![], vec![]);
+        for r in 0..reps {
+            let block = x.narrow(1, (r * 7) % (n - rows), rows)?;
+            let t = Instant::now();
+            model.head.forward_exact(&block)?;
+            full.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            screened.forward_greedy(&block)?;
+            scr.push(t.elapsed().as_secs_f64() * 1e3);
+            let normed = model.head.norm(&block)?;
+            let t = Instant::now();
+            screen.logits_with(&normed, model.head.weight(), Screen::F32)?;
+            f32s.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            screen.logits_with(&normed, model.head.weight(), Screen::Int8)?;
+            ints.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (f, s) = (median(&full), median(&scr));
+        println!("| {rows} | {f:.2} | {s:.2} | {:.2}x | {:.2} | {:.2} |", s / f, median(&f32s), median(&ints));
+    }
+    println!("argmax equal at {same}/{n} positions; rows computed in f32 after screening: median {:.0}, most {:.0}", median(&kept), kept.iter().copied().fold(0.0, f64::max));
+    anyhow::ensure!(same == n, "the screened head's argmax differs from the full head's");
+    Ok(())
+}
+
+/// The engines side by side: prefill and decode tokens/s.
+fn engine(hat_model: &hat::model::Model, candle_model: &mut ModelWeights, prompt: &[u32], repeats: usize, decode: usize) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let prompt_len = prompt.len();
     let (mut hp, mut hd, mut cp, mut cd) = (vec![], vec![], vec![], vec![]);
     let (mut rp, mut rd) = (vec![], vec![]);
     eprintln!("{repeats} alternating runs of each engine: {prompt_len}-token prefill + {decode} decode steps");
     for r in 0..=repeats {
         let mut cache = hat_model.new_cache();
-        let h = run(&prompt, decode, |ids, _| Ok(hat_model.forward_last(ids, &mut cache)?))?;
-        let c = run(&prompt, decode, |ids, pos| {
+        let h = run(prompt, decode, |ids, _| Ok(hat_model.forward_last(ids, &mut cache)?))?;
+        let c = run(prompt, decode, |ids, pos| {
             let x = Tensor::new(ids, &dev)?.unsqueeze(0)?;
             Ok(candle_model.forward(&x, pos)?)
         })?;

@@ -37,6 +37,13 @@ pub struct Args {
     /// part-way: then with an `error` and the text so far).
     #[arg(long)]
     pub json: bool,
+
+    /// Privacy defence: add Gaussian noise of S × each position's RMS to the hidden states sent
+    /// to the cloud (0 = none). The answer then differs from the model's (the cloud computes on
+    /// noisy states) and fewer drafts are accepted; see the README's privacy section for what
+    /// it hides and what it costs (`hat audit --defences noise=S`).
+    #[arg(long, default_value_t = 0.0)]
+    pub uplink_noise: f32,
 }
 
 /// The device side's settings, shared by `run-edge` and `serve-edge`: the bundle, the cloud,
@@ -114,6 +121,13 @@ pub struct EdgeArgs {
     #[arg(long)]
     pub profile: Option<PathBuf>,
 
+    /// How greedy decoding reads the LM head: `screened` (default) scores every vocabulary row
+    /// with an 8-bit copy and computes in f32 only the rows that could be the largest (the same
+    /// token as the full head, proven bound; a quarter of the bytes); `full` computes every row
+    /// in f32. Sampling always uses the full head.
+    #[arg(long, default_value = "screened", value_parser = ["screened", "full"])]
+    pub greedy_head: String,
+
     /// When the cloud is lost for good mid-answer (no cloud reached within --cloud-timeout):
     /// `none` fails with the text so far (printed, and in --json); `slm` finishes the answer with
     /// the on-device SLM alone and says from which token on it is unverified
@@ -124,13 +138,17 @@ pub struct EdgeArgs {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let prompt = args.prompt.read()?;
+    let noise = hat::net::noise::check_sigma(args.uplink_noise)?;
     let sampling = args.sampling.params()?;
     let edge = args.edge.prepare()?;
     let (bundle, drafter, mode, wire) = (&edge.bundle, &edge.drafter, edge.mode, edge.resolved.3);
     let ids = bundle.tokenizer.encode_prompt(&prompt, !args.prompt.no_chat_template)?;
     let session = std::time::Instant::now();
-    let mut link = args.edge.connect.open(bundle, &edge.resolved)?;
-    let choice = hat::profile::choose_chunking(bundle, drafter, link.session(), edge.profile.as_ref().zip(args.edge.profile.as_deref()), ids.len(), wire, edge.drafting(), edge.chunk_size);
+    let mut link = hat::net::NoisyUplink::new(args.edge.connect.open(bundle, &edge.resolved)?, noise)?;
+    if noise > 0.0 && !args.json {
+        eprintln!("hat-edge: uplink noise {noise} × RMS: the answer differs from the model's");
+    }
+    let choice = hat::profile::choose_chunking(bundle, drafter, link.inner_mut().session(), edge.profile.as_ref().zip(args.edge.profile.as_deref()), ids.len(), wire, edge.drafting(), edge.chunk_size);
     if let Some(w) = &choice.warning {
         eprintln!("hat-edge: warning: {w}");
     }
@@ -148,7 +166,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             p.device_source
         );
     }
-    let opts = edge.options(choice.chunking.clone(), sampling, args.sampling.max_tokens, link.session().max_context);
+    let opts = edge.options(choice.chunking.clone(), sampling, args.sampling.max_tokens, link.inner_mut().session().max_context);
     // Connecting and planning, before the prompt goes up (TTFT counts from there).
     let session_ms = session.elapsed().as_secs_f64() * 1e3;
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
@@ -198,6 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             v["device_profile"] = p.device_source.to_string().into();
         }
         v["adapter"] = edge.adapter_name.clone().into();
+        v["uplink_noise"] = noise.into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         eprintln!(
@@ -257,7 +276,8 @@ impl EdgeArgs {
             Some(n) => Some(n.parse::<usize>().map_err(|_| anyhow::anyhow!("--chunk-size {n}: not `auto` or a number of positions"))?),
         };
         let device = candle_core::Device::Cpu;
-        let bundle = DeviceBundle::load(&self.bundle, &device)?;
+        let mut bundle = DeviceBundle::load(&self.bundle, &device)?;
+        bundle.head.set_screen(self.greedy_head == "screened")?;
         let profile = match &self.profile {
             Some(path) => {
                 let p = hat::profile::Profile::load(path, &bundle.manifest.split_id)?;

@@ -9,19 +9,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-10}
 shift || true
-cargo build --release --quiet
-recipes/fetch-assets.sh >/dev/null
-hat=./target/release/hat
-split=${HAT_BENCH_SPLIT:-target/bench-split}
-[ -f "$split/device/manifest.json" ] || HAT_NO_PROGRESS=1 "$hat" split --out "$split" --force --input-layers 2 --output-layers 2 >/dev/null
-state=$(mktemp -d)
-log=$(mktemp)
-"$hat" serve-cloud --bundle "$split/cloud" --listen 127.0.0.1:4620 --state-dir "$state" --max-sessions 40 --metrics 127.0.0.1:4621 "$@" >"$log" 2>/dev/null &
-cloud=$!
-trap 'kill $cloud 2>/dev/null; rm -rf "$state" "$log"' EXIT
-for _ in $(seq 600); do grep -q '^fingerprint' "$log" && break; sleep 0.1; done
-fp=$(sed -n 's/^fingerprint //p' "$log")
-[ -n "$fp" ] || { echo "serve-cloud did not start" >&2; exit 1; }
+source recipes/common.sh
+start_cloud 4620 "$hat" --max-sessions 40 --metrics 127.0.0.1:4621 "$@"
 echo "| sessions | positions/s | × one session | round p50 ms | round p99 ms | cloud compute p50 ms | rest p50 ms | server RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
 base=

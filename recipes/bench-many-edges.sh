@@ -7,18 +7,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 n=${1:-16}
-cargo build --release --quiet
-recipes/fetch-assets.sh >/dev/null
-hat=./target/release/hat
-split=${HAT_BENCH_SPLIT:-target/bench-split}
-[ -f "$split/device/manifest.json" ] || HAT_NO_PROGRESS=1 "$hat" split --out "$split" --force --input-layers 2 --output-layers 2 >/dev/null
-state=$(mktemp -d); log=$(mktemp); out=$(mktemp -d)
-"$hat" serve-cloud --bundle "$split/cloud" --listen 127.0.0.1:4630 --state-dir "$state" --max-sessions "$((n + 4))" --metrics 127.0.0.1:4631 >"$log" 2>/dev/null &
-cloud=$!
-trap 'kill $cloud 2>/dev/null; rm -rf "$state" "$log" "$out"' EXIT
-for _ in $(seq 600); do grep -q '^fingerprint' "$log" && break; sleep 0.1; done
-fp=$(sed -n 's/^fingerprint //p' "$log")
-[ -n "$fp" ] || { echo "serve-cloud did not start" >&2; exit 1; }
+source recipes/common.sh
+out=$(mktemp -d)
+cleanup+=("$out")
+start_cloud 4630 "$hat" --max-sessions "$((n + 4))" --metrics 127.0.0.1:4631
 mapfile -t prompts < <(python3 -c 'import json,sys; ps=json.load(open("benches/prompts.json"))["prompts"]; [print(ps[i % len(ps)]["text"]) for i in range(int(sys.argv[1]))]' "$n")
 pids=()
 for i in $(seq 0 $((n - 1))); do

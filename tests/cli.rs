@@ -266,6 +266,7 @@ fn bad_inputs_are_errors_not_panics() {
         // Refused before any connection is tried (no cloud listens on this port).
         &["run-edge", "--bundle", "/no/such", "--cloud", "127.0.0.1:9", "--cloud-fingerprint", "sha256:00", "--prompt", "x", "--draft-threshold", "1.5"],
         &["run-edge", "--bundle", "/no/such", "--cloud", "127.0.0.1:9", "--cloud-fingerprint", "sha256:00", "--prompt", "x", "--draft-vocab", "many"],
+        &["run-edge", "--bundle", "/no/such", "--cloud", "127.0.0.1:9", "--cloud-fingerprint", "sha256:00", "--prompt", "x", "--uplink-noise", "-1"],
     ];
     for args in cases {
         let o = hat(args, &[("HF_HUB_OFFLINE", "1")]);

@@ -16,13 +16,19 @@ use hat::testing::{oracle_adapter, tiny_model, SplitWorld, TinySpec};
 
 const PROMPT: [u32; 5] = [72, 101, 108, 108, 111];
 
+/// The tiny model written under `dir`, and its split at K1 = K2 = 2.
+fn tiny_world(dir: &std::path::Path) -> (LoadedModel, SplitWorld) {
+    tiny_model(&dir.join("model"), TinySpec::default()).unwrap();
+    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.join("model"))).unwrap();
+    let world = SplitWorld::new(&loaded, 2, 2).unwrap();
+    (loaded, world)
+}
+
 #[test]
 fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
     let dir = tempfile::tempdir().unwrap();
-    tiny_model(&dir.path().join("model"), TinySpec::default()).unwrap();
-    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().join("model"))).unwrap();
+    let (loaded, world) = tiny_world(dir.path());
     let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
-    let world = SplitWorld::new(&loaded, 2, 2).unwrap();
     // The SLM: one of the two middle layers (drafts often wrong), over a draft vocabulary of
     // 200 of the 264 tokens (some of the model's tokens can never be drafted).
     let path = dir.path().join("partial.safetensors");
@@ -86,9 +92,7 @@ fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
 #[test]
 fn draft_vocabularies_round_trip_through_adapter_files() {
     let dir = tempfile::tempdir().unwrap();
-    tiny_model(&dir.path().join("model"), TinySpec::default()).unwrap();
-    let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.path().join("model"))).unwrap();
-    let world = SplitWorld::new(&loaded, 2, 2).unwrap();
+    let (_, world) = tiny_world(dir.path());
     let plain = dir.path().join("plain.safetensors");
     oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, DraftContext::Verified, &plain).unwrap();
     let load = |p: &std::path::Path| Adapter::load(p, &world.device.manifest, world.device.rope.clone(), &Device::Cpu);
@@ -113,4 +117,76 @@ fn draft_vocabularies_round_trip_through_adapter_files() {
     Adapter::set_draft_vocab(&plain, &bad, &DraftVocab { ids: vec![1, 9999], size: 2, source: String::new() }).unwrap();
     let e = load(&bad).unwrap_err().to_string();
     assert!(e.contains("outside the model's vocabulary"), "{e}");
+}
+
+/// Records the states each block sends, and passes everything on.
+struct Recording<L> {
+    inner: L,
+    sent: Vec<Vec<f32>>,
+}
+
+impl<L: hat::net::MiddleLink> hat::net::MiddleLink for Recording<L> {
+    fn submit_tree(&mut self, start: usize, hidden: &candle_core::Tensor, parents: &[u16], keep: &[u16]) -> hat::Result<()> {
+        self.sent.push(hidden.flatten_all()?.to_vec1()?);
+        self.inner.submit_tree(start, hidden, parents, keep)
+    }
+    fn receive(&mut self) -> hat::Result<hat::net::MiddleReply> {
+        self.inner.receive()
+    }
+    fn try_receive(&mut self) -> hat::Result<Option<hat::net::MiddleReply>> {
+        self.inner.try_receive()
+    }
+    fn stats(&self) -> hat::net::LinkStats {
+        self.inner.stats()
+    }
+}
+
+/// `run-edge --uplink-noise S`: at 0 the session is the plain one (same tokens, the same states
+/// sent); above 0 what reaches the cloud is the device's states plus noise of S × each
+/// position's RMS, and the session still completes.
+#[test]
+fn uplink_noise_reaches_the_cloud_and_zero_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, world) = tiny_world(dir.path());
+    let path = dir.path().join("a.safetensors");
+    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, DraftContext::Verified, &path).unwrap();
+    let adapter = Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap();
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 12, max_context: 64, draft: DraftOptions::default(), fallback: Default::default() };
+    // The recorder sits between the noise and the cloud, where the network is.
+    let run = |sigma: Option<f32>| {
+        let inner = Recording { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), sent: Vec::new() };
+        match sigma {
+            None => {
+                let mut link = inner;
+                let r = hat::edge::generate(&world.device, &adapter, &mut link, &PROMPT, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
+                (r, link.sent)
+            }
+            Some(s) => {
+                let mut link = hat::net::NoisyUplink::new(inner, s).unwrap();
+                let r = hat::edge::generate(&world.device, &adapter, &mut link, &PROMPT, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
+                (r, link.into_inner().sent)
+            }
+        }
+    };
+    let (plain, plain_sent) = run(None);
+    let (zero, zero_sent) = run(Some(0.0));
+    assert_eq!(plain.token_ids, zero.token_ids);
+    assert_eq!(plain_sent, zero_sent, "no noise: the same states cross");
+
+    let (noisy, noisy_sent) = run(Some(0.5));
+    assert_eq!(noisy.token_ids.len(), 12, "the session completes");
+    // The prompt's block is the device's own (it does not depend on the cloud): compare it.
+    let (clean, sent) = (&plain_sent[0], &noisy_sent[0]);
+    assert_eq!(clean.len(), sent.len());
+    let hidden = world.device.manifest.hidden_size;
+    let mut ratios = Vec::new();
+    for (c, s) in clean.chunks(hidden).zip(sent.chunks(hidden)) {
+        let rms = (c.iter().map(|x| x * x).sum::<f32>() / hidden as f32).sqrt();
+        let dev = (c.iter().zip(s).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / hidden as f32).sqrt();
+        ratios.push(dev / rms);
+    }
+    let mean = ratios.iter().sum::<f32>() / ratios.len() as f32;
+    assert!((mean - 0.5).abs() < 0.1, "noise of {mean:.3} × RMS per position, asked 0.5: {ratios:?}");
+    assert!(hat::net::NoisyUplink::new(LocalMiddle::new(&world.cloud.middle, WireDtype::F32), -1.0).is_err());
 }

@@ -11,14 +11,14 @@
 //!   public weights solves for the rotation from its own weights ([`recover_rotation`]) and reads
 //!   the states as if there were none.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::model::rotate::{random_orthogonal, recover_rotation};
 use crate::model::LayerStack;
 use crate::net::protocol::WireDtype;
-use crate::util::linalg::standard_normal;
+use crate::net::noise::add_relative_noise;
 
 /// One defence (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -92,11 +92,8 @@ impl Guard {
     pub fn send(&self, h: &Tensor, salt: u64) -> Result<Tensor> {
         let h = match (&self.defence, &self.rotation) {
             (Defence::Noise { sigma }, _) if *sigma > 0.0 => {
-                let (b, n, hidden) = h.dims3()?;
                 let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                let gauss: Vec<f32> = (0..b * n * hidden).map(|_| standard_normal(&mut rng) as f32).collect();
-                let rms = h.sqr()?.mean_keepdim(D::Minus1)?.sqrt()?;
-                (h + Tensor::from_vec(gauss, (b, n, hidden), &Device::Cpu)?.broadcast_mul(&(rms * *sigma as f64)?)?)?
+                add_relative_noise(h, *sigma, &mut rng)?
             }
             (_, Some((m, _))) => h.broadcast_matmul(m)?,
             _ => h.clone(),

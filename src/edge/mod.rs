@@ -271,6 +271,7 @@ fn generate_verified<L: MiddleLink>(
     let mut sampler = Sampler::new(opts.sampling)?;
     let mut steps = DraftLength::new(drafter.options.threshold, sampler.is_greedy());
     let mut edge = Edge::new(dev, drafter, link);
+    edge.greedy = sampler.is_greedy();
     let mut clock = TokenClock::start();
 
     let chunk_plan = opts.chunking.chunks(prompt.len())?;

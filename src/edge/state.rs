@@ -48,6 +48,9 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     /// ahead: the first position, input states `(1, n, hidden)` and their conditions (a tree's
     /// path kept with its drafted-ahead subtree, [`Edge::keep_tree_ahead`]).
     pub(super) refresh: Option<(usize, Tensor, Tensor)>,
+    /// Greedy decoding: the LLM's logits come from [`crate::model::Head::forward_greedy`]
+    /// (the same argmax; a screened head reads a quarter of the bytes).
+    pub(super) greedy: bool,
     pub(super) device_time: Duration,
     pub(super) wait_time: Duration,
     pub(super) cloud_time: Duration,
@@ -71,6 +74,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             last_logits: None,
             early: None,
             refresh: None,
+            greedy: false,
             device_time: Duration::ZERO,
             wait_time: Duration::ZERO,
             cloud_time: Duration::ZERO,
@@ -116,9 +120,12 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
         let t = Instant::now();
         self.llm_output.truncate(r.start);
         let y = self.dev.output.forward(&r.hidden, r.start, &mut self.llm_output)?;
+        let head = &self.dev.head;
         let logits = match which {
-            Logits::All => Some(self.dev.head.forward(&y)?.squeeze(0)?),
-            Logits::Last => Some(self.dev.head.forward_last(&y)?),
+            Logits::All if self.greedy => Some(head.forward_greedy(&y)?.squeeze(0)?),
+            Logits::All => Some(head.forward(&y)?.squeeze(0)?),
+            Logits::Last if self.greedy => Some(head.forward_greedy(&y.narrow(1, y.dim(1)? - 1, 1)?)?.squeeze(1)?),
+            Logits::Last => Some(head.forward_last(&y)?),
             Logits::None => None,
         };
         self.device_time += t.elapsed();

@@ -481,7 +481,7 @@ impl<L: MiddleLink> Edge<'_, L> {
         } else {
             self.dev.output.forward_tree(&r.hidden, &mut self.llm_output, shape.mask(r.start, 0..n))?
         };
-        let logits = self.dev.head.forward_exact(&y)?.squeeze(0)?;
+        let logits = if self.greedy { self.dev.head.forward_greedy(&y)? } else { self.dev.head.forward_exact(&y)? }.squeeze(0)?;
         self.device_time += t.elapsed();
         Ok(logits)
     }

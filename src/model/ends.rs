@@ -1,5 +1,7 @@
 //! The two ends of the model: the token embedding and the head (final norm + LM head).
 
+use std::sync::Arc;
+
 use candle_core::{IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
@@ -8,6 +10,7 @@ use crate::model::ops::Proj;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::ops::{load_rms_norm, project, rms_norm, Ops};
+use crate::model::screen::ScreenedHead;
 
 /// Token embedding: ids `(batch, seq)` u32 → `(batch, seq, hidden)`.
 #[derive(Debug, Clone)]
@@ -47,6 +50,8 @@ pub struct Head {
     lm_head: Proj,
     eps: f64,
     ops: Ops,
+    /// The 8-bit screening copy for greedy decoding ([`Head::forward_greedy`]), when prepared.
+    screen: Option<Arc<ScreenedHead>>,
 }
 
 impl Head {
@@ -59,12 +64,28 @@ impl Head {
         } else {
             vb.pp("lm_head").get(shape, "weight")?
         };
-        Ok(Self { norm, lm_head: Linear::new(w, None).into(), eps: cfg.rms_norm_eps, ops: Ops::Fused })
+        Ok(Self { norm, lm_head: Linear::new(w, None).into(), eps: cfg.rms_norm_eps, ops: Ops::Fused, screen: None })
     }
 
     pub fn with_ops(mut self, ops: Ops) -> Self {
         self.ops = ops;
         self
+    }
+
+    /// Prepares (`true`) or drops the 8-bit screening copy that [`Head::forward_greedy`] uses
+    /// (a quarter of the head's f32 bytes).
+    pub fn set_screen(&mut self, on: bool) -> Result<()> {
+        self.screen = match (on, self.screen.take()) {
+            (false, _) => None,
+            (true, Some(s)) => Some(s),
+            (true, None) => Some(Arc::new(ScreenedHead::new(self.lm_head.weight())?)),
+        };
+        Ok(())
+    }
+
+    /// Whether greedy decoding screens the head ([`Head::set_screen`]).
+    pub fn screened(&self) -> bool {
+        self.screen.is_some()
     }
 
     /// The final norm alone: `(batch, seq, hidden)` → same shape.
@@ -88,6 +109,18 @@ impl Head {
     pub fn forward_exact(&self, x: &Tensor) -> Result<Tensor> {
         let x = rms_norm(&self.norm, x, self.eps, self.ops)?;
         project(&self.lm_head, &x, self.ops, true)
+    }
+
+    /// Logits for greedy decoding: their argmax (ties included) is [`Head::forward_exact`]'s,
+    /// and so are the values of every row that could be the largest; the others are `-inf`
+    /// ([`crate::model::screen`]). Without a screen, or beyond [`crate::model::kernels::EXACT_ROWS`]
+    /// rows, [`Head::forward_exact`]. Never for sampling: the distribution is not the model's.
+    pub fn forward_greedy(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = rms_norm(&self.norm, x, self.eps, self.ops)?;
+        match &self.screen {
+            Some(s) if self.ops == Ops::Fused && ScreenedHead::serves(&xn, self.lm_head.weight()) => s.logits(&xn, self.lm_head.weight()),
+            _ => project(&self.lm_head, &xn, self.ops, true),
+        }
     }
 
     /// Logits of the last position only: `(batch, seq, hidden)` → `(batch, vocab)`.

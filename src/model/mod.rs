@@ -16,7 +16,8 @@
 //! (norms, softmax, projections), [`layer`] ([`DecoderLayer`], attention masks), [`stack`]
 //! ([`LayerStack`], [`StackCache`]), [`cache`] (the truncatable KV cache), [`ends`]
 //! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q8`] (row-scaled 8-bit matrices
-//! and their small-m matmul, for draft compute), [`tree`] (draft trees: shapes, masks, keeping a
+//! and their small-m matmul, for draft compute), [`screen`] (the head's greedy argmax screened by
+//! an 8-bit copy, exact), [`tree`] (draft trees: shapes, masks, keeping a
 //! path, the cache of a session whose blocks may be trees); [`rotate`] (a stack in a rotated
 //! basis: the obfuscation `hat audit` shows to fail); [`beside`]: the training-only pass of
 //! a drafted stream beside the true one.
@@ -33,6 +34,7 @@ pub mod ops;
 pub mod q8;
 pub mod rope;
 pub mod rotate;
+pub mod screen;
 pub mod stack;
 pub mod tree;
 

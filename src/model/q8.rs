@@ -5,8 +5,9 @@
 //! file's int8 storage, so quantising an int8-stored adapter gives its stored integers back).
 //! [`Q8Matrix::matmul`] computes `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows, reading
 //! a quarter of the bytes an f32 matrix needs: for a decode step, memory-bound, that is most of
-//! the time. Only draft compute uses it (the adapter's layers and the reduced draft head); the
-//! LLM path stays f32 and exact.
+//! the time. Draft compute uses it (the adapter's layers and the reduced draft head); the LLM
+//! path stays f32 and exact, and uses it only to screen the head's rows for greedy decoding
+//! ([`crate::model::screen`]), whose result is the f32 head's.
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -52,6 +53,16 @@ impl Q8Matrix {
 
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// The integers, row-major `(rows, cols)`.
+    pub fn ints(&self) -> &[i8] {
+        &self.q
+    }
+
+    /// Each row's scale, `(rows,)`.
+    pub fn scales(&self) -> &[f32] {
+        &self.scale
     }
 
     /// Bytes held (integers and scales).

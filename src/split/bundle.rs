@@ -69,11 +69,15 @@ impl DeviceBundle {
         let cfg = &m.config;
         let rope = Arc::new(Rope::new(cfg, vb.dtype(), device)?);
         let wrap = |e: Error| Error::bad_file(dir, format!("incomplete device bundle: {e}"));
+        // Greedy decoding screens the head with an 8-bit copy (same tokens, a quarter of the
+        // bytes read per row; `run-edge --greedy-head full` drops it).
+        let mut head = Head::load(&vb, cfg).map_err(wrap)?;
+        head.set_screen(device.is_cpu())?;
         Ok(Self {
             embedder: Embedder::load(&vb, cfg).map_err(wrap)?,
             input: LayerStack::load(&vb, cfg, m.plan.input_range(), rope.clone()).map_err(wrap)?,
             output: LayerStack::load(&vb, cfg, m.plan.output_range(), rope.clone()).map_err(wrap)?,
-            head: Head::load(&vb, cfg).map_err(wrap)?,
+            head,
             tokenizer: HatTokenizer::from_hf_dir(dir)?,
             rope,
             manifest: m,
