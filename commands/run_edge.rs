@@ -217,6 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         v["adapter"] = edge.adapter_name.clone().into();
         v["uplink_noise"] = noise.into();
+        v["greedy_head"] = (if !sampling.is_greedy() { "off (sampling)" } else if bundle.head.screened() { "screened" } else { "full" }).into();
         println!("{}", serde_json::to_string(&v)?);
     } else {
         eprintln!(
