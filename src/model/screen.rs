@@ -109,8 +109,9 @@ impl ScreenedHead {
             let candidates: Vec<u32> = (0..vocab).filter(|&j| a[j] + bound(j) >= lower).map(|j| j as u32).collect();
             let xi = Tensor::from_slice(row, (1, k), &Device::Cpu)?;
             let dst = &mut out[i * vocab..(i + 1) * vocab];
-            if !lower.is_finite() || candidates.len() > MAX_CANDIDATES {
-                // Non-finite values or a flat row: the whole row, exactly.
+            if !lower.is_finite() || candidates.len() > MAX_CANDIDATES || a.iter().any(|v| v.is_nan()) {
+                // Non-finite values (a NaN logit is the argmax of the full head's rule) or a flat
+                // row: the whole row, exactly.
                 dst.copy_from_slice(&small_m_matmul(&xi, weight)?.flatten_all()?.to_vec1::<f32>()?);
                 continue;
             }
