@@ -16,6 +16,13 @@ use hat::testing::{oracle_adapter, tiny_model, SplitWorld, TinySpec};
 
 const PROMPT: [u32; 5] = [72, 101, 108, 108, 111];
 
+/// An adapter of the middle layer [2, 3) (drafts often wrong), written under `dir` and loaded.
+fn oracle(world: &SplitWorld, dir: &std::path::Path, context: DraftContext) -> Adapter {
+    let path = dir.join("oracle.safetensors");
+    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, context, &path).unwrap();
+    Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap()
+}
+
 /// The tiny model written under `dir`, and its split at K1 = K2 = 2.
 fn tiny_world(dir: &std::path::Path) -> (LoadedModel, SplitWorld) {
     tiny_model(&dir.join("model"), TinySpec::default()).unwrap();
@@ -31,9 +38,7 @@ fn sampled_tokens_follow_the_model_with_every_drafting_mechanism_on() {
     let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
     // The SLM: one of the two middle layers (drafts often wrong), over a draft vocabulary of
     // 200 of the 264 tokens (some of the model's tokens can never be drafted).
-    let path = dir.path().join("partial.safetensors");
-    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, DraftContext::Drafted, &path).unwrap();
-    let mut adapter = Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap();
+    let mut adapter = oracle(&world, dir.path(), DraftContext::Drafted);
     adapter.draft_vocab = Some(DraftVocab { ids: (0..200).rev().collect(), size: 200, source: "test".into() });
 
     let params = |seed| SamplingParams { temperature: 1.0, top_p: None, top_k: None, seed };
@@ -148,9 +153,7 @@ impl<L: hat::net::MiddleLink> hat::net::MiddleLink for Recording<L> {
 fn uplink_noise_reaches_the_cloud_and_zero_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (_, world) = tiny_world(dir.path());
-    let path = dir.path().join("a.safetensors");
-    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, DraftContext::Verified, &path).unwrap();
-    let adapter = Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap();
+    let adapter = oracle(&world, dir.path(), DraftContext::Verified);
     let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
     let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 12, max_context: 64, draft: DraftOptions::default(), fallback: Default::default() };
     // The recorder sits between the noise and the cloud, where the network is.

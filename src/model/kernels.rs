@@ -503,18 +503,23 @@ impl candle_core::CustomOp2 for SmallMMatmul {
         let out = if m == 1 {
             t
         } else {
-            let mut o = vec![0f32; m * n];
-            for j in 0..n {
-                for i in 0..m {
-                    o[i * n + j] = t[j * m + i];
-                }
-            }
-            o
+            transpose(&t, n, m)
         };
         let mut shape = dims.to_vec();
         *shape.last_mut().unwrap_or(&mut 0) = n;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
     }
+}
+
+/// A row-major `(n, m)` matrix as row-major `(m, n)` (the kernels compute weight-row-major).
+pub(crate) fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    let mut o = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            o[i * n + j] = t[j * m + i];
+        }
+    }
+    o
 }
 
 /// `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows and `w` `(n, k)`: `(..., n)`.

@@ -118,13 +118,7 @@ impl Q8Matrix {
         if m == 1 {
             return t;
         }
-        let mut o = vec![0f32; m * n];
-        for j in 0..n {
-            for i in 0..m {
-                o[i * n + j] = t[j * m + i];
-            }
-        }
-        o
+        crate::model::kernels::transpose(&t, n, m)
     }
 }
 

@@ -30,7 +30,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::model::kernels::{is_cpu_f32, small_m_matmul, EXACT_ROWS};
+use crate::model::kernels::{is_cpu_f32, small_m_matmul, transpose, EXACT_ROWS};
 use crate::model::q8::Q8Matrix;
 
 /// Above this many candidates in a row the whole row is computed in f32 (in practice a few to a
@@ -104,9 +104,9 @@ impl ScreenedHead {
         for (i, row) in xs.chunks(k).enumerate() {
             let a = &approx[i * vocab..(i + 1) * vocab];
             let l1: f32 = row.iter().map(|v| v.abs()).sum();
-            let bound = |j: usize| 1.02 * scales[j] * ((0.5 + 127.0 * gamma) * l1 + 0.5 * s_x[i] * self.q_l1[j]) + 1e-6 * (a[j].abs() + 1.0);
-            let lower = (0..vocab).map(|j| a[j] - bound(j)).fold(f32::NEG_INFINITY, f32::max);
-            let candidates: Vec<u32> = (0..vocab).filter(|&j| a[j] + bound(j) >= lower).map(|j| j as u32).collect();
+            let bounds: Vec<f32> = (0..vocab).map(|j| 1.02 * scales[j] * ((0.5 + 127.0 * gamma) * l1 + 0.5 * s_x[i] * self.q_l1[j]) + 1e-6 * (a[j].abs() + 1.0)).collect();
+            let lower = a.iter().zip(&bounds).map(|(a, e)| a - e).fold(f32::NEG_INFINITY, f32::max);
+            let candidates: Vec<u32> = (0..vocab).filter(|&j| a[j] + bounds[j] >= lower).map(|j| j as u32).collect();
             let xi = Tensor::from_slice(row, (1, k), &Device::Cpu)?;
             let dst = &mut out[i * vocab..(i + 1) * vocab];
             if !lower.is_finite() || candidates.len() > MAX_CANDIDATES || a.iter().any(|v| v.is_nan()) {
@@ -166,13 +166,7 @@ impl ScreenedHead {
                 }
             }
         });
-        let mut o = vec![0f32; m * vocab];
-        for j in 0..vocab {
-            for i in 0..m {
-                o[i * vocab + j] = t[j * m + i];
-            }
-        }
-        (o, s_x)
+        (transpose(&t, vocab, m), s_x)
     }
 }
 
