@@ -8,7 +8,10 @@
 //! `cargo bench --bench engine` (needs the default GGUF: recipes/fetch-assets.sh).
 //! Environment: HAT_BENCH_MODEL (GGUF path), HAT_BENCH_REPEATS (default 5),
 //! HAT_BENCH_PROMPT_TOKENS (default 200), HAT_BENCH_DECODE_TOKENS (default 64), HAT_BENCH_PARTS
-//! (default `engine,head`).
+//! (default `engine,head`; `kernel` adds the small-m kernel on one decoder layer's projections:
+//! ms per layer and GFLOP/s at 1 to 64 rows, beside candle's gemm; `packed` the cloud's packed
+//! pass over the default middle layers: N sessions' one-row blocks against one session's N-row
+//! block, which shows what the per-session work costs).
 
 use std::time::Instant;
 
@@ -81,6 +84,12 @@ fn main() -> anyhow::Result<()> {
     if parts.split(',').any(|p| p == "head") {
         head(&hat_model, &prompt)?;
     }
+    if parts.split(',').any(|p| p == "kernel") {
+        kernel(&hat_model)?;
+    }
+    if parts.split(',').any(|p| p == "packed") {
+        packed(&hat_model, &prompt)?;
+    }
     Ok(())
 }
 
@@ -132,6 +141,85 @@ fn head(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
     }
     println!("argmax equal at {same}/{n} positions; rows computed in f32 after screening: median {:.0}, most {:.0}", median(&kept), kept.iter().copied().fold(0.0, f64::max));
     anyhow::ensure!(same == n, "the screened head's argmax differs from the full head's");
+    Ok(())
+}
+
+/// The row-invariant small-m kernel on the projections of one decoder layer (the fused QKV,
+/// output, fused gate/up and down weights of the model's first layer), as the cloud's packed
+/// passes and the device's blocks run it, beside candle's gemm on the same rows, interleaved
+/// repetition by repetition.
+fn kernel(model: &hat::model::Model) -> anyhow::Result<()> {
+    let weights = model.layers.projection_weights(0)?;
+    let params: usize = weights.iter().map(|w| w.elem_count()).sum();
+    let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 40);
+    println!();
+    println!("| rows ({} threads) | small-m ms per layer | GFLOP/s | gemm ms per layer | gemm / small-m |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|---|---|");
+    let time = |xs: &[Tensor], gemm: bool| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        for (w, x) in weights.iter().zip(xs) {
+            if gemm {
+                x.broadcast_matmul(&w.t()?)?;
+            } else {
+                hat::model::kernels::small_m_matmul(x, w)?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    for m in [1usize, 2, 3, 5, 8, 16, 32, 48, 64] {
+        let xs: Vec<Tensor> = weights.iter().map(|w| Tensor::randn(0f32, 1.0, (1, m, w.dim(1)?), &Device::Cpu)).collect::<Result<_, _>>()?;
+        let (mut small, mut gemm) = (vec![], vec![]);
+        for _ in 0..reps {
+            small.push(time(&xs, false)?);
+            gemm.push(time(&xs, true)?);
+        }
+        let (s, g) = (median(&small), median(&gemm));
+        println!("| {m} | {s:.3} | {:.1} | {g:.3} | {:.2}x |", 2.0 * (m * params) as f64 / (s * 1e6), g / s);
+    }
+    Ok(())
+}
+
+/// The cloud's packed pass through the default split's middle layers ([2, 28)): N sessions, each
+/// with the prompt's states in its cache, send one row each (`forward_packed`), against one
+/// session sending a block of N rows (the same weights and row count, one session's work) and N
+/// one-row passes one after the other (no packing).
+fn packed(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
+    let middle = model.layers.slice(2..28)?;
+    let x = model.layers.slice(0..2)?.forward(&model.embedder.embed_ids(prompt)?, 0, &mut model.layers.slice(0..2)?.new_cache())?;
+    let n = x.dim(1)? - 64;
+    let (context, rows) = (x.narrow(1, 0, n)?, x.narrow(1, n, 64)?);
+    let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);
+    println!();
+    println!("| sessions ({} threads) | packed pass ms | one session's block of as many rows, ms | one-row passes one by one, ms | packed / one block |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|---|---|");
+    for sessions in [1usize, 4, 16, 32] {
+        let mut caches: Vec<hat::model::StackCache> = (0..sessions).map(|_| middle.new_cache()).collect();
+        for c in caches.iter_mut() {
+            middle.forward(&context, 0, c)?;
+        }
+        let mut one = middle.new_cache();
+        middle.forward(&context, 0, &mut one)?;
+        let (mut pk, mut blk, mut seq) = (vec![], vec![], vec![]);
+        for r in 0..reps {
+            let t = Instant::now();
+            let mut blocks: Vec<hat::model::PackedBlock> = caches.iter_mut().enumerate().map(|(i, cache)| Ok(hat::model::PackedBlock { x: rows.narrow(1, (i + r) % 64, 1)?, cache, tree: None })).collect::<candle_core::Result<_>>()?;
+            middle.forward_packed(&mut blocks)?;
+            pk.push(t.elapsed().as_secs_f64() * 1e3);
+            caches.iter_mut().for_each(|c| c.truncate(n));
+            let t = Instant::now();
+            middle.forward_tree(&rows.narrow(1, 0, sessions)?, &mut one, hat::model::tree::TreeShape::chain(sessions)?.mask(n, 0..sessions))?;
+            blk.push(t.elapsed().as_secs_f64() * 1e3);
+            one.truncate(n);
+            let t = Instant::now();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                middle.forward(&rows.narrow(1, (i + r) % 64, 1)?, n, cache)?;
+            }
+            seq.push(t.elapsed().as_secs_f64() * 1e3);
+            caches.iter_mut().for_each(|c| c.truncate(n));
+        }
+        let (p, b, q) = (median(&pk), median(&blk), median(&seq));
+        println!("| {sessions} | {p:.1} | {b:.1} | {q:.1} | {:.2}x |", p / b);
+    }
     Ok(())
 }
 

@@ -23,10 +23,13 @@ use crate::ModelArgs;
 /// and top-10, beside a unigram baseline. The learned inverters take a few minutes per K1.
 ///
 /// Every attack runs under each of --defences, with its cost: the agreement of the device's next
-/// token with the model's (noise makes outputs differ from the model's) and the device's compute
+/// token with the model's (noise and secret weights make outputs differ from the model's) and the device's compute
 /// per token at each K1. `rotation` (a secret orthogonal basis across the wire, the cloud's
 /// weights rotated to match) is shown against a cloud that knows the public weights: it solves
-/// for the rotation from its own weights.
+/// for the rotation from its own weights. `weights=S` gives the device input layers the cloud
+/// cannot know (Gaussian noise of S × each weight row's RMS, secret per device; no fine-tune
+/// wins the accuracy back): the replay runs the public layers, the learned inverters train on the
+/// attacker's own device's (other) secret weights.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -70,7 +73,8 @@ pub struct Args {
     pub candidates: usize,
 
     /// Defences to audit under, comma-separated: none, noise=S (Gaussian noise of S × each
-    /// state's RMS on the uplink), rotation.
+    /// state's RMS on the uplink), rotation, weights=S (secret input-layer weights: noise of S ×
+    /// each weight row's RMS).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     pub defences: Vec<String>,
 

@@ -117,3 +117,23 @@ fn a_rotation_hides_nothing_and_noise_costs_agreement() {
     let no = AuditOptions { defences: vec![], ..opts };
     assert!(run(&model, &ss, &own, &no, &mut |_| {}).unwrap_err().to_string().contains("at least one defence"));
 }
+
+/// Secret input-layer weights (`weights=S`): none at all computes the public states (the model's
+/// tokens, every one replayed); heavy ones change the device's tokens and defeat the replay that
+/// runs the public layers.
+#[test]
+fn secret_input_weights_cost_agreement_and_defeat_the_replay_when_heavy() {
+    let (_dir, loaded, model) = tiny();
+    let defences = vec![Defence::SecretWeights { sigma: 0.0 }, Defence::SecretWeights { sigma: 3.0 }];
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences };
+    let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
+    let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
+    let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
+    let audit = run(&model, &ss, &own, &opts, &mut |_| {}).unwrap();
+    let replay = |d: &str| audit.results.iter().find(|r| r.defence == d && r.inverter == "replay").unwrap().top1;
+    let cost = |d: &str| audit.costs.iter().find(|c| c.defence == d).unwrap();
+    assert_eq!(cost("weights=0").agreement, 1.0, "unperturbed weights: the model's tokens");
+    assert_eq!(replay("weights=0"), 1.0);
+    assert!(cost("weights=3").agreement < 1.0, "{:?}", cost("weights=3"));
+    assert!(replay("weights=3") < 1.0, "{}", replay("weights=3"));
+}

@@ -9,7 +9,14 @@
 //!   device rotates what it sends and un-rotates what comes back; the cloud holds middle weights
 //!   rotated to match, [`LayerStack::rotated`]). Outputs are unchanged, but a cloud that knows the
 //!   public weights solves for the rotation from its own weights ([`recover_rotation`]) and reads
-//!   the states as if there were none.
+//!   the states as if there were none;
+//! - `weights=S`: device weights the cloud cannot know. Every projection of the input submodel
+//!   gets Gaussian noise of `S` × its row's RMS, drawn once per device from a secret seed
+//!   ([`LayerStack::perturbed`]); the cloud's middle and the output submodel stay public. No
+//!   fine-tune wins the accuracy back, so **outputs differ from the model's** as for noise; unlike
+//!   noise the perturbation is the same at every position and in every session. The attacker's
+//!   own device has secret weights of its own (another seed), so its (state, token) pairs come
+//!   from other weights than the victim's; its replay runs the public input layers.
 
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
@@ -20,6 +27,9 @@ use crate::model::LayerStack;
 use crate::net::protocol::WireDtype;
 use crate::net::noise::add_relative_noise;
 
+/// Mixed into the seed for the attacker's own device's secret weights (`weights=S`).
+const ATTACKER_DEVICE_SEED: u64 = 0xA77A_C4E5;
+
 /// One defence (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Defence {
@@ -27,19 +37,33 @@ pub enum Defence {
     /// Noise of `sigma` × each position's RMS on the uplink.
     Noise { sigma: f32 },
     Rotation,
+    /// Secret input-submodel weights: noise of `sigma` × each weight row's RMS.
+    SecretWeights { sigma: f32 },
 }
 
 impl Defence {
-    /// `none`, `noise=S` (S ≥ 0, relative to each state's RMS) or `rotation`.
+    /// `none`, `noise=S` (S ≥ 0, relative to each state's RMS), `rotation` or `weights=S` (S ≥ 0,
+    /// relative to each weight row's RMS).
     pub fn parse(s: &str) -> Result<Self> {
         let s = s.trim();
+        let level = |prefix: &str| match s.strip_prefix(prefix).map(str::parse::<f32>) {
+            Some(Ok(sigma)) if sigma.is_finite() && sigma >= 0.0 => Some(sigma),
+            _ => None,
+        };
         match s {
             "none" => Ok(Self::None),
             "rotation" => Ok(Self::Rotation),
-            _ => match s.strip_prefix("noise=").map(str::parse::<f32>) {
-                Some(Ok(sigma)) if sigma.is_finite() && sigma >= 0.0 => Ok(Self::Noise { sigma }),
-                _ => Err(Error::invalid(format!("unknown defence {s:?}: give none, noise=S (S ≥ 0, relative to each state's RMS) or rotation"))),
-            },
+            _ => {
+                if let Some(sigma) = level("noise=") {
+                    Ok(Self::Noise { sigma })
+                } else if let Some(sigma) = level("weights=") {
+                    Ok(Self::SecretWeights { sigma })
+                } else {
+                    Err(Error::invalid(format!(
+                        "unknown defence {s:?}: give none, noise=S (S ≥ 0, relative to each state's RMS), rotation or weights=S (S ≥ 0, relative to each weight row's RMS)"
+                    )))
+                }
+            }
         }
     }
 
@@ -48,6 +72,7 @@ impl Defence {
             Self::None => "none".into(),
             Self::Noise { sigma } => format!("noise={sigma}"),
             Self::Rotation => "rotation".into(),
+            Self::SecretWeights { sigma } => format!("weights={sigma}"),
         }
     }
 }
@@ -61,11 +86,18 @@ pub struct Guard {
     cloud_middle: LayerStack,
     /// `rotation`: the secret rotation `(hidden, hidden)` and the attacker's estimate of it.
     rotation: Option<(Tensor, Tensor)>,
+    /// `weights=S`: the victim's secret input layers and the attacker's own device's.
+    secret_inputs: Option<(LayerStack, LayerStack)>,
     seed: u64,
 }
 
 impl Guard {
-    pub fn new(defence: Defence, middle: &LayerStack, hidden: usize, wire: WireDtype, seed: u64) -> Result<Self> {
+    /// `input`, `middle`: the public input and middle layers of the split.
+    pub fn new(defence: Defence, input: &LayerStack, middle: &LayerStack, hidden: usize, wire: WireDtype, seed: u64) -> Result<Self> {
+        let secret_inputs = match defence {
+            Defence::SecretWeights { sigma } => Some((input.perturbed(sigma, seed)?, input.perturbed(sigma, seed ^ ATTACKER_DEVICE_SEED)?)),
+            _ => None,
+        };
         let (cloud_middle, rotation) = match defence {
             Defence::Rotation => {
                 let m = random_orthogonal(hidden, seed)?;
@@ -75,7 +107,13 @@ impl Guard {
             }
             _ => (middle.clone(), None),
         };
-        Ok(Self { defence, wire, cloud_middle, rotation, seed })
+        Ok(Self { defence, wire, cloud_middle, rotation, secret_inputs, seed })
+    }
+
+    /// `weights=S`: the input layers of the victim's device and of the attacker's own, whose
+    /// states replace the public layers'; `None` for the other defences.
+    pub fn secret_inputs(&self) -> Option<(&LayerStack, &LayerStack)> {
+        self.secret_inputs.as_ref().map(|(device, attacker)| (device, attacker))
     }
 
     /// `rotation`: the largest error of the attacker's estimate of it (an entry of a matrix
@@ -133,7 +171,9 @@ mod tests {
         assert_eq!(Defence::parse("none").unwrap(), Defence::None);
         assert_eq!(Defence::parse(" noise=0.25").unwrap(), Defence::Noise { sigma: 0.25 });
         assert_eq!(Defence::parse("rotation").unwrap(), Defence::Rotation);
-        for bad in ["noise", "noise=-1", "noise=nan", "shuffle", ""] {
+        assert_eq!(Defence::parse("weights=0.05").unwrap(), Defence::SecretWeights { sigma: 0.05 });
+        assert_eq!(Defence::parse(&Defence::SecretWeights { sigma: 0.5 }.name()).unwrap(), Defence::SecretWeights { sigma: 0.5 });
+        for bad in ["noise", "noise=-1", "noise=nan", "shuffle", "", "weights", "weights=-0.1", "weights=inf"] {
             assert!(Defence::parse(bad).unwrap_err().to_string().contains("unknown defence"), "{bad}");
         }
         assert_eq!(Defence::parse(&Defence::Noise { sigma: 0.5 }.name()).unwrap(), Defence::Noise { sigma: 0.5 });

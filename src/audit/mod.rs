@@ -17,7 +17,7 @@
 //! the attacker's own (state, token) pairs with growing budgets.
 //!
 //! Each attack runs under each [`defence`] asked for (none, noise on the uplink, a secret
-//! rotation), with what the defence costs: the agreement of the device's next token with the
+//! rotation, secret input-layer weights), with what the defence costs: the agreement of the device's next token with the
 //! model's, and the device's compute per token at each K1.
 //!
 //! Counts are over content tokens only (the chat template's are known to everyone), beside a
@@ -329,7 +329,18 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
         for &defence in &opts.defences {
             let at = format!("K1 = {k1}, {}", defence.name());
             step(&format!("{at}: the attacker's own states and ranker"));
-            let guard = Guard::new(defence, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
+            let guard = Guard::new(defence, &input, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
+            // Secret input weights: the victim's and the attacker's own states come from them.
+            let (own_states, sample_states) = match guard.secret_inputs() {
+                Some((device, attacker)) => {
+                    let with = |layers: &LayerStack, ids: &[u32]| layers.forward(&model.embedder.embed_ids(ids)?, 0, &mut layers.new_cache());
+                    (
+                        attacker_texts.iter().map(|ids| with(attacker, ids)).collect::<Result<Vec<_>>>()?,
+                        samples.iter().map(|s| with(device, &s.ids)).collect::<Result<Vec<_>>>()?,
+                    )
+                }
+                None => (own_states.clone(), sample_states.clone()),
+            };
             let own = own_states.iter().enumerate().map(|(i, h)| guard.attacker_reads(&guard.send(h, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
             let ranker = Ranker::fit(model, attacker_texts, &own, first.clone())?;
             let (mut up, mut down, mut agree) = (Hits::default(), Hits::default(), (0, 0));

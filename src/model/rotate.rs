@@ -107,6 +107,45 @@ pub fn recover_rotation(public: &LayerStack, rotated: &LayerStack) -> Result<Ten
     Ok(inverse.matmul(&a.t()?.matmul(&a_rot)?)?.to_dtype(DType::F32)?)
 }
 
+/// `W + σ · rms(row) · N(0, 1)` for every weight of a projection, seeded (biases unchanged).
+fn perturbed(p: &Proj, sigma: f32, rng: &mut rand::rngs::StdRng) -> Result<Proj> {
+    let w = p.weight().to_dtype(DType::F32)?;
+    let (rows, cols) = w.dims2()?;
+    let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+    for row in v.chunks_mut(cols.max(1)) {
+        let rms = (row.iter().map(|x| x * x).sum::<f32>() / cols.max(1) as f32).sqrt();
+        row.iter_mut().for_each(|x| *x += sigma * rms * standard_normal(rng) as f32);
+    }
+    let w = Tensor::from_vec(v, (rows, cols), w.device())?;
+    Ok(Linear::new(w, p.lin.bias().cloned()).into())
+}
+
+impl LayerStack {
+    /// The same layers with secret weights: Gaussian noise of `sigma` × each weight row's RMS
+    /// added to every projection (norms and biases as they were), drawn from `seed`. What a
+    /// device whose weights the cloud cannot know computes without any training to win its
+    /// accuracy back (`hat audit --defences weights=S`).
+    pub fn perturbed(&self, sigma: f32, seed: u64) -> Result<Self> {
+        if !(sigma.is_finite() && sigma >= 0.0) {
+            return Err(Error::invalid(format!("a weight perturbation must be finite and ≥ 0, got {sigma}")));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| -> Result<DecoderLayer> {
+                let mut r = l.clone();
+                r.self_attn.qkv_proj = perturbed(&l.self_attn.qkv_proj, sigma, &mut rng)?;
+                r.self_attn.o_proj = perturbed(&l.self_attn.o_proj, sigma, &mut rng)?;
+                r.mlp.gate_up_proj = perturbed(&l.mlp.gate_up_proj, sigma, &mut rng)?;
+                r.mlp.down_proj = perturbed(&l.mlp.down_proj, sigma, &mut rng)?;
+                Ok(r)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { range: self.range.clone(), layers, rope: self.rope.clone(), ops: self.ops })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +184,21 @@ mod tests {
             assert!(rec < 1e-3, "rotation recovered to {rec}");
             assert!(max_abs(&(random_orthogonal(hidden, 4).unwrap() - &m).unwrap()) > 0.1, "seeds give different rotations");
         }
+    }
+
+    #[test]
+    fn perturbed_weights_are_seeded_and_zero_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), TinySpec::default()).unwrap();
+        let model = LoadedModel::load(&ModelSpec::HfDir(dir.path().to_path_buf())).unwrap().model(DType::F32, &Device::Cpu).unwrap();
+        let stack = model.layers.slice(0..2).unwrap();
+        let x = model.embedder.embed_ids(&[5, 9, 200, 31, 7]).unwrap();
+        let run = |s: &LayerStack| s.forward(&x, 0, &mut s.new_cache()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(run(&stack.perturbed(0.0, 7).unwrap()), run(&stack));
+        let (a, b) = (run(&stack.perturbed(0.1, 7).unwrap()), run(&stack.perturbed(0.1, 7).unwrap()));
+        assert_eq!(a, b, "the same seed, the same weights");
+        assert_ne!(a, run(&stack), "noise changes the outputs");
+        assert_ne!(a, run(&stack.perturbed(0.1, 8).unwrap()), "another seed, other weights");
+        assert!(stack.perturbed(-1.0, 7).is_err() && stack.perturbed(f32::NAN, 7).is_err());
     }
 }

@@ -131,6 +131,16 @@ impl LayerStack {
         Ok(Self { range, layers, rope: self.rope.clone(), ops: self.ops })
     }
 
+    /// The f32 projection weights of layer `layer` (a model layer number), `(out, in)` each, in
+    /// the order a layer multiplies them: fused QKV, output, fused gate/up, down (benchmarks).
+    pub fn projection_weights(&self, layer: usize) -> Result<Vec<Tensor>> {
+        let l = layer
+            .checked_sub(self.range.start)
+            .and_then(|i| self.layers.get(i))
+            .ok_or_else(|| Error::invalid(format!("layer {layer} is not in [{}, {})", self.range.start, self.range.end)))?;
+        Ok([&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj].map(|p| p.weight().clone()).to_vec())
+    }
+
     /// A copy whose layers compute short blocks from 8-bit weights ([`DecoderLayer::with_q8`]).
     pub fn with_q8(&self) -> Result<Self> {
         let layers = self.layers.iter().map(DecoderLayer::with_q8).collect::<Result<Vec<_>>>()?;
