@@ -23,8 +23,8 @@ use crate::ModelArgs;
 /// and top-10, beside a unigram baseline. The learned inverters take a few minutes per K1.
 ///
 /// Every attack runs under each of --defences, with its cost: the agreement of the device's next
-/// token with the model's (noise and secret weights make outputs differ from the model's) and the device's compute
-/// per token at each K1. `rotation` (a secret orthogonal basis across the wire, the cloud's
+/// token with the model's (noise and secret weights make outputs differ from the model's) and
+/// the device's compute per token at each K1. `rotation` (a secret orthogonal basis across the wire, the cloud's
 /// weights rotated to match) is shown against a cloud that knows the public weights: it solves
 /// for the rotation from its own weights. `weights=S` gives the device input layers the cloud
 /// cannot know (Gaussian noise of S × each weight row's RMS, secret per device; no fine-tune

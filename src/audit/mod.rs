@@ -17,8 +17,8 @@
 //! the attacker's own (state, token) pairs with growing budgets.
 //!
 //! Each attack runs under each [`defence`] asked for (none, noise on the uplink, a secret
-//! rotation, secret input-layer weights), with what the defence costs: the agreement of the device's next token with the
-//! model's, and the device's compute per token at each K1.
+//! rotation, secret input-layer weights), with what the defence costs: the agreement of the
+//! device's next token with the model's, and the device's compute per token at each K1.
 //!
 //! Counts are over content tokens only (the chat template's are known to everyone), beside a
 //! unigram baseline (always guessing the most frequent content token).

@@ -9,6 +9,9 @@
 //! holds rotated middle weights); `hat audit` measures why it does not hide anything from a cloud
 //! that also knows the public weights: the rotation is one least-squares solve away
 //! ([`recover_rotation`]).
+//!
+//! The other stack the audit's defences build: [`LayerStack::perturbed`], the same layers with
+//! secret noise on their weights (device weights the cloud cannot know).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, RmsNorm};
