@@ -185,7 +185,8 @@ fn kernel(model: &hat::model::Model) -> anyhow::Result<()> {
 /// one-row passes one after the other (no packing).
 fn packed(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
     let middle = model.layers.slice(2..28)?;
-    let x = model.layers.slice(0..2)?.forward(&model.embedder.embed_ids(prompt)?, 0, &mut model.layers.slice(0..2)?.new_cache())?;
+    let input = model.layers.slice(0..2)?;
+    let x = input.forward(&model.embedder.embed_ids(prompt)?, 0, &mut input.new_cache())?;
     let n = x.dim(1)? - 64;
     let (context, rows) = (x.narrow(1, 0, n)?, x.narrow(1, n, 64)?);
     let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);

@@ -322,9 +322,9 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
         // The input submodel's states, `(1, n, hidden)`, of the attacker's texts and the samples,
         // and the ranker's position-0 states: computed once per split, whatever the defence.
         step(&format!("K1 = {k1}: the input layers' states"));
-        let states = |ids: &[u32]| input.forward(&model.embedder.embed_ids(ids)?, 0, &mut input.new_cache());
-        let own_states = attacker_texts.iter().map(|ids| states(ids)).collect::<Result<Vec<_>>>()?;
-        let sample_states = samples.iter().map(|s| states(&s.ids)).collect::<Result<Vec<_>>>()?;
+        let states = |layers: &LayerStack, ids: &[u32]| layers.forward(&model.embedder.embed_ids(ids)?, 0, &mut layers.new_cache());
+        let own_states = attacker_texts.iter().map(|ids| states(&input, ids)).collect::<Result<Vec<_>>>()?;
+        let sample_states = samples.iter().map(|s| states(&input, &s.ids)).collect::<Result<Vec<_>>>()?;
         let first = Ranker::first_states(model, &input, opts.wire)?;
         for &defence in &opts.defences {
             let at = format!("K1 = {k1}, {}", defence.name());
@@ -332,13 +332,10 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
             let guard = Guard::new(defence, &input, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
             // Secret input weights: the victim's and the attacker's own states come from them.
             let (own_states, sample_states) = match guard.secret_inputs() {
-                Some((device, attacker)) => {
-                    let with = |layers: &LayerStack, ids: &[u32]| layers.forward(&model.embedder.embed_ids(ids)?, 0, &mut layers.new_cache());
-                    (
-                        attacker_texts.iter().map(|ids| with(attacker, ids)).collect::<Result<Vec<_>>>()?,
-                        samples.iter().map(|s| with(device, &s.ids)).collect::<Result<Vec<_>>>()?,
-                    )
-                }
+                Some((device, attacker)) => (
+                    attacker_texts.iter().map(|ids| states(attacker, ids)).collect::<Result<Vec<_>>>()?,
+                    samples.iter().map(|s| states(device, &s.ids)).collect::<Result<Vec<_>>>()?,
+                ),
                 None => (own_states.clone(), sample_states.clone()),
             };
             let own = own_states.iter().enumerate().map(|(i, h)| guard.attacker_reads(&guard.send(h, OWN_TEXT_SALT + i as u64)?)?.squeeze(0).map_err(Into::into)).collect::<Result<Vec<_>>>()?;
