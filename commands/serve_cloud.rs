@@ -102,6 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             metrics: args.metrics,
             batching: !args.no_batching,
             batch_rows: args.batch_rows,
+            pass_delay: std::time::Duration::ZERO,
         };
         if !args.listen.ip().is_loopback() && args.token.is_none() {
             eprintln!("hat-cloud: warning: listening on {} without --token: anyone who can reach it may use the middle layers", args.listen);

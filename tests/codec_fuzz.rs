@@ -53,6 +53,7 @@ fn samples() -> Vec<Vec<u8>> {
         Message::Hidden(block(3, WireDtype::F32)),
         Message::Tree { block: block(4, WireDtype::F16), parents: vec![hat::model::tree::ROOT, 0, 0, 1], keep: vec![0, 2] },
         Message::Middle { block: block(2, WireDtype::BF16), compute_us: 1234, load },
+        Message::Pending { start: 3 },
         Message::Probe { echo: 64, padding: vec![0; 32] },
         Message::ProbeEcho { padding: vec![0; 16] },
         Message::Error { code: ErrorCode::Busy, message: "the cloud already serves its maximum of 16 sessions".into() },

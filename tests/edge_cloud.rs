@@ -489,6 +489,70 @@ fn slot_comes_free_after(stall: Stall) -> std::time::Duration {
     took
 }
 
+/// A cloud slowed to `pass_delay` per pass; `sessions` edges each send one 16-position block
+/// (a prefill chunk: a pass of its own) at once and wait for it. Returns each edge's outcome
+/// (the reply's states, or the error), how long it waited and the pending notices it heard.
+fn queue_behind_slow_passes(pass_delay: std::time::Duration, sessions: usize) -> (Tensor, Vec<(Result<Tensor, hat::Error>, std::time::Duration, u32)>) {
+    use hat::net::MiddleLink;
+    let w = world();
+    let dir = tempfile::tempdir().unwrap();
+    let config = hat::cloud::CloudConfig { pass_delay, ..cloud_config(dir.path().to_path_buf(), None, sessions, 4096) };
+    let server = BackgroundServer::start(w.cloud.clone(), config).unwrap();
+    let ids = &prompts(w)[0];
+    assert!(ids.len() >= 16 && 16 > hat::model::kernels::SMALL_M, "a block of 16 positions runs in a pass of its own");
+    let x = w.device.embedder.embed_ids(&ids[..16]).unwrap();
+    let h = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
+    let want = w.cloud.middle.forward(&h, 0, &mut w.cloud.middle.new_cache()).unwrap();
+    let outcomes = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..sessions)
+            .map(|_| {
+                let (h, options) = (&h, edge_options(w, &server));
+                s.spawn(move || {
+                    let mut link = QuicLink::connect(options).unwrap();
+                    let began = std::time::Instant::now();
+                    link.submit(0, h).unwrap();
+                    let out = link.receive().map(|r| r.hidden);
+                    let (took, notices) = (began.elapsed(), link.stats().pending_notices);
+                    if out.is_err() {
+                        link.abandon();
+                    }
+                    (out, took, notices)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (want, outcomes)
+}
+
+/// Blocks queued behind others' passes for longer than an edge's reply allowance (three prefill
+/// chunks, each in a pass of 1.5 s: the last is answered after ~4.5 s, the allowance is ~3 s)
+/// are not taken for a cloud gone: the cloud sends pending notices while its passes advance, and
+/// every edge gets its states, exactly.
+#[test]
+fn edges_queued_behind_long_passes_keep_waiting() {
+    let (want, outcomes) = queue_behind_slow_passes(std::time::Duration::from_millis(1500), 3);
+    let slowest = outcomes.iter().map(|(_, took, _)| *took).max().unwrap();
+    assert!(slowest > hat::net::client::OVERDUE_MIN, "the queue outlasted the allowance: {slowest:?}");
+    for (out, took, notices) in outcomes {
+        let got = out.unwrap_or_else(|e| panic!("an edge queued for {took:?} gave up: {e}"));
+        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(took < std::time::Duration::from_secs(2) || notices > 0, "waited {took:?} with {notices} notices");
+    }
+}
+
+/// A pass that runs far past what an edge would allow for it (8 s for a block predicted at a
+/// few ms) is a stuck cloud: its notices stop and the edge gives it up (`Lost`) before the pass
+/// ends, instead of waiting as long as the cloud likes.
+#[test]
+fn an_edge_gives_up_a_cloud_whose_pass_is_stuck() {
+    let (_, outcomes) = queue_behind_slow_passes(std::time::Duration::from_secs(8), 1);
+    let (out, took, _) = &outcomes[0];
+    let e = out.as_ref().expect_err("a stuck cloud is given up");
+    assert_eq!(e.cloud_failure(), Some(hat::error::CloudFailure::Lost), "{e}");
+    assert!(*took < std::time::Duration::from_secs(8), "given up after {took:?}: {e}");
+}
+
 /// A peer that opens a session, sends blocks and then never reads (nor grants stream credit)
 /// loses its session at the cloud's write deadline: its slot goes to a well-behaved edge instead
 /// of that edge being refused as busy for as long as the peer likes.
@@ -654,9 +718,11 @@ fn only_hidden_states_cross_the_network() {
     for (d, body) in frames.iter() {
         let allowed = match d {
             Direction::Up => [kind::HELLO, kind::HIDDEN, kind::TREE, kind::PROBE, kind::CLOSE].contains(&body[0]),
-            Direction::Down => [kind::WELCOME, kind::MIDDLE, kind::PROBE_ECHO].contains(&body[0]),
+            Direction::Down => [kind::WELCOME, kind::MIDDLE, kind::PENDING, kind::PROBE_ECHO].contains(&body[0]),
         };
         assert!(allowed, "frame kind {} {d:?}", body[0]);
+        // A pending notice carries a block's start and nothing else.
+        assert!(body[0] != kind::PENDING || body.len() == 5, "a pending notice of {} bytes", body.len());
         // Probes carry their echo size and zero padding, nothing else.
         if body[0] == kind::PROBE || body[0] == kind::PROBE_ECHO {
             let padding = if body[0] == kind::PROBE { &body[5..] } else { &body[1..] };

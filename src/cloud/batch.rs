@@ -25,10 +25,13 @@ use candle_core::Device;
 
 use crate::cloud::load::LoadMeter;
 use crate::cloud::metrics::CloudMetrics;
+use crate::cloud::pending::PassClock;
+use crate::cloud::CloudConfig;
 use crate::error::{Error, Result};
 use crate::model::tree::{BlockCache, PreparedBlock};
 use crate::model::{packable, PackedBlock};
 use crate::net::protocol::{HiddenBlock, WireDtype};
+use crate::sched::StageCost;
 use crate::split::CloudBundle;
 
 /// The longest a pass waits for more sessions' blocks.
@@ -64,12 +67,13 @@ pub(crate) struct Batcher {
 
 impl Batcher {
     /// Starts the scheduler thread; it stops when the last handle is dropped.
-    pub(crate) fn start(bundle: Arc<CloudBundle>, metrics: Arc<CloudMetrics>, load: Arc<LoadMeter>, budget: usize) -> Result<Self> {
+    pub(crate) fn start(bundle: Arc<CloudBundle>, metrics: Arc<CloudMetrics>, load: Arc<LoadMeter>, passes: Arc<PassClock>, config: &CloudConfig) -> Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel();
-        let budget = budget.clamp(1, crate::model::kernels::EXACT_ROWS);
+        let budget = config.batch_rows.clamp(1, crate::model::kernels::EXACT_ROWS);
+        let (cost, pass_delay) = (config.cost.middle, config.pass_delay);
         std::thread::Builder::new()
             .name("hat-cloud-batch".into())
-            .spawn(move || Scheduler { bundle, metrics, load, budget }.run(rx))
+            .spawn(move || Scheduler { bundle, metrics, load, passes, cost, pass_delay, budget }.run(rx))
             .map_err(|e| Error::invalid(format!("cannot start the batch scheduler: {e}")))?;
         Ok(Self { jobs })
     }
@@ -84,6 +88,12 @@ struct Scheduler {
     bundle: Arc<CloudBundle>,
     metrics: Arc<CloudMetrics>,
     load: Arc<LoadMeter>,
+    /// Each pass is on this clock while it runs (see [`crate::cloud::pending`]), predicted by
+    /// `cost`.
+    passes: Arc<PassClock>,
+    cost: StageCost,
+    /// Tests: each pass sleeps this long first.
+    pass_delay: Duration,
     budget: usize,
 }
 
@@ -168,6 +178,8 @@ impl Scheduler {
 
     /// Runs one pass (one block alone, or several packed) and answers every block in it.
     fn pass(&self, mut pass: Vec<Ready>) {
+        let predicted_ms: f64 = pass.iter().map(|r| self.cost.predict(r.job.block.count as usize, r.job.block.start as usize).max(0.0)).sum();
+        let _on_the_clock = self.passes.begin(Duration::from_secs_f64(predicted_ms / 1e3));
         let began = Instant::now();
         let starts: Vec<Instant> = pass
             .iter()
@@ -176,6 +188,7 @@ impl Scheduler {
                 self.load.begin(r.job.session)
             })
             .collect();
+        std::thread::sleep(self.pass_delay);
         let middle = &self.bundle.middle;
         let outs: Result<Vec<candle_core::Tensor>> = if pass.len() == 1 {
             let r = &mut pass[0];

@@ -35,6 +35,7 @@ pub struct CloudMetrics {
     pub blocks: Family<KindLabels, Counter>,
     pub rows: Family<KindLabels, Counter>,
     pub probes: Counter,
+    pub pending_notices: Counter,
     pub pass_seconds: Histogram,
     pub pass_rows: Histogram,
     pub pass_blocks: Histogram,
@@ -65,6 +66,8 @@ impl CloudMetrics {
         r.register("rows", "Positions computed through the middle layers, by block kind", rows.clone());
         let probes = Counter::default();
         r.register("probes", "Link probes answered", probes.clone());
+        let pending_notices = Counter::default();
+        r.register("pending_notices", "Notices to edges that their block is still queued or computing", pending_notices.clone());
         // 0.5 ms … ~16 s.
         let pass_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         r.register("pass_seconds", "Time of one pass through the middle layers", pass_seconds.clone());
@@ -80,7 +83,7 @@ impl CloudMetrics {
         r.register("bytes_sent", "Frame bytes sent to edges", bytes_sent.clone());
         let resident_memory = Gauge::default();
         r.register("resident_memory_bytes", "The server process's resident memory (Linux; 0 elsewhere)", resident_memory.clone());
-        Self { registry: r, sessions_active, sessions, errors, blocks, rows, probes, pass_seconds, pass_rows, pass_blocks, queue_wait_seconds, bytes_received, bytes_sent, resident_memory }
+        Self { registry: r, sessions_active, sessions, errors, blocks, rows, probes, pending_notices, pass_seconds, pass_rows, pass_blocks, queue_wait_seconds, bytes_received, bytes_sent, resident_memory }
     }
 
     /// Counts an error frame sent.

@@ -8,7 +8,8 @@
 //! and ends that session only; the server keeps serving every other one.
 //!
 //! Files: [`server`] (the endpoint and its connections), `session` (one edge's session: the
-//! handshake, limits, compute, probes), [`load`] (how busy the cloud has been, sent with every
+//! handshake, limits, compute, probes), `pending` (telling an edge its block is still queued, while
+//! the cloud's passes advance), [`load`] (how busy the cloud has been, sent with every
 //! reply), [`metrics`] (Prometheus text on `--metrics ADDR`), [`background`] (a server on its own
 //! thread).
 //!
@@ -19,6 +20,7 @@ pub mod background;
 mod batch;
 pub mod load;
 pub mod metrics;
+mod pending;
 pub mod server;
 mod session;
 
@@ -59,5 +61,8 @@ pub struct CloudConfig {
     pub batching: bool,
     /// Most positions in one packed pass (at most [`crate::model::kernels::EXACT_ROWS`]).
     pub batch_rows: usize,
+    /// Tests: every pass sleeps this long before it computes (a cloud under load, or stuck).
+    #[doc(hidden)]
+    pub pass_delay: Duration,
 }
 

@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) load: Arc<crate::cloud::load::LoadMeter>,
     pub(crate) metrics: Arc<crate::cloud::metrics::CloudMetrics>,
     pub(crate) penalties: Penalties,
+    /// The passes running now (whether the cloud's compute is advancing, for pending notices).
+    pub(crate) passes: Arc<crate::cloud::pending::PassClock>,
     /// The batch scheduler, when batching is on.
     pub(crate) batcher: Option<crate::cloud::batch::Batcher>,
 }
@@ -122,8 +124,9 @@ impl CloudServer {
         };
         let metrics: Arc<crate::cloud::metrics::CloudMetrics> = Default::default();
         let load: Arc<crate::cloud::load::LoadMeter> = Default::default();
+        let passes: Arc<crate::cloud::pending::PassClock> = Default::default();
         let batcher = match config.batching {
-            true => Some(crate::cloud::batch::Batcher::start(bundle.clone(), metrics.clone(), load.clone(), config.batch_rows)?),
+            true => Some(crate::cloud::batch::Batcher::start(bundle.clone(), metrics.clone(), load.clone(), passes.clone(), &config)?),
             false => None,
         };
         Ok(Self {
@@ -139,6 +142,7 @@ impl CloudServer {
                 load,
                 metrics,
                 penalties: Default::default(),
+                passes,
                 batcher,
             }),
         })

@@ -6,9 +6,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cloud::metrics::CloudMetrics;
+use crate::cloud::pending::await_with_notices;
 use crate::cloud::server::{log, Shared};
 use crate::error::{Error, Result};
 use crate::model::tree::BlockCache;
@@ -40,7 +41,7 @@ async fn refuse(metrics: &CloudMetrics, send: &mut quinn::SendStream, code: Erro
 
 /// Writes a frame within `deadline`: a peer that stops reading (or gives no stream credit)
 /// loses its session instead of holding a slot and a cache.
-async fn send_within(metrics: &CloudMetrics, send: &mut quinn::SendStream, body: &[u8], deadline: std::time::Duration) -> Result<()> {
+pub(crate) async fn send_within(metrics: &CloudMetrics, send: &mut quinn::SendStream, body: &[u8], deadline: std::time::Duration) -> Result<()> {
     match tokio::time::timeout(deadline, write_frame(send, body)).await {
         Ok(r) => {
             metrics.bytes_sent.inc_by(body.len() as u64 + 4);
@@ -159,33 +160,47 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
         let bundle = bundle.clone();
         let meter = shared.clone();
         let (received, tree) = (Instant::now(), !parents.is_empty());
-        let computed = match &shared.batcher {
-            Some(batcher) => {
-                let (reply, done) = tokio::sync::oneshot::channel();
-                let job = crate::cloud::batch::Job { session: id, cache: c, block, parents, keep, hidden, dtype, received, reply };
-                match batcher.submit(job) {
-                    Ok(()) => done.await.map(|d| (d.cache, d.out, d.compute)).map_err(|_| ()),
-                    Err(_) => Err(()),
+        let predicted = Duration::from_secs_f64(cfg.cost.middle.predict(count, start).max(0.0) / 1e3);
+        let work = async {
+            match &shared.batcher {
+                Some(batcher) => {
+                    let (reply, done) = tokio::sync::oneshot::channel();
+                    let job = crate::cloud::batch::Job { session: id, cache: c, block, parents, keep, hidden, dtype, received, reply };
+                    match batcher.submit(job) {
+                        Ok(()) => done.await.map(|d| (d.cache, d.out, d.compute)).map_err(|_| ()),
+                        Err(_) => Err(()),
+                    }
                 }
+                None => tokio::task::spawn_blocking(move || {
+                    meter.metrics.queue_wait_seconds.observe(received.elapsed().as_secs_f64());
+                    let _on_the_clock = meter.passes.begin(predicted);
+                    let t = meter.load.begin(id);
+                    let out = (|| {
+                        std::thread::sleep(meter.config.pass_delay);
+                        let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
+                        let y = c.run(&bundle.middle, &x, start, &parents, &keep)?;
+                        HiddenBlock::from_tensor(&y, start, dtype)
+                    })();
+                    meter.load.end(id, t, count);
+                    let took = t.elapsed();
+                    if out.is_ok() {
+                        meter.metrics.block(tree, count);
+                    }
+                    meter.metrics.pass(1, count, took.as_secs_f64());
+                    (c, out, took)
+                })
+                .await
+                .map_err(|_| ()),
             }
-            None => tokio::task::spawn_blocking(move || {
-            meter.metrics.queue_wait_seconds.observe(received.elapsed().as_secs_f64());
-            let t = meter.load.begin(id);
-            let out = (|| {
-                let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
-                let y = c.run(&bundle.middle, &x, start, &parents, &keep)?;
-                HiddenBlock::from_tensor(&y, start, dtype)
-            })();
-            meter.load.end(id, t, count);
-            let took = t.elapsed();
-            if out.is_ok() {
-                meter.metrics.block(tree, count);
+        };
+        // While it waits, the edge hears that the block is pending (so a long queue is not taken
+        // for a cloud gone); an edge that stops taking those loses its session.
+        let computed = match await_with_notices(work, &shared.passes, &shared.metrics, &mut send, start as u32, cfg.write_timeout).await {
+            Ok(computed) => computed,
+            Err(e) => {
+                log(format!("session {id}: {e}"));
+                return Err(e);
             }
-            meter.metrics.pass(1, count, took.as_secs_f64());
-            (c, out, took)
-        })
-        .await
-        .map_err(|_| ()),
         };
         // A panic in the compute task ends this session with an error frame, nothing else.
         let Ok((c, out, took)) = computed else {

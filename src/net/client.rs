@@ -95,9 +95,10 @@ pub struct QuicLink {
     /// Whether dropping the session waits (briefly) for its last frames and the close to go
     /// out; not for a session given up on ([`QuicLink::abandon`]).
     polite: bool,
-    /// When the latest reply arrived (the cloud computes blocks in turn: the next one's time
-    /// runs from here at the earliest).
-    last_reply: Instant,
+    /// When the latest reply or pending notice arrived (the cloud computes blocks in turn: the
+    /// next one's time runs from here at the earliest; a notice says the cloud is busy, not
+    /// gone, and restarts the allowance).
+    last_sign: Instant,
 }
 
 /// A block sent and not yet answered.
@@ -248,7 +249,7 @@ impl QuicLink {
             load: CloudLoad::default(),
             handshake_rtt: Duration::ZERO,
             awaited: std::collections::VecDeque::new(),
-            last_reply: Instant::now(),
+            last_sign: Instant::now(),
             polite: true,
         };
         let sent = Instant::now();
@@ -336,26 +337,36 @@ impl QuicLink {
         Ok(LinkEstimate { rtt_ms: rtt.as_secs_f64() * 1e3, up_mbps: up, down_mbps: down })
     }
 
-    fn reply(&mut self, msg: Message) -> Result<MiddleReply> {
-        match msg {
-            Message::Middle { block, .. } if self.awaited.front().map(|a| (a.start, a.count)) != Some((block.start as usize, block.count as usize)) => Err(Error::invalid(format!(
+    /// A frame from the cloud while blocks are awaited: the next reply, or `None` for a pending
+    /// notice about the next block (which restarts its allowance).
+    fn reply(&mut self, msg: Message) -> Result<Option<MiddleReply>> {
+        let front = self.awaited.front().map(|a| (a.start, a.count));
+        let mismatch = |start: u32, count: Option<u32>| {
+            Error::invalid(format!(
                 "the cloud answered positions {}..{}, but the next block awaited is {}",
-                block.start,
-                block.start as u64 + block.count as u64,
-                self.awaited.front().map_or("none".to_string(), |a| format!("{}..{}", a.start, a.start + a.count))
-            ))),
+                start,
+                start as u64 + count.unwrap_or(0) as u64,
+                front.map_or("none".to_string(), |(s, c)| format!("{s}..{}", s + c))
+            ))
+        };
+        match msg {
+            Message::Pending { start } if front.map(|(s, _)| s) != Some(start as usize) => Err(mismatch(start, None)),
+            Message::Pending { .. } => {
+                self.last_sign = Instant::now();
+                self.stats.pending_notices += 1;
+                Ok(None)
+            }
+            Message::Middle { block, .. } if front != Some((block.start as usize, block.count as usize)) => Err(mismatch(block.start, Some(block.count))),
             Message::Middle { block, compute_us, load } => {
                 self.awaited.pop_front();
-                self.last_reply = Instant::now();
-                Ok(MiddleReply {
-                load: Some({
-                    self.load = load;
-                    load
-                }),
-                start: block.start as usize,
-                hidden: block.to_tensor(self.hidden_size, &Device::Cpu)?,
-                cloud_compute: Duration::from_micros(compute_us),
-                })
+                self.last_sign = Instant::now();
+                self.load = load;
+                Ok(Some(MiddleReply {
+                    load: Some(load),
+                    start: block.start as usize,
+                    hidden: block.to_tensor(self.hidden_size, &Device::Cpu)?,
+                    cloud_compute: Duration::from_micros(compute_us),
+                }))
             }
             Message::Error { code, message } => Err(cloud_error(code, &message)),
             other => Err(Error::invalid(format!("unexpected {} frame from the cloud", other.kind_name()))),
@@ -397,30 +408,14 @@ impl QuicLink {
 
     /// When the next reply is overdue: [`OVERDUE_MIN`] plus [`OVERDUE_FACTOR`] times what it
     /// should take (a round trip and the cloud's predicted compute for the block under its
-    /// load), counted from when the cloud could start it. `None` when nothing is awaited.
+    /// load), counted from when the cloud could start it or last said it was still pending
+    /// ([`Message::Pending`]). `None` when nothing is awaited.
     pub fn reply_deadline(&self) -> Option<Instant> {
         let a = self.awaited.front()?;
         let compute_ms = self.cloud_model.middle.predict(a.count, a.start).max(0.0) * self.cloud_model.slowdown_at(self.load.sessions as f64);
         let expected = self.handshake_rtt.as_secs_f64() + compute_ms / 1e3;
         let allowance = OVERDUE_MIN + Duration::from_secs_f64((OVERDUE_FACTOR * expected).clamp(0.0, 3600.0));
-        Some(a.sent.max(self.last_reply) + allowance)
-    }
-
-    /// The next reply, or an error ([`CloudFailure::Lost`]) when none arrives by `deadline`.
-    pub fn receive_by(&mut self, deadline: Instant) -> Result<MiddleReply> {
-        let item = match self.held.take() {
-            Some(held) => held,
-            None => match self.down.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(item) => item?,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let waited = self.awaited.front().map_or(Duration::ZERO, |a| a.sent.elapsed());
-                    return Err(Error::cloud(CloudFailure::Lost, format!("no reply from the cloud after {:.1} s: it is gone or stuck", waited.as_secs_f64())));
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(closed()),
-            },
-        };
-        let msg = self.deliver(Ok(item))?;
-        self.reply(msg)
+        Some(a.sent.max(self.last_sign) + allowance)
     }
 }
 
@@ -430,26 +425,56 @@ impl MiddleLink for QuicLink {
         self.submit_message(start, count, &msg)
     }
 
-    /// The next reply; a reply overdue ([`QuicLink::reply_deadline`]) is an error, not a wait
-    /// for QUIC's idle timeout.
+    /// The next reply; a reply overdue ([`QuicLink::reply_deadline`], which each pending notice
+    /// moves on) is an error ([`CloudFailure::Lost`]), not a wait for QUIC's idle timeout.
     fn receive(&mut self) -> Result<MiddleReply> {
-        // Nothing awaited (a raw frame sent by a test): an answer comes at once or not at all.
-        let deadline = self.reply_deadline().unwrap_or_else(|| Instant::now() + OVERDUE_MIN);
-        self.receive_by(deadline)
+        loop {
+            // Nothing awaited (a raw frame sent by a test): an answer comes at once or not at all.
+            let deadline = self.reply_deadline().unwrap_or_else(|| Instant::now() + OVERDUE_MIN);
+            let item = match self.held.take() {
+                Some(held) => held,
+                None => match self.down.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(item) => item?,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let waited = self.awaited.front().map_or(Duration::ZERO, |a| a.sent.elapsed());
+                        let quiet = self.last_sign.elapsed().min(waited);
+                        return Err(Error::cloud(
+                            CloudFailure::Lost,
+                            format!("no reply from the cloud after {:.1} s, and no sign of it for {:.1} s: it is gone or stuck", waited.as_secs_f64(), quiet.as_secs_f64()),
+                        ));
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(closed()),
+                },
+            };
+            let msg = self.deliver(Ok(item))?;
+            if let Some(reply) = self.reply(msg)? {
+                return Ok(reply);
+            }
+        }
     }
 
     fn try_receive(&mut self) -> Result<Option<MiddleReply>> {
-        if self.held.is_none() {
-            match self.down.try_recv() {
-                Ok(item) => self.held = Some(item?),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
-                Err(_) => return Err(closed()),
+        loop {
+            if self.held.is_none() {
+                match self.down.try_recv() {
+                    Ok(item) => self.held = Some(item?),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(None),
+                    Err(_) => return Err(closed()),
+                }
             }
-        }
-        // Only hand it over once the emulated link has delivered it.
-        match &self.held {
-            Some((at, _)) if *at <= Instant::now() => self.receive().map(Some),
-            _ => Ok(None),
+            // Only hand it over once the emulated link has delivered it.
+            match self.held.take() {
+                Some(item) if item.0 <= Instant::now() => {
+                    let msg = self.deliver(Ok(item))?;
+                    if let Some(reply) = self.reply(msg)? {
+                        return Ok(Some(reply));
+                    }
+                }
+                held => {
+                    self.held = held;
+                    return Ok(None);
+                }
+            }
         }
     }
 

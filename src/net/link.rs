@@ -31,6 +31,9 @@ pub struct LinkStats {
     /// Time lost to those: waiting for the reply that showed the loss, finding a cloud again
     /// and replaying the session there.
     pub recovery: std::time::Duration,
+    /// Notices from the cloud that a block was still queued or computing
+    /// ([`crate::net::protocol::Message::Pending`]).
+    pub pending_notices: u32,
 }
 
 /// The cloud's middle submodel as the device sees it.

@@ -24,8 +24,13 @@ use crate::sched::{CloudModel, Regimes, StageCost};
 /// The ALPN stays `hat/1` across protocol versions, so that a peer of another version gets the
 /// handshake's error naming both versions instead of a bare TLS failure.
 pub const ALPN: &[u8] = b"hat/1";
-/// 3: draft trees (`Tree` blocks and the path kept of the previous one).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// 3: draft trees (`Tree` blocks and the path kept of the previous one). 4: `Pending` frames
+/// while a block waits in the cloud's queue.
+pub const PROTOCOL_VERSION: u16 = 4;
+/// How often the cloud tells an edge that its block is still queued or computing
+/// ([`Message::Pending`]); well under the edge's shortest reply allowance
+/// ([`crate::net::client::OVERDUE_MIN`]).
+pub const PENDING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 /// Largest probe padding either way (bytes).
 pub const MAX_PROBE: usize = 8 << 20;
 /// Largest frame either side accepts (bytes, kind byte included).
@@ -239,6 +244,11 @@ pub enum Message {
     /// Cloud → edge: the middle layers' output for a `Hidden` or `Tree` block, the compute time
     /// and the load.
     Middle { block: HiddenBlock, compute_us: u64, load: CloudLoad },
+    /// Cloud → edge: the block starting at `start` is queued or computing and the cloud's
+    /// passes are advancing; sent every [`PENDING_INTERVAL`] while the block waits, so an edge
+    /// behind a long queue tells a busy cloud from a gone or stuck one. Nothing but the block's
+    /// start.
+    Pending { start: u32 },
     /// Edge → cloud: a link probe of `padding.len()` zero bytes; answer with `echo` zero bytes.
     Probe { echo: u32, padding: Vec<u8> },
     /// Cloud → edge: the answer to a probe.
@@ -260,6 +270,7 @@ pub mod kind {
     pub const PROBE: u8 = 7;
     pub const PROBE_ECHO: u8 = 8;
     pub const TREE: u8 = 9;
+    pub const PENDING: u8 = 10;
 }
 
 fn malformed(msg: impl std::fmt::Display) -> Error {
@@ -414,6 +425,7 @@ impl Message {
             Message::Hidden(_) => "hidden states",
             Message::Tree { .. } => "tree of hidden states",
             Message::Middle { .. } => "middle states",
+            Message::Pending { .. } => "pending",
             Message::Probe { .. } => "probe",
             Message::ProbeEcho { .. } => "probe echo",
             Message::Error { .. } => "error",
@@ -459,6 +471,10 @@ impl Message {
                 out.extend(compute_us.to_le_bytes());
                 put_load(&mut out, load);
                 put_block(&mut out, block);
+            }
+            Message::Pending { start } => {
+                out.push(kind::PENDING);
+                out.extend(start.to_le_bytes());
             }
             Message::Probe { echo, padding } => {
                 out.push(kind::PROBE);
@@ -513,6 +529,7 @@ impl Message {
                 let load = r.load()?;
                 Message::Middle { compute_us, load, block: r.block()? }
             }
+            kind::PENDING => Message::Pending { start: r.u32()? },
             kind::PROBE => {
                 let echo = r.u32()?;
                 if echo as usize > MAX_PROBE {

@@ -101,6 +101,7 @@ impl ResilientLink {
                     old.abandon();
                     self.carried.bytes_up += s.bytes_up;
                     self.carried.bytes_down += s.bytes_down;
+                    self.carried.pending_notices += s.pending_notices;
                     self.carried.reconnects += 1;
                     self.carried.recovery += began.elapsed();
                     self.current = i;
@@ -173,6 +174,11 @@ impl MiddleLink for ResilientLink {
 
     fn stats(&self) -> LinkStats {
         let s = self.link.stats();
-        LinkStats { bytes_up: s.bytes_up + self.carried.bytes_up, bytes_down: s.bytes_down + self.carried.bytes_down, ..self.carried }
+        LinkStats {
+            bytes_up: s.bytes_up + self.carried.bytes_up,
+            bytes_down: s.bytes_down + self.carried.bytes_down,
+            pending_notices: s.pending_notices + self.carried.pending_notices,
+            ..self.carried
+        }
     }
 }

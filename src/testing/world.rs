@@ -79,6 +79,7 @@ pub fn cloud_config(state_dir: PathBuf, token: Option<&str>, max_sessions: usize
         metrics: None,
         batching: true,
         batch_rows: crate::model::kernels::EXACT_ROWS,
+        pass_delay: Duration::ZERO,
     }
 }
 
