@@ -98,6 +98,15 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_ahead: String,
 
+    /// With trees drafted ahead and greedy decoding: send what drafting ahead grew, best first,
+    /// as rows extending the sent tree before its reply (`on`), when the cloud is expected to be
+    /// done with the tree, so the cloud computes them next; when the reply's bonus token is
+    /// among them verification walks on into them instead of sending another round. Exact
+    /// either way; the rows verification does not reach are computed for nothing. Off by
+    /// default: measured on two one-core machines it has not paid yet (benches/README.md).
+    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    pub draft_pipeline: String,
+
     /// The shape of each round's drafts: `auto` (default: a tree grown by cumulative draft
     /// probability, EAGLE-2 style, nodes kept while their odds pay for a verified row and
     /// levels while they pay for a draft step, both measured; at most 24 nodes, 6 per level,
@@ -308,7 +317,7 @@ fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
     let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", tree };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: args.draft_pipeline == "on", tree };
     options.validate()?;
     Ok(options)
 }

@@ -162,6 +162,7 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
         ("tree 40, int8", DraftOptions { tree: TreeChoice::Fixed { nodes: 40, depth: None }, int8: true, ..plain }),
         ("chain, all on", DraftOptions { tree: TreeChoice::Chain, ..DraftOptions::default() }),
         ("all (defaults: auto tree)", DraftOptions::default()),
+        ("all, trees extended", DraftOptions { pipeline: true, ..DraftOptions::default() }),
     ];
     for ids in prompts(w).iter().take(2) {
         let want = reference(w, ids, max);
@@ -700,7 +701,8 @@ fn only_hidden_states_cross_the_network() {
     let a = adapter(w, "partial");
     // Draft trees with branches: blocks carry parent indices, and the next block the kept path.
     let opts = options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16);
-    let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, ..opts.draft }, ..opts };
+    // With extensions of sent trees too (when drafting ahead gets to them before a reply).
+    let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, pipeline: true, ..opts.draft }, ..opts };
     let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
     drop(link);
     // Per draft position: checked only after the ones before it were accepted.
@@ -714,7 +716,7 @@ fn only_hidden_states_cross_the_network() {
     let h = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
     let first16: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
 
-    let (mut hidden_frames, mut probes, mut branching, mut previous_rows) = (0, 0, 0, 0);
+    let (mut hidden_frames, mut probes, mut branching, mut tree_rows, mut extensions) = (0, 0, 0, 0, 0);
     for (d, body) in frames.iter() {
         let allowed = match d {
             Direction::Up => [kind::HELLO, kind::HIDDEN, kind::TREE, kind::PROBE, kind::CLOSE].contains(&body[0]),
@@ -749,8 +751,14 @@ fn only_hidden_states_cross_the_network() {
             let keep: Vec<u16> = (0..n_keep).map(|i| u16_at(3 + 2 * i)).collect();
             let n_parents = u16_at(3 + 2 * n_keep) as usize;
             let parents: Vec<u16> = (0..n_parents).map(|i| u16_at(5 + 2 * n_keep + 2 * i)).collect();
-            assert!(keep.iter().all(|&k| (k as usize) < previous_rows) && keep.first().is_none_or(|&k| k == 0), "kept rows index the previous block: {keep:?}");
-            assert!(parents.first() == Some(&hat::model::tree::ROOT) && parents.iter().enumerate().skip(1).all(|(i, &p)| (p as usize) < i), "parents index earlier rows: {parents:?}");
+            // A block extending the previous tree (its first row's parent is a row of that
+            // tree) keeps nothing; its parents index earlier rows of the whole tree.
+            let extends = parents.first().is_some_and(|&p| p != hat::model::tree::ROOT);
+            let before = if extends { tree_rows } else { 0 };
+            assert!(keep.iter().all(|&k| (k as usize) < tree_rows) && keep.first().is_none_or(|&k| k == 0) && !(extends && !keep.is_empty()), "kept rows index the previous tree: {keep:?}");
+            assert!((extends || parents.first() == Some(&hat::model::tree::ROOT)) && parents.iter().enumerate().skip(usize::from(!extends)).all(|(i, &p)| (p as usize) < before + i), "parents index earlier rows: {parents:?}");
+            extensions += usize::from(extends);
+            tree_rows = before + parents.len();
             branching += usize::from(parents.len() > 1 && parents.iter().skip(1).any(|&p| parents.iter().skip(1).filter(|&&q| q == p).count() > 1));
             off = 5 + 2 * (n_keep + n_parents);
         }
@@ -758,8 +766,8 @@ fn only_hidden_states_cross_the_network() {
             // Middle: kind, compute time (8 bytes), the cloud's load (4 numbers), then the block.
             let count = u32::from_le_bytes(body[off + 4..off + 8].try_into().unwrap()) as usize;
             assert_eq!(body.len(), off + 9 + count * hidden * 4, "payload is exactly count × hidden f32 values");
-            if *d == Direction::Up {
-                previous_rows = count;
+            if *d == Direction::Up && body[0] == kind::HIDDEN {
+                tree_rows = 0;
             }
             if body[0] == kind::HIDDEN && hidden_frames == 0 {
                 let sent: Vec<f32> = body[off + 9..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
@@ -771,6 +779,7 @@ fn only_hidden_states_cross_the_network() {
         }
     }
     assert!(hidden_frames >= 3 + r.rounds, "prefill chunks and one block per round: {hidden_frames}");
+    assert_eq!(extensions, r.drafting.extensions, "tree extensions sent: {r:?}");
     assert!(branching > 0 && r.drafting.tree_nodes > r.rounds, "the test sent trees that branch: {r:?}");
     assert_eq!(probes, 2 * 4, "two round-trip probes and one each way for throughput, each answered");
 }

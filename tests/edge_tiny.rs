@@ -193,3 +193,73 @@ fn uplink_noise_reaches_the_cloud_and_zero_changes_nothing() {
     assert!((mean - 0.5).abs() < 0.1, "noise of {mean:.3} × RMS per position, asked 0.5: {ratios:?}");
     assert!(hat::net::NoisyUplink::new(LocalMiddle::new(&world.cloud.middle, WireDtype::F32), -1.0).is_err());
 }
+
+/// A link whose replies arrive only after the edge has polled for them `polls` times (each poll
+/// of drafting ahead is one step), so the device drafts ahead, and guesses, as it does while a
+/// real cloud computes.
+struct SlowReplies<'a> {
+    inner: LocalMiddle<'a>,
+    polls: usize,
+    waited: usize,
+}
+
+impl hat::net::MiddleLink for SlowReplies<'_> {
+    fn submit_tree(&mut self, start: usize, hidden: &candle_core::Tensor, parents: &[u16], keep: &[u16]) -> hat::Result<()> {
+        self.inner.submit_tree(start, hidden, parents, keep)
+    }
+    fn receive(&mut self) -> hat::Result<hat::net::MiddleReply> {
+        self.waited = 0;
+        self.inner.receive()
+    }
+    fn try_receive(&mut self) -> hat::Result<Option<hat::net::MiddleReply>> {
+        self.waited += 1;
+        if self.waited <= self.polls {
+            return Ok(None);
+        }
+        self.waited = 0;
+        self.inner.try_receive()
+    }
+    fn stats(&self) -> hat::net::LinkStats {
+        self.inner.stats()
+    }
+}
+
+/// `--draft-pipeline`: with trees drafted ahead and greedy decoding, what drafting ahead grew goes
+/// to the cloud as rows extending the sent tree before its reply; verification walks into them
+/// when the bonus token is there (waiting for their reply), and otherwise drops their reply and
+/// keeps its path of the whole tree. The output is the model's greedy output token for token
+/// either way, for both draft contexts and several tree settings, with both outcomes happening.
+#[test]
+fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
+    use hat::decode::{generate, ModelDecoder};
+    let dir = tempfile::tempdir().unwrap();
+    let (loaded, world) = tiny_world(dir.path());
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let eos = &world.device.tokenizer.eos_token_ids;
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    let prompts: [&[u32]; 3] = [&PROMPT, &[10, 20, 30], &[200, 7, 7, 7, 150, 3]];
+    let (mut extended, mut used) = (0, 0);
+    for context in [DraftContext::Drafted, DraftContext::Verified] {
+        let adapter = oracle(&world, dir.path(), context);
+        for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(3) }, TreeChoice::Fixed { nodes: 12, depth: Some(2) }] {
+            for prompt in prompts {
+                let want = generate(&mut ModelDecoder::new(&model), prompt, 24, &greedy, eos, |_| Ok(())).unwrap().token_ids;
+                let run = |pipeline: bool| {
+                    let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
+                    let draft = DraftOptions { pipeline, tree, ..DraftOptions::default() };
+                    let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 24, max_context: 64, draft, fallback: Default::default() };
+                    hat::edge::generate(&world.device, &adapter, &mut link, prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
+                };
+                let (with, without) = (run(true), run(false));
+                assert_eq!(with.token_ids, want, "{context:?} {tree:?} {prompt:?}: pipelined");
+                assert_eq!(without.token_ids, want, "{context:?} {tree:?} {prompt:?}");
+                assert_eq!(without.drafting.extensions, 0);
+                assert!(with.drafting.pipeline && with.drafting.extensions_used <= with.drafting.extensions);
+                extended += with.drafting.extensions;
+                used += with.drafting.extensions_used;
+            }
+        }
+    }
+    eprintln!("verification walked into {used} of {extended} extensions");
+    assert!(used > 0 && used < extended, "both outcomes happen: {used} of {extended}");
+}

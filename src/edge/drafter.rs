@@ -88,20 +88,25 @@ pub struct DraftOptions {
     /// Draft the next round while the cloud verifies this one (a chain on its guess of the
     /// reply; a tree grown on with nodes the cloud does not see).
     pub overlap: bool,
+    /// Trees drafted ahead, greedy: send what drafting ahead grew as an extension of the sent
+    /// tree before its reply (the cloud computes it right after the tree; verification walks
+    /// into it when the bonus token is there). Off by default: measured, it has not paid yet
+    /// (`benches/README.md`).
+    pub pipeline: bool,
     /// Chains or trees.
     pub tree: TreeChoice,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true, tree: TreeChoice::Auto }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: false, tree: TreeChoice::Auto }
     }
 }
 
 impl DraftOptions {
     /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, tree: TreeChoice::Chain }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: false, tree: TreeChoice::Chain }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -252,6 +257,12 @@ pub struct DraftingReport {
     /// verification's outcome was right).
     pub ahead_rounds: usize,
     pub ahead_hits: usize,
+    /// Whether trees were extended with what drafting ahead grew (`--draft-pipeline`); rounds
+    /// whose tree was, and those whose verification walked into the extension (the others'
+    /// extension rows were computed for nothing).
+    pub pipeline: bool,
+    pub extensions: usize,
+    pub extensions_used: usize,
     /// Trees: the cloud's compute while the device drafted ahead over that while it waited
     /// (medians of recent rounds; 0 until both are measured). Drafting ahead stays on while this
     /// is at most 1.1 (it is ~1 on a device of its own, higher when they share cores).

@@ -59,7 +59,7 @@ use crate::adapter::Adapter;
 use crate::decode::timing::{check_prompt, ms, TokenClock};
 use crate::decode::{accept_greedy, accept_sampled, accept_tree, probs, Acceptance, DraftStats, Flow, Sampler, SamplingParams, StopReason, TreeAcceptance};
 use crate::error::{CloudFailure, Result};
-use crate::net::MiddleLink;
+use crate::net::{MiddleLink, MiddleReply};
 use crate::split::DeviceBundle;
 use draft::{Ahead, Drafted, Limits};
 use drafter::{DraftLength, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
@@ -297,6 +297,10 @@ fn generate_verified<L: MiddleLink>(
     // the measured cost of a row, nodes sent.
     let mut keep: Vec<u16> = Vec::new();
     let mut row_cost = RowCost::default();
+    // Extending a sent tree with what drafting ahead grows (`--draft-pipeline`); the cloud's
+    // recent compute per round (ms), which times the extension.
+    let pipeline = trees && overlap && drafter.options.pipeline && sampler.is_greedy();
+    let mut cloud_ms: Option<f64> = None;
     let (mut tree_nodes, mut node_threshold) = (0usize, 0f32);
 
     let done = |tokens: &[u32], stop: &mut StopReason| {
@@ -336,27 +340,69 @@ fn generate_verified<L: MiddleLink>(
             edge.link.submit_tree(base, &round.hidden, round.shape.parents(), &keep)?;
             let sent = Instant::now();
             let n = round.shape.len();
-            tree_nodes += n - 1;
             let ahead = overlap && ahead_policy.this_round();
+            // With the pipeline, what drafting ahead grows goes to the cloud as an extension of
+            // the tree when the cloud is expected to be done with it.
+            let mut plan = (pipeline && ahead).then(|| tree::ExtendPlan {
+                at: sent + Duration::from_secs_f64(cloud_ms.unwrap_or(0.0) / 1e3),
+                most: EXTENSION_ROWS,
+                threshold: limits.node_threshold.max(EXTENSION_THRESHOLD),
+                sent: 0,
+            });
             if ahead {
                 // The tree grows on while the cloud verifies it (neither the reply nor timing
                 // decides anything here: the committed tokens are the LLM's whatever the tree
                 // holds).
                 let t = Instant::now();
-                ahead_clock.sent();
-                let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock)?;
+                ahead_clock.sent_at(sent);
+                let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock, plan.as_mut())?;
                 times.ahead += t.elapsed();
                 times.ahead_rounds += usize::from(grew);
             }
+            let extension = plan.map_or(0, |p| p.sent);
+            times.extensions += usize::from(extension > 0);
+            tree_nodes += n - 1 + extension;
             let reply = edge.receive()?;
             ahead_clock.received();
             if overlap {
                 ahead_policy.record(ahead, ms(reply.cloud_compute));
             }
+            let this_cloud_ms = ms(reply.cloud_compute);
+            cloud_ms = Some(cloud_ms.map_or(this_cloud_ms, |c| 0.7 * c + 0.3 * this_cloud_ms));
             let t = Instant::now();
-            let logits = edge.tree_logits(&reply, &round.shape)?; // (n, vocab)
-            let TreeAcceptance { path, next: new_token } = accept_tree(|i| round.children(i), |i| sampler.select(&logits.get(i)?))?;
-            let depth = (0..n).map(|i| round.shape.depth(i)).max().unwrap_or(0);
+            let logits = edge.tree_logits(&reply, &round.shape, 0)?; // (n, vocab)
+            // The extension's logits, `(extension, vocab)`, and its reply, once the walk needs
+            // them.
+            let mut extended: Option<(Tensor, MiddleReply)> = None;
+            let TreeAcceptance { path, next: new_token } = accept_tree(
+                |i| round.children(i),
+                |i| {
+                    if i < n {
+                        return sampler.select(&logits.get(i)?);
+                    }
+                    if extended.is_none() {
+                        let r = edge.receive()?;
+                        extended = Some((edge.tree_logits(&r, &round.shape, n)?, r));
+                    }
+                    match &extended {
+                        Some((l, _)) => sampler.select(&l.get(i - n)?),
+                        None => Err(crate::error::Error::invalid("internal: no extension logits")),
+                    }
+                },
+            )?;
+            let reply = match extended {
+                Some((_, r)) => {
+                    times.extensions_used += 1;
+                    MiddleReply { hidden: Tensor::cat(&[&reply.hidden, &r.hidden], 1)?, cloud_compute: reply.cloud_compute + r.cloud_compute, ..reply }
+                }
+                None => {
+                    // Its reply goes unread; the next block's kept path still indexes the whole
+                    // tree, extension included.
+                    edge.stale += usize::from(extension > 0);
+                    reply
+                }
+            };
+            let depth = (0..round.shape.len()).map(|i| round.shape.depth(i)).max().unwrap_or(0);
             stats.record(depth, path.len() - 1);
             let last = path.last().copied().unwrap_or(0);
             match round.ahead_child(last, new_token) {
@@ -368,7 +414,9 @@ fn generate_verified<L: MiddleLink>(
             }
             keep = path.iter().map(|&i| i as u16).collect();
             times.verify += t.elapsed();
-            row_cost.record(n, ms(sent.elapsed()));
+            if extension == 0 {
+                row_cost.record(n, ms(sent.elapsed()));
+            }
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
             stopped = commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
             next = new_token;
@@ -449,6 +497,9 @@ fn generate_verified<L: MiddleLink>(
         ahead_ms: ms(times.ahead),
         ahead_rounds: times.ahead_rounds,
         ahead_hits: times.ahead_hits,
+        pipeline,
+        extensions: times.extensions,
+        extensions_used: times.extensions_used,
         ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
         draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
         tree_nodes,
@@ -523,6 +574,12 @@ fn tree_limits(choice: TreeChoice, gamma: usize, slots: usize, level_threshold: 
     tree::TreeLimits { nodes: nodes.min(slots), depth: depth.min(gamma), width, branch, node_threshold, level_threshold }
 }
 
+/// Most rows a tree's extension adds (`--draft-pipeline`): each costs the cloud a row of its
+/// pass on every extended round, and only the likeliest are reached often enough to pay.
+const EXTENSION_ROWS: usize = 4;
+/// The least cumulative draft probability of an extension row.
+const EXTENSION_THRESHOLD: f32 = 0.1;
+
 /// Where a generation's decoding rounds spent the device's time.
 #[derive(Debug, Default)]
 struct RoundTimes {
@@ -531,4 +588,6 @@ struct RoundTimes {
     verify: Duration,
     ahead_rounds: usize,
     ahead_hits: usize,
+    extensions: usize,
+    extensions_used: usize,
 }

@@ -44,6 +44,9 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     pub(super) last_logits: Option<Tensor>,
     /// A reply that arrived while the device was drafting ahead.
     early: Option<MiddleReply>,
+    /// Replies still to come for blocks sent on a wrong guess (`--draft-pipeline`): dropped
+    /// when they arrive.
+    pub(super) stale: usize,
     /// Adapter positions to run again on the cloud's middle outputs before the next drafting
     /// ahead: the first position, input states `(1, n, hidden)` and their conditions (a tree's
     /// path kept with its drafted-ahead subtree, [`Edge::keep_tree_ahead`]).
@@ -73,6 +76,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             features: None,
             last_logits: None,
             early: None,
+            stale: 0,
             refresh: None,
             greedy: false,
             device_time: Duration::ZERO,
@@ -92,10 +96,14 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
 
     /// Whether the pending reply has arrived (it is kept for [`Edge::receive`]).
     pub(super) fn reply_arrived(&mut self) -> Result<bool> {
-        if self.early.is_none() {
-            self.early = self.link.try_receive()?;
-            if let Some(r) = &self.early {
-                self.cloud_time += r.cloud_compute;
+        while self.early.is_none() {
+            match self.link.try_receive()? {
+                Some(_) if self.stale > 0 => self.stale -= 1,
+                Some(r) => {
+                    self.cloud_time += r.cloud_compute;
+                    self.early = Some(r);
+                }
+                None => break,
             }
         }
         Ok(self.early.is_some())
@@ -106,6 +114,10 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             return Ok(r);
         }
         let t = Instant::now();
+        while self.stale > 0 {
+            self.link.receive()?;
+            self.stale -= 1;
+        }
         let r = self.link.receive()?;
         self.wait_time += t.elapsed();
         self.cloud_time += r.cloud_compute;

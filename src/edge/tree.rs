@@ -37,6 +37,20 @@
 //! path. The LLM path stays exact: a node's input-submodel state depends only on its ancestors,
 //! which the kept path and subtree hold at the same positions; the draft path of those nodes was
 //! conditioned on predicted middle outputs, which only changes what is drafted.
+//!
+//! ## Extending the sent tree (`--draft-pipeline`, greedy)
+//! Drafting ahead alone still waits for the reply before the next block goes. With the
+//! pipeline on, once the cloud is expected to be done with the sent tree ([`ExtendPlan::at`]),
+//! the device sends the nodes drafted ahead so far, best first, as rows that extend that tree
+//! ([`Edge::send_extension`]; the protocol's extension block: each row's parent an earlier row
+//! of the whole tree, nothing kept, nothing truncated), and the cloud computes them right
+//! after it. The tree's reply comes first; verification walks down it, and only when the walk
+//! reaches an extension row does the device wait for the extension's reply (a round trip
+//! after the first reply at most, usually much less: the cloud started on it before). When
+//! the walk ends in the first rows, the extension's reply is dropped unread and the next
+//! block's kept path, which indexes the whole tree, keeps what verification accepted. Rows keep
+//! their positions and ancestors, so every state the cloud computes is the one it computes
+//! without the extension.
 
 use std::time::Instant;
 
@@ -72,6 +86,20 @@ pub(super) struct TreeLimits {
     pub node_threshold: f32,
     /// A level is drafted further while its best node's cumulative probability is at least this.
     pub level_threshold: f32,
+}
+
+/// When to send the nodes drafted ahead so far as rows that extend the sent tree
+/// (`--draft-pipeline`, [`Edge::send_extension`]).
+pub(super) struct ExtendPlan {
+    /// At the first step of drafting ahead that ends after this (when the cloud is expected to
+    /// be done with the sent tree), or when drafting ahead stops before the reply.
+    pub at: Instant,
+    /// Most rows to add; a row joins while its cumulative draft probability (the draft's
+    /// estimate of the chance that verification reaches it) is at least `threshold`.
+    pub most: usize,
+    pub threshold: f32,
+    /// Rows sent (0: none yet).
+    pub sent: usize,
 }
 
 /// A node of a round's tree as the device drafted it.
@@ -173,9 +201,15 @@ impl TreeRound {
 
     /// Fixes every node drafted so far as the round's block.
     fn seal(&mut self) -> Result<()> {
-        self.shape = TreeShape::new(self.parents())?;
-        self.tokens = self.nodes.iter().map(|n| n.token).collect();
-        let rows: Vec<&Tensor> = self.nodes.iter().map(|n| &n.hidden).collect();
+        self.seal_to(self.nodes.len())
+    }
+
+    /// Fixes the first `k` nodes as what the cloud verifies.
+    fn seal_to(&mut self, k: usize) -> Result<()> {
+        let sent = &self.nodes[..k];
+        self.shape = TreeShape::new(sent.iter().map(|n| n.parent).collect())?;
+        self.tokens = sent.iter().map(|n| n.token).collect();
+        let rows: Vec<&Tensor> = sent.iter().map(|n| &n.hidden).collect();
         self.hidden = if rows.len() == 1 { rows[0].clone() } else { Tensor::cat(&rows, 1)? };
         Ok(())
     }
@@ -217,9 +251,9 @@ pub(super) struct AheadClock {
 }
 
 impl AheadClock {
-    /// A tree was sent.
-    pub(super) fn sent(&mut self) {
-        (self.sent, self.last_poll, self.arrived) = (Some(Instant::now()), None, false);
+    /// A tree was sent at `at`.
+    pub(super) fn sent_at(&mut self, at: Instant) {
+        (self.sent, self.last_poll, self.arrived) = (Some(at), None, false);
     }
 
     /// Its reply is in (called when `receive` returns).
@@ -355,9 +389,10 @@ impl<L: MiddleLink> Edge<'_, L> {
     /// see, the sent leaves through the draft path first, then [`AHEAD_WIDTH`] at a time, the most
     /// likely new children of any node, each step through the input submodel and the draft
     /// path; until the reply is in or expected before a step would end (`clock`), the tree holds
-    /// [`MAX_TREE_NODES`] nodes, or `slots` positions are used. Returns whether anything was
-    /// drafted ahead.
-    pub(super) fn grow_ahead(&mut self, tree: &mut TreeRound, base: usize, slots: usize, eos: &[u32], sampler: &Sampler, clock: &mut AheadClock) -> Result<bool> {
+    /// [`MAX_TREE_NODES`] nodes, or `slots` positions are used. With a `plan`, sends what it
+    /// drafted as an extension of the sent tree on the plan's time, or when it stops before the
+    /// reply. Returns whether anything was drafted ahead.
+    pub(super) fn grow_ahead(&mut self, tree: &mut TreeRound, base: usize, slots: usize, eos: &[u32], sampler: &Sampler, clock: &mut AheadClock, mut plan: Option<&mut ExtendPlan>) -> Result<bool> {
         let mut grew = false;
         let cap = MAX_TREE_NODES.min(slots);
         if let Some((start, x, prev)) = self.refresh.take() {
@@ -371,7 +406,12 @@ impl<L: MiddleLink> Edge<'_, L> {
         loop {
             if self.reply_arrived()? {
                 clock.arrived = true;
-                break;
+                return Ok(grew);
+            }
+            if let Some(plan) = plan.as_deref_mut() {
+                if plan.sent == 0 && grew && Instant::now() >= plan.at {
+                    plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
+                }
             }
             clock.last_poll = Some(Instant::now());
             if !clock.time_for_a_step() {
@@ -391,6 +431,12 @@ impl<L: MiddleLink> Edge<'_, L> {
             }
             clock.record_step(t.elapsed());
             grew = true;
+        }
+        // Drafting ahead stopped before the reply: the extension goes now if it has not.
+        if let Some(plan) = plan {
+            if plan.sent == 0 && grew {
+                plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
+            }
         }
         Ok(grew)
     }
@@ -470,16 +516,17 @@ impl<L: MiddleLink> Edge<'_, L> {
         Ok(top_rows(&probs, KEPT_NEXT).into_iter().map(|(row, p)| (self.head.token(row), p)).collect())
     }
 
-    /// The LLM's logits at every node of a verified tree, `(n, vocab)`: the output submodel on
-    /// the cloud's reply with the tree's mask, and the head on every row.
-    pub(super) fn tree_logits(&mut self, r: &MiddleReply, shape: &TreeShape) -> Result<Tensor> {
+    /// The LLM's logits at the rows of a verified tree that a reply holds, `(n, vocab)`: the
+    /// output submodel on the cloud's reply with the tree's mask (`first`: the reply's first
+    /// row in the tree, whose root sits at slot `r.start - first`), and the head on every row.
+    pub(super) fn tree_logits(&mut self, r: &MiddleReply, shape: &TreeShape, first: usize) -> Result<Tensor> {
         let t = Instant::now();
         self.llm_output.truncate(r.start);
         let n = r.hidden.dim(1)?;
-        let y = if shape.is_chain() {
+        let y = if first == 0 && shape.is_chain() {
             self.dev.output.forward(&r.hidden, r.start, &mut self.llm_output)?
         } else {
-            self.dev.output.forward_tree(&r.hidden, &mut self.llm_output, shape.mask(r.start, 0..n))?
+            self.dev.output.forward_tree(&r.hidden, &mut self.llm_output, shape.mask(r.start - first, first..first + n))?
         };
         let logits = if self.greedy { self.dev.head.forward_greedy(&y)? } else { self.dev.head.forward_exact(&y)? }.squeeze(0)?;
         self.device_time += t.elapsed();
@@ -548,32 +595,10 @@ impl<L: MiddleLink> Edge<'_, L> {
     /// The round after a hit ([`Edge::keep_tree_ahead`]) at `base` (its root's position): keeps
     /// the drafted-ahead nodes worth sending within `limits` (every cache drops the others), adds
     /// one level of leaves through the input submodel, and seals the block.
-    pub(super) fn reseed_tree(&mut self, mut tree: TreeRound, base: usize, limits: &TreeLimits) -> Result<TreeRound> {
-        let t = Instant::now();
+    pub(super) fn reseed_tree(&mut self, tree: TreeRound, base: usize, limits: &TreeLimits) -> Result<TreeRound> {
+        let rows = worth_sending(&tree, limits);
+        let mut tree = self.keep_rows(tree, base, &rows)?;
         let budget = limits.nodes.min(MAX_TREE_NODES - 1);
-        let mut order: Vec<usize> = (1..tree.len()).filter(|&i| tree.nodes[i].depth <= limits.depth && tree.nodes[i].cum >= limits.node_threshold && tree.nodes[i].cum > 0.0).collect();
-        // Stable: a parent (cum at least its child's, an earlier index) ranks first.
-        order.sort_by(|&a, &b| tree.nodes[b].cum.total_cmp(&tree.nodes[a].cum));
-        order.truncate(budget);
-        order.sort_unstable();
-        let mut chosen = vec![false; tree.len()];
-        chosen[0] = true;
-        let mut rows = vec![0];
-        for i in order {
-            if chosen[tree.nodes[i].parent as usize] {
-                chosen[i] = true;
-                rows.push(i);
-            }
-        }
-        for cache in [&mut self.input, &mut self.adapter_cache] {
-            cache.keep_path(base, &rows)?;
-        }
-        match self.adapter.draft_context {
-            DraftContext::Drafted => self.slm_output.keep_path(base, &rows)?,
-            DraftContext::Verified => self.llm_output.keep_path(base, &rows)?,
-        }
-        tree = tree.restrict(&rows)?;
-        self.device_time += t.elapsed();
         let room = budget - (tree.len() - 1);
         let leaves = tree.candidates(0..tree.len(), limits.branch, limits.node_threshold, limits.depth, limits.width.min(room));
         if !leaves.is_empty() {
@@ -582,6 +607,62 @@ impl<L: MiddleLink> Edge<'_, L> {
         tree.seal()?;
         Ok(tree)
     }
+
+    /// Keeps `rows` of a tree drafted ahead at `base` (increasing, its root first, each one's
+    /// parent among them): every cache drops the others.
+    fn keep_rows(&mut self, tree: TreeRound, base: usize, rows: &[usize]) -> Result<TreeRound> {
+        let t = Instant::now();
+        for cache in [&mut self.input, &mut self.adapter_cache] {
+            cache.keep_path(base, rows)?;
+        }
+        match self.adapter.draft_context {
+            DraftContext::Drafted => self.slm_output.keep_path(base, rows)?,
+            DraftContext::Verified => self.llm_output.keep_path(base, rows)?,
+        }
+        let tree = tree.restrict(rows)?;
+        self.device_time += t.elapsed();
+        Ok(tree)
+    }
+
+    /// While the cloud verifies the sent tree at `base`: sends the nodes drafted ahead so far,
+    /// in node order (best first) while their cumulative probability is at least `threshold`,
+    /// at most `most`, as rows that extend it; they join the round's shape (verification may
+    /// walk into them). Returns how many went.
+    pub(super) fn send_extension(&mut self, tree: &mut TreeRound, base: usize, most: usize, threshold: f32) -> Result<usize> {
+        let sent = tree.shape.len();
+        let m = tree.nodes[sent..].iter().take_while(|n| n.cum >= threshold && n.cum > 0.0).count().min(most).min(MAX_TREE_NODES - sent);
+        if m == 0 {
+            return Ok(0);
+        }
+        let rows = &tree.nodes[sent..sent + m];
+        let parents: Vec<u16> = rows.iter().map(|n| n.parent).collect();
+        let x = Tensor::cat(&rows.iter().map(|n| &n.hidden).collect::<Vec<_>>(), 1)?;
+        self.link.submit_tree(base + sent, &x, &parents, &[])?;
+        tree.seal_to(sent + m)?;
+        Ok(m)
+    }
+}
+
+/// The rows of a tree drafted ahead (its root first) worth sending within `limits`: the nodes
+/// whose depth and cumulative probability pass, best first up to the budget, whose parents
+/// are kept too; increasing.
+fn worth_sending(tree: &TreeRound, limits: &TreeLimits) -> Vec<usize> {
+    let budget = limits.nodes.min(MAX_TREE_NODES - 1);
+    let mut order: Vec<usize> = (1..tree.len()).filter(|&i| tree.nodes[i].depth <= limits.depth && tree.nodes[i].cum >= limits.node_threshold && tree.nodes[i].cum > 0.0).collect();
+    // Stable: a parent (cum at least its child's, an earlier index) ranks first.
+    order.sort_by(|&a, &b| tree.nodes[b].cum.total_cmp(&tree.nodes[a].cum));
+    order.truncate(budget);
+    order.sort_unstable();
+    let mut chosen = vec![false; tree.len()];
+    chosen[0] = true;
+    let mut rows = vec![0];
+    for i in order {
+        if chosen[tree.nodes[i].parent as usize] {
+            chosen[i] = true;
+            rows.push(i);
+        }
+    }
+    rows
 }
 
 /// The `k` largest entries of `p` (row, probability), largest first.

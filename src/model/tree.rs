@@ -160,9 +160,32 @@ impl BlockCache {
     }
 
     /// Checks a block of `n` rows at `start` (a tree of `parents`, or a sequence when empty,
-    /// after keeping rows `keep` of the previous tree) against the cache; returns its shape and
-    /// the rows to keep.
-    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<(Option<TreeShape>, Vec<usize>)> {
+    /// after keeping rows `keep` of the previous tree) against the cache; returns its shape
+    /// (for a block that extends the previous tree, the whole tree's), the rows to keep, and
+    /// for an extension the previous tree's start and rows.
+    ///
+    /// A block extends the previous tree when its first row's parent is not [`ROOT`]: its rows
+    /// follow that tree's rows (row `j` of the block is row `prev + j` of the tree, at slot
+    /// `start + j`), every parent indexes an earlier row of the whole tree, nothing is kept,
+    /// and it starts at the slot after the tree's last row, with nothing truncated. The next
+    /// block's kept path then runs down the whole tree.
+    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<(Option<TreeShape>, Vec<usize>, Option<(usize, usize)>)> {
+        if parents.first().is_some_and(|&p| p != ROOT) {
+            let Some((s, t)) = &self.last_tree else {
+                return Err(Error::invalid("a block extends a tree, but the previous block was not a tree"));
+            };
+            if !keep.is_empty() || start != s + t.len() || self.cache.len() != start || parents.len() != n {
+                return Err(Error::invalid(format!(
+                    "a block extending the tree at {s} of {} rows must start at {} with nothing kept (starts at {start}, keeps {} rows, {} cached)",
+                    t.len(),
+                    s + t.len(),
+                    keep.len(),
+                    self.cache.len()
+                )));
+            }
+            let whole = TreeShape::new(t.parents().iter().chain(parents).copied().collect())?;
+            return Ok((Some(whole), Vec::new(), Some((*s, t.len()))));
+        }
         let shape = if parents.is_empty() { None } else { Some(TreeShape::new(parents.to_vec())?) };
         if shape.as_ref().is_some_and(|t| t.len() != n) {
             return Err(Error::invalid(format!("a tree of {} rows for a block of {n} positions", parents.len())));
@@ -181,7 +204,7 @@ impl BlockCache {
         if start > held {
             return Err(Error::invalid(format!("block starts at position {start} but only {held} are cached")));
         }
-        Ok((shape, keep))
+        Ok((shape, keep, None))
     }
 
     /// Runs `x`, `(1, n, hidden)`, at `start` through `stack`, as [`BlockCache::check`] allows:
@@ -202,7 +225,11 @@ impl BlockCache {
     /// ([`crate::model::LayerStack::forward_packed`]): checks it, moves the kept path and
     /// truncates the cache to `start`. Hand the result to [`BlockCache::finish`] after the pass.
     pub fn prepare(&mut self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<PreparedBlock> {
-        let (shape, keep) = self.check(start, n, parents, keep)?;
+        let (shape, keep, extends) = self.check(start, n, parents, keep)?;
+        if let (Some((s, prev)), Some(whole)) = (extends, &shape) {
+            let mask = whole.mask(s, prev..prev + n);
+            return Ok(PreparedBlock { start, tree_start: s, shape, mask: Some(mask) });
+        }
         if let Some((s, _)) = self.last_tree.take() {
             if !keep.is_empty() {
                 self.cache.keep_path(s, &keep)?;
@@ -210,16 +237,17 @@ impl BlockCache {
         }
         self.cache.truncate(start);
         let mask = shape.as_ref().filter(|t| !t.is_chain()).map(|t| t.mask(start, 0..n));
-        Ok(PreparedBlock { start, shape, mask })
+        Ok(PreparedBlock { start, tree_start: start, shape, mask })
     }
 
     /// The second half of [`BlockCache::run`]: after a failed pass the cache goes back to the
-    /// block's start; after a tree, its shape is kept for the next block's path.
+    /// block's start (an extension leaves the tree it extends as it was); after a tree, its
+    /// shape is kept for the next block's path.
     pub fn finish(&mut self, block: PreparedBlock, ok: bool) {
         if !ok {
             self.cache.truncate(block.start);
         } else if let Some(t) = block.shape {
-            self.last_tree = Some((block.start, t));
+            self.last_tree = Some((block.tree_start, t));
         }
     }
 }
@@ -228,6 +256,8 @@ impl BlockCache {
 #[derive(Debug)]
 pub struct PreparedBlock {
     pub start: usize,
+    /// Where the tree's root sits (the block's start, unless it extends a tree).
+    tree_start: usize,
     shape: Option<TreeShape>,
     /// The tree mask, when the block runs as a tree (not a sequence).
     pub mask: Option<std::sync::Arc<TreeMask>>,

@@ -25,8 +25,8 @@ use crate::sched::{CloudModel, Regimes, StageCost};
 /// handshake's error naming both versions instead of a bare TLS failure.
 pub const ALPN: &[u8] = b"hat/1";
 /// 3: draft trees (`Tree` blocks and the path kept of the previous one). 4: `Pending` frames
-/// while a block waits in the cloud's queue.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// while a block waits in the cloud's queue. 5: `Tree` blocks that extend the previous tree.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// How often the cloud tells an edge that its block is still queued or computing
 /// ([`Message::Pending`]); well under the edge's shortest reply allowance
 /// ([`crate::net::client::OVERDUE_MIN`]).
@@ -239,7 +239,11 @@ pub enum Message {
     /// Edge → cloud: a block that forms a draft tree (`parents`: one per row, [`crate::model::tree::ROOT`] for the
     /// first; empty for a sequence) or follows one (`keep`: the rows of the previous block that
     /// verification accepted, root first; they move to consecutive positions before the block
-    /// runs). Only indices into blocks: no token, text, logit or probability.
+    /// runs). When the first row's parent is not the root marker, the block extends the previous
+    /// tree instead: its rows follow that tree's, each parent an earlier row of the whole tree,
+    /// nothing kept, starting at the slot after the tree's last row
+    /// ([`crate::model::tree::BlockCache::check`]). Only indices into blocks: no token, text,
+    /// logit or probability.
     Tree { block: HiddenBlock, parents: Vec<u16>, keep: Vec<u16> },
     /// Cloud → edge: the middle layers' output for a `Hidden` or `Tree` block, the compute time
     /// and the load.
