@@ -343,7 +343,7 @@ fn generate_verified<L: MiddleLink>(
             let ahead = overlap && ahead_policy.this_round();
             // With the pipeline, what drafting ahead grows goes to the cloud as an extension of
             // the tree when the cloud is expected to be done with it.
-            let mut plan = (pipeline && ahead).then(|| tree::ExtendPlan {
+            ahead_clock.extend = (pipeline && ahead).then(|| tree::ExtendPlan {
                 at: sent + Duration::from_secs_f64(cloud_ms.unwrap_or(0.0) / 1e3),
                 most: EXTENSION_ROWS,
                 threshold: limits.node_threshold.max(EXTENSION_THRESHOLD),
@@ -355,11 +355,11 @@ fn generate_verified<L: MiddleLink>(
                 // holds).
                 let t = Instant::now();
                 ahead_clock.sent_at(sent);
-                let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock, plan.as_mut())?;
+                let grew = edge.grow_ahead(&mut round, base, limit - base, eos, &sampler, &mut ahead_clock)?;
                 times.ahead += t.elapsed();
                 times.ahead_rounds += usize::from(grew);
             }
-            let extension = plan.map_or(0, |p| p.sent);
+            let extension = ahead_clock.extend.take().map_or(0, |p| p.sent);
             times.extensions += usize::from(extension > 0);
             tree_nodes += n - 1 + extension;
             let reply = edge.receive()?;

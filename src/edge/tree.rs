@@ -90,6 +90,7 @@ pub(super) struct TreeLimits {
 
 /// When to send the nodes drafted ahead so far as rows that extend the sent tree
 /// (`--draft-pipeline`, [`Edge::send_extension`]).
+#[derive(Debug)]
 pub(super) struct ExtendPlan {
     /// At the first step of drafting ahead that ends after this (when the cloud is expected to
     /// be done with the sent tree), or when drafting ahead stops before the reply.
@@ -248,6 +249,9 @@ pub(super) struct AheadClock {
     arrived: bool,
     replies_ms: Vec<f64>,
     steps_ms: Vec<f64>,
+    /// This round's plan to extend the sent tree, if any (set before drafting ahead, taken
+    /// after).
+    pub(super) extend: Option<ExtendPlan>,
 }
 
 impl AheadClock {
@@ -389,10 +393,10 @@ impl<L: MiddleLink> Edge<'_, L> {
     /// see, the sent leaves through the draft path first, then [`AHEAD_WIDTH`] at a time, the most
     /// likely new children of any node, each step through the input submodel and the draft
     /// path; until the reply is in or expected before a step would end (`clock`), the tree holds
-    /// [`MAX_TREE_NODES`] nodes, or `slots` positions are used. With a `plan`, sends what it
-    /// drafted as an extension of the sent tree on the plan's time, or when it stops before the
-    /// reply. Returns whether anything was drafted ahead.
-    pub(super) fn grow_ahead(&mut self, tree: &mut TreeRound, base: usize, slots: usize, eos: &[u32], sampler: &Sampler, clock: &mut AheadClock, mut plan: Option<&mut ExtendPlan>) -> Result<bool> {
+    /// [`MAX_TREE_NODES`] nodes, or `slots` positions are used. With a plan
+    /// (`clock.extend`), sends what it drafted as an extension of the sent tree on the plan's
+    /// time, or when it stops before the reply. Returns whether anything was drafted ahead.
+    pub(super) fn grow_ahead(&mut self, tree: &mut TreeRound, base: usize, slots: usize, eos: &[u32], sampler: &Sampler, clock: &mut AheadClock) -> Result<bool> {
         let mut grew = false;
         let cap = MAX_TREE_NODES.min(slots);
         if let Some((start, x, prev)) = self.refresh.take() {
@@ -408,7 +412,7 @@ impl<L: MiddleLink> Edge<'_, L> {
                 clock.arrived = true;
                 return Ok(grew);
             }
-            if let Some(plan) = plan.as_deref_mut() {
+            if let Some(plan) = clock.extend.as_mut() {
                 if plan.sent == 0 && grew && Instant::now() >= plan.at {
                     plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
                 }
@@ -433,7 +437,7 @@ impl<L: MiddleLink> Edge<'_, L> {
             grew = true;
         }
         // Drafting ahead stopped before the reply: the extension goes now if it has not.
-        if let Some(plan) = plan {
+        if let Some(plan) = clock.extend.as_mut() {
             if plan.sent == 0 && grew {
                 plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
             }

@@ -162,14 +162,14 @@ impl BlockCache {
     /// Checks a block of `n` rows at `start` (a tree of `parents`, or a sequence when empty,
     /// after keeping rows `keep` of the previous tree) against the cache; returns its shape
     /// (for a block that extends the previous tree, the whole tree's), the rows to keep, and
-    /// for an extension the previous tree's start and rows.
+    /// for an extension the previous tree's start and rows ([`CheckedBlock`]).
     ///
     /// A block extends the previous tree when its first row's parent is not [`ROOT`]: its rows
     /// follow that tree's rows (row `j` of the block is row `prev + j` of the tree, at slot
     /// `start + j`), every parent indexes an earlier row of the whole tree, nothing is kept,
     /// and it starts at the slot after the tree's last row, with nothing truncated. The next
     /// block's kept path then runs down the whole tree.
-    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<(Option<TreeShape>, Vec<usize>, Option<(usize, usize)>)> {
+    pub fn check(&self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<CheckedBlock> {
         if parents.first().is_some_and(|&p| p != ROOT) {
             let Some((s, t)) = &self.last_tree else {
                 return Err(Error::invalid("a block extends a tree, but the previous block was not a tree"));
@@ -184,7 +184,7 @@ impl BlockCache {
                 )));
             }
             let whole = TreeShape::new(t.parents().iter().chain(parents).copied().collect())?;
-            return Ok((Some(whole), Vec::new(), Some((*s, t.len()))));
+            return Ok(CheckedBlock { shape: Some(whole), keep: Vec::new(), extends: Some((*s, t.len())) });
         }
         let shape = if parents.is_empty() { None } else { Some(TreeShape::new(parents.to_vec())?) };
         if shape.as_ref().is_some_and(|t| t.len() != n) {
@@ -204,7 +204,7 @@ impl BlockCache {
         if start > held {
             return Err(Error::invalid(format!("block starts at position {start} but only {held} are cached")));
         }
-        Ok((shape, keep, None))
+        Ok(CheckedBlock { shape, keep, extends: None })
     }
 
     /// Runs `x`, `(1, n, hidden)`, at `start` through `stack`, as [`BlockCache::check`] allows:
@@ -225,7 +225,7 @@ impl BlockCache {
     /// ([`crate::model::LayerStack::forward_packed`]): checks it, moves the kept path and
     /// truncates the cache to `start`. Hand the result to [`BlockCache::finish`] after the pass.
     pub fn prepare(&mut self, start: usize, n: usize, parents: &[u16], keep: &[u16]) -> Result<PreparedBlock> {
-        let (shape, keep, extends) = self.check(start, n, parents, keep)?;
+        let CheckedBlock { shape, keep, extends } = self.check(start, n, parents, keep)?;
         if let (Some((s, prev)), Some(whole)) = (extends, &shape) {
             let mask = whole.mask(s, prev..prev + n);
             return Ok(PreparedBlock { start, tree_start: s, shape, mask: Some(mask) });
@@ -250,6 +250,17 @@ impl BlockCache {
             self.last_tree = Some((block.tree_start, t));
         }
     }
+}
+
+/// What [`BlockCache::check`] found a block to be.
+#[derive(Debug)]
+pub struct CheckedBlock {
+    /// Its tree (for an extension, the whole tree's), or `None` for a sequence.
+    pub shape: Option<TreeShape>,
+    /// The previous tree's rows to keep.
+    pub keep: Vec<usize>,
+    /// For a block extending the previous tree: that tree's start and rows.
+    pub extends: Option<(usize, usize)>,
 }
 
 /// A block checked and made ready by [`BlockCache::prepare`].
