@@ -21,6 +21,8 @@
 //! - HAT_BENCH_PROMPTS: how many of the prompts (default all);
 //! - HAT_BENCH_TOKENS (64); HAT_BENCH_LINKS (`10/20,50/20,200/20,50/80`: Mbit/s / RTT ms);
 //! - HAT_BENCH_ADAPTER (`auto`: the shipped one);
+//! - HAT_BENCH_INPUT_LAYERS: the device's input layers K1 (default 2; K2 stays 2); a K1 other
+//!   than the default needs an adapter trained for that split in HAT_BENCH_ADAPTER;
 //! - HAT_BENCH_CONFIGS: extra hat configurations, `name=run-edge flags;…` (e.g.
 //!   `plain=--draft-len 1 --draft-threshold 0 --draft-compute f32 --draft-vocab full --draft-ahead off`).
 
@@ -132,7 +134,8 @@ fn main() -> anyhow::Result<()> {
 
     let gguf = default_gguf()?;
     let split = root.join("target/bench-split");
-    let status = Command::new(HAT).args(["split", "--force", "--input-layers", "2", "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    let input_layers = env_or("HAT_BENCH_INPUT_LAYERS", 2usize).to_string();
+    let status = Command::new(HAT).args(["split", "--force", "--input-layers", &input_layers, "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     anyhow::ensure!(status.success(), "hat split failed");
     let adapter = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
     let b = Bench { split, adapter, tokens };
@@ -142,7 +145,7 @@ fn main() -> anyhow::Result<()> {
         configs.push((name.trim().to_string(), flags.split_whitespace().map(String::from).collect()));
     }
     let pinning = Placement::can_pin();
-    eprintln!("adapter: {}; {} prompts; links {links:?}; configurations {:?}", b.adapter, prompts.len(), configs.iter().map(|c| &c.0).collect::<Vec<_>>());
+    eprintln!("input layers: {input_layers}; adapter: {}; {} prompts; links {links:?}; configurations {:?}", b.adapter, prompts.len(), configs.iter().map(|c| &c.0).collect::<Vec<_>>());
     let mut all = Vec::new();
     if tables.contains("machines") {
         if pinning {
