@@ -133,8 +133,10 @@ fn main() -> anyhow::Result<()> {
     check_held_out(&prompts, &root.join("assets/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json"))?;
 
     let gguf = default_gguf()?;
-    let split = root.join("target/bench-split");
-    let input_layers = env_or("HAT_BENCH_INPUT_LAYERS", 2usize).to_string();
+    let input_layers = env_or("HAT_BENCH_INPUT_LAYERS", 2usize);
+    // Another K1 gets its own folder: the recipes reuse target/bench-split as the default split.
+    let split = root.join(if input_layers == 2 { "target/bench-split".to_string() } else { format!("target/bench-split-k{input_layers}") });
+    let input_layers = input_layers.to_string();
     let status = Command::new(HAT).args(["split", "--force", "--input-layers", &input_layers, "--output-layers", "2", "--model"]).arg(&gguf).arg("--out").arg(&split).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
     anyhow::ensure!(status.success(), "hat split failed");
     let adapter = std::env::var("HAT_BENCH_ADAPTER").unwrap_or_else(|_| "auto".to_string());
