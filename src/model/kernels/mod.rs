@@ -24,6 +24,20 @@
 //! tokens were fed with it (greedy speculative decoding then reproduces one-by-one decoding
 //! exactly).
 //!
+//! Each task computes its block of weight rows against all input rows and writes it into its own
+//! columns of the output (a transpose after the tasks ran alone on one thread: 4 % of a
+//! 16-session packed pass, with the other core idle).
+//!
+//! ## Instruction sets
+//!
+//! AVX2/FMA where the CPU has it, AVX-512 ([`avx512`]) where it has that too: the same bits as
+//! AVX2 (one 16-lane accumulator holds exactly the AVX2 kernels' two 8-lane ones, reduced in
+//! the same order), with half the FMA instructions and tiles of 4 weight rows by 6 input rows in
+//! its 32 registers, which is what a packed pass over many sessions (compute-bound) needs. The
+//! attention scores [`KEY_BLOCK`] keys at a time where every row sees them (their horizontal
+//! sums side by side, [`sum_lanes8`], in the same order as one by one) and keeps a row's value
+//! sums in registers across the keys. `HAT_CPU_KERNELS=avx2|scalar` caps the choice ([`Isa`]).
+//!
 //! ## SwiGLU on the fused gate/up projection
 //!
 //! The MLP's gate and up projections run as one matmul whose output is `[gate | up]` along the
@@ -32,6 +46,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Query rows up to which [`causal_attention`] is used instead of matmuls.
 pub const MAX_FUSED_ROWS: usize = 64;
@@ -45,6 +62,7 @@ struct CausalAttention {
     seq: usize,
     scale: f32,
     tree: Option<std::sync::Arc<crate::model::tree::TreeMask>>,
+    isa: Isa,
 }
 
 fn dims4(l: &Layout) -> Result<(usize, usize, usize, usize)> {
@@ -83,7 +101,7 @@ impl CustomOp3 for CausalAttention {
             }
         }
         let mut out = vec![0f32; b * g * rows * d];
-        let avx2 = has_avx2_fma();
+        let isa = self.isa;
         // Tiles of up to ATTENTION_TILE rows of one K/V group read each key and value once for
         // all their rows; each row's arithmetic is that of the row alone.
         let tiles_per_group = rows.div_ceil(ATTENTION_TILE);
@@ -107,12 +125,15 @@ impl CustomOp3 for CausalAttention {
                 scale: self.scale,
             };
             #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                return unsafe { attend_tile_avx2(&block, o) };
+            match isa {
+                // SAFETY: the CPU has what `isa` names (`Isa::detected`).
+                Isa::Avx512 => return unsafe { attend_tile_avx512(&block, o) },
+                // SAFETY: as above.
+                Isa::Avx2 => return unsafe { attend_tile_avx2(&block, o) },
+                Isa::Scalar => {}
             }
-            let _ = avx2;
-            attend_tile(&block, o, dot8)
+            let _ = isa;
+            attend_tile(&block, o, dot8, |a, keys| keys.map(|b| dot8(a, b)))
         };
         // Output chunks: the tiles of each group (the last tile of a group may be shorter).
         let mut chunks: Vec<&mut [f32]> = Vec::with_capacity(b * g * tiles_per_group);
@@ -132,13 +153,13 @@ impl CustomOp3 for CausalAttention {
 /// Causal attention for a block of `seq` queries after `len - seq` cached positions; shapes as
 /// in the op above. Returns `(b, g, rows, d)`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, scale: f32) -> Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale, tree: None })
+    q.apply_op3_no_bwd(k, v, &CausalAttention { seq, scale, tree: None, isa: Isa::detected() })
 }
 
 /// Attention for the rows of a tree block ([`crate::model::tree::TreeMask`]): each row sees the
 /// slots before the mask's prefix and its own further slots; shapes as in [`causal_attention`].
 pub fn tree_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: std::sync::Arc<crate::model::tree::TreeMask>, scale: f32) -> Result<Tensor> {
-    q.apply_op3_no_bwd(k, v, &CausalAttention { seq: mask.rows(), scale, tree: Some(mask) })
+    q.apply_op3_no_bwd(k, v, &CausalAttention { seq: mask.rows(), scale, tree: Some(mask), isa: Isa::detected() })
 }
 
 /// The keys a query row sees: `[0, prefix)`, then the slots in `extra` (increasing, at or after
@@ -175,14 +196,32 @@ struct AttentionTile<'a> {
     scale: f32,
 }
 
+/// Keys scored at a time where every row of a tile sees them.
+const KEY_BLOCK: usize = 8;
+/// Output lanes of a row summed together over the values (in registers: four AVX-512 or eight
+/// AVX2 vectors).
+const VALUE_LANES: usize = 64;
+
 /// `softmax(q kᵀ · scale) v` for each row of a tile into `o` (zeroed, `(n, d)`): scores key by
 /// key for every row, softmax per row, then values key by key. The arithmetic of a row (its
-/// dot products, the order of its sums) is the same whatever tile it is in.
+/// dot products, the order of its sums) is the same whatever tile it is in. `dot` scores one
+/// key, `dots` [`KEY_BLOCK`] keys at once, each exactly as `dot` would (the keys every row sees,
+/// `[0, min prefix)`, go by blocks; the rest one by one with the mask).
 #[inline(always)]
-fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32, dots: impl Fn(&[f32], [&[f32]; KEY_BLOCK]) -> [f32; KEY_BLOCK]) {
     let d = o.len() / t.visible.len().max(1);
     let most = t.visible.iter().map(RowKeys::end).max().unwrap_or(0);
+    // A row's extra slots all lie at or after its prefix, so every row sees `[0, blocked)`.
+    let common = t.visible.iter().map(|keys| keys.prefix).min().unwrap_or(0).min(most);
+    let blocked = common / KEY_BLOCK * KEY_BLOCK;
+    let key = |j: usize| &t.k[j * t.k_stride..j * t.k_stride + d];
     let mut scores: Vec<Vec<f32>> = t.visible.iter().map(|keys| Vec::with_capacity(keys.count())).collect();
+    for j0 in (0..blocked).step_by(KEY_BLOCK) {
+        let keys = std::array::from_fn(|i| key(j0 + i));
+        for (r, s) in scores.iter_mut().enumerate() {
+            s.extend(dots(&t.q[r * d..(r + 1) * d], keys).map(|x| x * t.scale));
+        }
+    }
     // Per row, how many of its extra slots the walk over the keys has passed.
     let mut passed = vec![0usize; t.visible.len()];
     let sees = |keys: &RowKeys<'_>, passed: &mut usize, j: usize| -> bool {
@@ -195,8 +234,8 @@ fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]
         }
         false
     };
-    for j in 0..most {
-        let kr = &t.k[j * t.k_stride..j * t.k_stride + d];
+    for j in blocked..most {
+        let kr = key(j);
         for (r, s) in scores.iter_mut().enumerate() {
             if sees(&t.visible[r], &mut passed[r], j) {
                 s.push(dot(&t.q[r * d..(r + 1) * d], kr) * t.scale);
@@ -213,11 +252,31 @@ fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]
         let inv = 1.0 / sum;
         s.iter_mut().for_each(|x| *x *= inv);
     }
+    // The values every row sees, row by row (each output element still sums over the keys in
+    // order), then the rest key by key with the mask.
+    let value = |j: usize| &t.v[j * t.v_stride..j * t.v_stride + d];
+    for (r, s) in scores.iter().enumerate() {
+        for (c, out) in o[r * d..(r + 1) * d].chunks_mut(VALUE_LANES).enumerate() {
+            let lanes = c * VALUE_LANES..c * VALUE_LANES + out.len();
+            if let Ok(out) = <&mut [f32; VALUE_LANES]>::try_from(&mut *out) {
+                // A whole chunk: its sums stay in registers across the keys.
+                let mut acc = *out;
+                for (j, &w) in s[..blocked].iter().enumerate() {
+                    acc.iter_mut().zip(&value(j)[lanes.start..][..VALUE_LANES]).for_each(|(o, x)| *o += w * x);
+                }
+                *out = acc;
+            } else {
+                for (j, &w) in s[..blocked].iter().enumerate() {
+                    out.iter_mut().zip(&value(j)[lanes.clone()]).for_each(|(o, x)| *o += w * x);
+                }
+            }
+        }
+    }
     passed.iter_mut().for_each(|p| *p = 0);
     // Per row, the next of its scores.
-    let mut next = vec![0usize; t.visible.len()];
-    for j in 0..most {
-        let vr = &t.v[j * t.v_stride..j * t.v_stride + d];
+    let mut next = vec![blocked; t.visible.len()];
+    for j in blocked..most {
+        let vr = value(j);
         for (r, s) in scores.iter().enumerate() {
             if sees(&t.visible[r], &mut passed[r], j) {
                 let w = s[next[r]];
@@ -232,7 +291,60 @@ fn attend_tile(t: &AttentionTile<'_>, o: &mut [f32], dot: impl Fn(&[f32], &[f32]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_tile_avx2(t: &AttentionTile<'_>, o: &mut [f32]) {
-    attend_tile(t, o, |a, b| dot_avx2(a, b))
+    attend_tile(t, o, |a, b| dot_avx2(a, b), |a, keys| dots_keys_avx2(a, keys))
+}
+
+/// [`attend_tile`] compiled for AVX-512, bit for bit [`attend_tile_avx2`]'s results (the same
+/// dot products, and lane-wise arithmetic that does not depend on the vector width).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_tile_avx512(t: &AttentionTile<'_>, o: &mut [f32]) {
+    attend_tile(t, o, |a, b| avx512::dot(a, b), |a, keys| avx512::dots_keys(a, keys))
+}
+
+/// `a · keys[i]` for [`KEY_BLOCK`] keys, each exactly as [`dot_avx2`] computes it (the eight
+/// horizontal sums done side by side, [`sum_lanes8`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dots_keys_avx2(a: &[f32], keys: [&[f32]; KEY_BLOCK]) -> [f32; KEY_BLOCK] {
+    use std::arch::x86_64::*;
+    let n = keys.iter().map(|k| k.len()).fold(a.len(), usize::min);
+    let pairs = n / 16;
+    let pa = a.as_ptr();
+    let halves = keys.map(|b| {
+        let pb = b.as_ptr();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for c in 0..pairs {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(c * 16)), _mm256_loadu_ps(pb.add(c * 16)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(c * 16 + 8)), _mm256_loadu_ps(pb.add(c * 16 + 8)), acc1);
+        }
+        _mm256_add_ps(acc0, acc1)
+    });
+    let mut sums = sum_lanes8(halves);
+    for (s, b) in sums.iter_mut().zip(keys) {
+        for j in pairs * 16..n {
+            *s = a[j].mul_add(b[j], *s);
+        }
+    }
+    sums
+}
+
+/// The eight lanes of each of eight vectors summed exactly as [`sum_pair`] sums `a + b`'s:
+/// `(lo + hi)` per lane pair of halves, then `(l0 + l1) + (l2 + l3)`, for all eight at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn sum_lanes8(v: [std::arch::x86_64::__m256; 8]) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    // [v_i.lo + v_i.hi | v_{i+1}.lo + v_{i+1}.hi]: each half is `sum_pair`'s `s4`.
+    let quads = |a: __m256, b: __m256| _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    let (s01, s23, s45, s67) = (quads(v[0], v[1]), quads(v[2], v[3]), quads(v[4], v[5]), quads(v[6], v[7]));
+    // hadd: (l0 + l1), (l2 + l3) of each, then their sum; lanes come out as 0 2 4 6 1 3 5 7.
+    let r = _mm256_hadd_ps(_mm256_hadd_ps(s01, s23), _mm256_hadd_ps(s45, s67));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), r);
+    [lanes[0], lanes[4], lanes[1], lanes[5], lanes[2], lanes[6], lanes[3], lanes[7]]
 }
 
 /// `a · b` in eight FMA lanes, summed as [`sum_pair`] does (the same order for every row).
@@ -287,7 +399,48 @@ const ROWS_PER_TASK: usize = 32;
 pub(crate) const PREFETCH_ROWS: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
-struct SmallMMatmul;
+struct SmallMMatmul {
+    isa: Isa,
+}
+
+/// The instruction sets the exact kernels come in. Within one CPU, [`Isa::Avx2`] and
+/// [`Isa::Avx512`] compute bit for bit the same ([`avx512`]); [`Isa::Scalar`] rounds differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best the CPU has, capped by `HAT_CPU_KERNELS` (`avx2` or `scalar`) when set, for
+    /// measuring one against another in one binary.
+    pub(crate) fn detected() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = match std::env::var("HAT_CPU_KERNELS").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            Self::supported().into_iter().filter(|&i| i <= cap).max().unwrap_or(Isa::Scalar)
+        })
+    }
+
+    /// Every instruction set this CPU can run the kernels in.
+    pub(crate) fn supported() -> Vec<Isa> {
+        let mut all = vec![Isa::Scalar];
+        if has_avx2_fma() {
+            all.push(Isa::Avx2);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            all.push(Isa::Avx512);
+        }
+        all
+    }
+}
+
 
 /// Dot products of one weight row with `m` input rows (`x`: `m * k`), in a fixed order.
 #[inline(always)]
@@ -472,42 +625,79 @@ impl candle_core::CustomOp2 for SmallMMatmul {
         }
         let x = &x[lx.start_offset()..lx.start_offset() + m * k];
         let w = &w[lw.start_offset()..lw.start_offset() + n * k];
-        // Output computed weight-row-major, (n, m), then transposed to (m, n).
-        let mut t = vec![0f32; n * m];
-        let avx = has_avx2_fma();
-        t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, block)| {
+        let mut out = vec![0f32; m * n];
+        let dst = SharedOut(out.as_mut_ptr());
+        let isa = self.isa;
+        // Each task computes its weight rows against every input row, weight-row-major, and
+        // writes them into its own columns of the `(m, n)` output (so the transpose is spread
+        // over the tasks instead of running alone after them).
+        (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let j0 = task * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - j0);
+            let mut block = [0f32; ROWS_PER_TASK * EXACT_ROWS];
+            let block = &mut block[..rows * m];
+            dot_rows(isa, &w[j0 * k..(j0 + rows) * k], x, k, m, block);
+            for i in 0..m {
+                for (r, v) in block.chunks_exact(m).map(|b| b[i]).enumerate() {
+                    // SAFETY: `i * n + j0 + r < m * n`, and no other task writes the columns
+                    // `j0..j0 + rows`; `out` outlives the loop.
+                    unsafe { dst.get().add(i * n + j0 + r).write(v) };
+                }
+            }
+        });
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `block[r * m + i] = w_r · x_i` for the `block.len() / m` weight rows in `w` and the `m` input
+/// rows in `x`, in `isa`'s arithmetic.
+fn dot_rows(isa: Isa, w: &[f32], x: &[f32], k: usize, m: usize, block: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        // SAFETY: `Isa::detected`/`Isa::supported` only name what the CPU has; `w` and `x` hold
+        // `rows * k` and `m * k` values.
+        Isa::Avx512 => return unsafe { avx512::dots(w, x, k, m, block) },
+        Isa::Avx2 => {
             let mut pairs = block.chunks_mut(2 * m);
             for (p, out) in pairs.by_ref().enumerate() {
-                let j = task * ROWS_PER_TASK + 2 * p;
-                #[cfg(target_arch = "x86_64")]
-                if avx && m > 1 && out.len() == 2 * m {
+                let j = 2 * p;
+                if m > 1 && out.len() == 2 * m {
                     // Two weight rows at once (each input row loaded once for both); every output
                     // element computes exactly as `dots_avx2` computes it.
                     let (oa, ob) = out.split_at_mut(m);
-                    // SAFETY: the CPU supports AVX2 and FMA (checked above); slices bound all reads.
+                    // SAFETY: as above; slices bound all reads.
                     unsafe { dots2_avx2(&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], x, k, oa, ob) };
                     continue;
                 }
                 for (r, o) in out.chunks_mut(m).enumerate() {
-                    let wr = &w[(j + r) * k..(j + r + 1) * k];
-                    #[cfg(target_arch = "x86_64")]
-                    if avx {
-                        // SAFETY: as above.
-                        unsafe { dots_avx2(wr, x, k, o) };
-                        continue;
-                    }
-                    dots_scalar(wr, x, k, o);
+                    // SAFETY: as above.
+                    unsafe { dots_avx2(&w[(j + r) * k..(j + r + 1) * k], x, k, o) };
                 }
             }
-        });
-        let out = if m == 1 {
-            t
-        } else {
-            transpose(&t, n, m)
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+            return;
+        }
+        Isa::Scalar => {}
+    }
+    let _ = isa;
+    for (r, o) in block.chunks_mut(m).enumerate() {
+        dots_scalar(&w[r * k..(r + 1) * k], x, k, o);
+    }
+}
+
+/// The output of [`SmallMMatmul`], shared by tasks that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the tasks sharing it write disjoint elements, and the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the bare field).
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -524,7 +714,7 @@ pub(crate) fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
 
 /// `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows and `w` `(n, k)`: `(..., n)`.
 pub fn small_m_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(w, &SmallMMatmul)
+    x.contiguous()?.apply_op2_no_bwd(w, &SmallMMatmul { isa: Isa::detected() })
 }
 
 /// Whether a tensor is f32 on the CPU (where these kernels run).
@@ -673,6 +863,33 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn the_vector_kernels_compute_bit_for_bit_the_same_in_every_instruction_set() {
+        let dev = Device::Cpu;
+        let vector: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i >= Isa::Avx2).collect();
+        if vector.len() < 2 {
+            eprintln!("skipped: this CPU has {:?} only", Isa::supported());
+            return;
+        }
+        let to_vec = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // k: whole chunks of 16, a half chunk and a tail, a tail alone; n: not a multiple of the
+        // AVX-512 tile (4) or of a task (32).
+        for k in [576, 45, 77, 64, 13] {
+            let w = Tensor::randn(0f32, 1.0, (77, k), &dev).unwrap();
+            for m in [1, 2, 3, 5, 16, EXACT_ROWS] {
+                let x = Tensor::randn(0f32, 1.0, (1, m, k), &dev).unwrap();
+                let results: Vec<Vec<f32>> = vector.iter().map(|&isa| to_vec(x.apply_op2_no_bwd(&w, &SmallMMatmul { isa }).unwrap())).collect();
+                assert!(results.windows(2).all(|p| p[0] == p[1]), "k = {k}, m = {m}: {vector:?} differ");
+            }
+        }
+        let (g, rows, len, d) = (3, 6, 40, 64);
+        let q = Tensor::randn(0f32, 1.0, (1, g, rows, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, g, len, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, g, len, d), &dev).unwrap();
+        let results: Vec<Vec<f32>> = vector.iter().map(|&isa| to_vec(q.apply_op3_no_bwd(&k, &v, &CausalAttention { seq: 2, scale: 0.125, tree: None, isa }).unwrap())).collect();
+        assert!(results.windows(2).all(|p| p[0] == p[1]), "attention: {vector:?} differ");
     }
 
     #[test]
