@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::kernels::{has_avx2_fma, EXACT_ROWS};
+use crate::model::kernels::{Isa, EXACT_ROWS};
 #[cfg(target_arch = "x86_64")]
 use crate::model::kernels::sum_pair;
 
@@ -98,16 +98,27 @@ impl Q8Matrix {
 
     /// `x` `(m, cols)` row-major → `(m, rows)` row-major.
     pub fn matmul_rows(&self, x: &[f32], m: usize) -> Vec<f32> {
+        self.matmul_rows_in(Isa::detected(), x, m)
+    }
+
+    /// [`Q8Matrix::matmul_rows`] in `isa`'s kernels (AVX2 and AVX-512 give the same bits).
+    fn matmul_rows_in(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
-        let avx = has_avx2_fma();
         // Weight-row-major (n, m) first, then transposed.
         let mut t = vec![0f32; n * m];
         let task = |(i, block): (usize, &mut [f32])| {
+            let j0 = i * ROWS_PER_TASK;
+            let w = &self.q[j0 * k..(j0 + block.len() / m) * k];
+            #[cfg(target_arch = "x86_64")]
+            if isa == Isa::Avx512 {
+                // SAFETY: `Isa::detected` names only what the CPU has; `w` holds the block's rows.
+                unsafe { crate::model::kernels::avx512::dots(w, x, k, m, block) };
+            }
             for (r, out) in block.chunks_mut(m).enumerate() {
-                let j = i * ROWS_PER_TASK + r;
-                let w = &self.q[j * k..(j + 1) * k];
-                dots(w, x, k, out, avx);
-                out.iter_mut().for_each(|o| *o *= self.scale[j]);
+                if isa != Isa::Avx512 {
+                    dots(&w[r * k..(r + 1) * k], x, k, out, isa == Isa::Avx2);
+                }
+                out.iter_mut().for_each(|o| *o *= self.scale[j0 + r]);
             }
         };
         if n * k > 1 << 18 {
@@ -204,6 +215,17 @@ mod tests {
             assert!(diff < 1e-4, "m = {m}: max diff {diff}");
         }
         assert!(q.matmul(&Tensor::zeros((1, EXACT_ROWS + 1, k), candle_core::DType::F32, &dev)?).is_err());
+        // The vector kernels give the same bits in every instruction set the CPU has (k = 50: a
+        // scalar tail of 2; 64: none; 45: a half chunk, which i8 sends to the tail).
+        let vector: Vec<Isa> = Isa::supported().into_iter().filter(|&i| i >= Isa::Avx2).collect();
+        for k in [50, 64, 45] {
+            let q = Q8Matrix::quantize(&Tensor::randn(0f32, 1.0, (n, k), &dev)?)?;
+            for m in [1, 2, 5, 7, EXACT_ROWS] {
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.flatten_all()?.to_vec1::<f32>()?;
+                let results: Vec<Vec<f32>> = vector.iter().map(|&isa| q.matmul_rows_in(isa, &x, m)).collect();
+                assert!(results.windows(2).all(|p| p[0] == p[1]), "k = {k}, m = {m}: {vector:?} differ");
+            }
+        }
         assert!(q.matmul(&Tensor::zeros((1, 1, k + 1), candle_core::DType::F32, &dev)?).is_err());
         Ok(())
     }

@@ -34,6 +34,46 @@ unsafe fn reduce(a: __m512) -> f32 {
     sum_pair(lo, hi)
 }
 
+/// What the weight matrix holds: f32 (the LLM path), or i8 with a scale per row applied by the
+/// caller (the draft path, [`crate::model::q8`]). Each mirrors its AVX2 kernel's arithmetic.
+pub(crate) trait Weight: Copy {
+    /// Whether a last half chunk of 8 goes into the low lanes by FMA (f32) or to the scalar
+    /// tail (i8).
+    const HALF_CHUNK: bool;
+    /// Chunks of 16 per 64-byte cache line (the prefetch runs once a line).
+    const CHUNKS_PER_LINE: usize;
+    /// 16 weights from `p` as f32 lanes.
+    unsafe fn load16(p: *const Self) -> __m512;
+    /// The AVX2 kernel's scalar tail step.
+    fn tail(sum: f32, w: Self, x: f32) -> f32;
+}
+
+impl Weight for f32 {
+    const HALF_CHUNK: bool = true;
+    const CHUNKS_PER_LINE: usize = 1;
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    fn tail(sum: f32, w: f32, x: f32) -> f32 {
+        w.mul_add(x, sum)
+    }
+}
+
+impl Weight for i8 {
+    const HALF_CHUNK: bool = false;
+    const CHUNKS_PER_LINE: usize = 4;
+    #[inline(always)]
+    unsafe fn load16(p: *const i8) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+    #[inline(always)]
+    fn tail(sum: f32, w: i8, x: f32) -> f32 {
+        sum + w as f32 * x
+    }
+}
+
 /// Dot products of `R` weight rows (`w`: `R * k`, contiguous) with `G` input rows of `x`
 /// starting at row `first`, into `block[r * m + first + g]` (`block`: `(rows, m)`, weight-row
 /// major).
@@ -43,16 +83,18 @@ unsafe fn reduce(a: __m512) -> f32 {
 /// `(first + G) * k`, `block` at least `(R - 1) * m + first + G`.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tile<const R: usize, const G: usize>(w: &[f32], x: &[f32], k: usize, first: usize, m: usize, block: &mut [f32]) {
+unsafe fn tile<W: Weight, const R: usize, const G: usize>(w: &[W], x: &[f32], k: usize, first: usize, m: usize, block: &mut [f32]) {
     let chunks = k / 16;
     let (wp, xp) = (w.as_ptr(), x.as_ptr().add(first * k));
     let mut acc = [[_mm512_setzero_ps(); R]; G];
     let mut wv = [_mm512_setzero_ps(); R];
     for c in 0..chunks {
         for (r, v) in wv.iter_mut().enumerate() {
-            // The rows a few on, into the cache ahead of their loads (as the AVX2 kernels do).
-            _mm_prefetch(wp.wrapping_add((r + PREFETCH_ROWS) * k + c * 16) as *const i8, _MM_HINT_T0);
-            *v = _mm512_loadu_ps(wp.add(r * k + c * 16));
+            if c % W::CHUNKS_PER_LINE == 0 {
+                // The rows a few on, into the cache ahead of their loads (as the AVX2 kernels do).
+                _mm_prefetch(wp.wrapping_add((r + PREFETCH_ROWS) * k + c * 16) as *const i8, _MM_HINT_T0);
+            }
+            *v = W::load16(wp.add(r * k + c * 16));
         }
         for (g, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_loadu_ps(xp.add(g * k + c * 16));
@@ -61,11 +103,12 @@ unsafe fn tile<const R: usize, const G: usize>(w: &[f32], x: &[f32], k: usize, f
             }
         }
     }
-    if k - chunks * 16 >= 8 {
+    let half = W::HALF_CHUNK && k - chunks * 16 >= 8;
+    if half {
         // The half chunk into the low eight lanes only (the AVX2 kernel's first accumulator).
         const LOW: __mmask16 = 0x00ff;
         for (r, v) in wv.iter_mut().enumerate() {
-            *v = _mm512_maskz_loadu_ps(LOW, wp.add(r * k + chunks * 16));
+            *v = _mm512_maskz_loadu_ps(LOW, wp.add(r * k + chunks * 16) as *const f32);
         }
         for (g, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_maskz_loadu_ps(LOW, xp.add(g * k + chunks * 16));
@@ -74,14 +117,14 @@ unsafe fn tile<const R: usize, const G: usize>(w: &[f32], x: &[f32], k: usize, f
             }
         }
     }
-    let tail = chunks * 16 + (k - chunks * 16) / 8 * 8;
+    let tail = chunks * 16 + if half { 8 } else { 0 };
     for (g, a) in acc.iter().enumerate() {
         let xr = &x[(first + g) * k..(first + g + 1) * k];
         for (r, a) in a.iter().enumerate() {
             let wr = &w[r * k..(r + 1) * k];
             let mut sum = reduce(*a);
             for j in tail..k {
-                sum = wr[j].mul_add(xr[j], sum);
+                sum = W::tail(sum, wr[j], xr[j]);
             }
             block[r * m + first + g] = sum;
         }
@@ -91,34 +134,34 @@ unsafe fn tile<const R: usize, const G: usize>(w: &[f32], x: &[f32], k: usize, f
 /// Input rows `first..first + G` against every weight row in `w`, [`TILE_W`] at a time.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn group_against_rows<const G: usize>(w: &[f32], x: &[f32], k: usize, first: usize, m: usize, block: &mut [f32]) {
+unsafe fn group_against_rows<W: Weight, const G: usize>(w: &[W], x: &[f32], k: usize, first: usize, m: usize, block: &mut [f32]) {
     let rows = block.len() / m;
     let mut r = 0;
     while r + TILE_W <= rows {
-        tile::<TILE_W, G>(&w[r * k..], x, k, first, m, &mut block[r * m..]);
+        tile::<W, TILE_W, G>(&w[r * k..], x, k, first, m, &mut block[r * m..]);
         r += TILE_W;
     }
     for r in r..rows {
-        tile::<1, G>(&w[r * k..], x, k, first, m, &mut block[r * m..]);
+        tile::<W, 1, G>(&w[r * k..], x, k, first, m, &mut block[r * m..]);
     }
 }
 
 /// `block[r * m + i] = w_r · x_i` for the `rows = block.len() / m` weight rows in `w`
-/// (`rows * k`) and the `m` input rows in `x` (`m * k`).
+/// (`rows * k`) and the `m` input rows in `x` (`m * k`); i8 weights unscaled.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX2 and FMA ([`available`]); `w.len() == rows * k`, `x.len() == m * k`.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn dots(w: &[f32], x: &[f32], k: usize, m: usize, block: &mut [f32]) {
+pub(crate) unsafe fn dots<W: Weight>(w: &[W], x: &[f32], k: usize, m: usize, block: &mut [f32]) {
     let mut first = 0;
     while first < m {
         match m - first {
-            1 => group_against_rows::<1>(w, x, k, first, m, block),
-            2 => group_against_rows::<2>(w, x, k, first, m, block),
-            3 => group_against_rows::<3>(w, x, k, first, m, block),
-            4 => group_against_rows::<4>(w, x, k, first, m, block),
-            5 => group_against_rows::<5>(w, x, k, first, m, block),
-            _ => group_against_rows::<TILE_X>(w, x, k, first, m, block),
+            1 => group_against_rows::<W, 1>(w, x, k, first, m, block),
+            2 => group_against_rows::<W, 2>(w, x, k, first, m, block),
+            3 => group_against_rows::<W, 3>(w, x, k, first, m, block),
+            4 => group_against_rows::<W, 4>(w, x, k, first, m, block),
+            5 => group_against_rows::<W, 5>(w, x, k, first, m, block),
+            _ => group_against_rows::<W, TILE_X>(w, x, k, first, m, block),
         }
         first += (m - first).min(TILE_X);
     }

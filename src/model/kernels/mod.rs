@@ -48,7 +48,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 
 /// Query rows up to which [`causal_attention`] is used instead of matmuls.
 pub const MAX_FUSED_ROWS: usize = 64;
