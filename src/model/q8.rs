@@ -10,7 +10,6 @@
 //! ([`crate::model::screen`]), whose result is the f32 head's.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::model::kernels::{Isa, EXACT_ROWS};
@@ -104,10 +103,7 @@ impl Q8Matrix {
     /// [`Q8Matrix::matmul_rows`] in `isa`'s kernels (AVX2 and AVX-512 give the same bits).
     fn matmul_rows_in(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
-        // Weight-row-major (n, m) first, then transposed.
-        let mut t = vec![0f32; n * m];
-        let task = |(i, block): (usize, &mut [f32])| {
-            let j0 = i * ROWS_PER_TASK;
+        crate::model::kernels::by_weight_rows(n, m, ROWS_PER_TASK, n * k > 1 << 18, |j0, block| {
             let w = &self.q[j0 * k..(j0 + block.len() / m) * k];
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 {
@@ -120,16 +116,7 @@ impl Q8Matrix {
                 }
                 out.iter_mut().for_each(|o| *o *= self.scale[j0 + r]);
             }
-        };
-        if n * k > 1 << 18 {
-            t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
-        } else {
-            t.chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(task);
-        }
-        if m == 1 {
-            return t;
-        }
-        crate::model::kernels::transpose(&t, n, m)
+        })
     }
 }
 
