@@ -13,8 +13,6 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::kernels::{Isa, EXACT_ROWS};
-#[cfg(target_arch = "x86_64")]
-use crate::model::kernels::sum_pair;
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -104,75 +102,11 @@ impl Q8Matrix {
     fn matmul_rows_in(&self, isa: Isa, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.rows, self.cols);
         crate::model::kernels::by_weight_rows(n, m, ROWS_PER_TASK, n * k > 1 << 18, |j0, block| {
-            let w = &self.q[j0 * k..(j0 + block.len() / m) * k];
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 {
-                // SAFETY: `Isa::detected` names only what the CPU has; `w` holds the block's rows.
-                unsafe { crate::model::kernels::avx512::dots(w, x, k, m, block) };
-            }
+            crate::model::kernels::dot_rows(isa, &self.q[j0 * k..(j0 + block.len() / m) * k], x, k, m, block);
             for (r, out) in block.chunks_mut(m).enumerate() {
-                if isa != Isa::Avx512 {
-                    dots(&w[r * k..(r + 1) * k], x, k, out, isa == Isa::Avx2);
-                }
                 out.iter_mut().for_each(|o| *o *= self.scale[j0 + r]);
             }
         })
-    }
-}
-
-fn dots(w: &[i8], x: &[f32], k: usize, out: &mut [f32], avx: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if avx {
-        let m = out.len();
-        let mut i = 0;
-        while i < m {
-            // SAFETY: AVX2 and FMA are present (checked by the caller); slices bound every read.
-            unsafe {
-                match m - i {
-                    1 => dots_group::<1>(w, x, k, i, out),
-                    2 => dots_group::<2>(w, x, k, i, out),
-                    3 => dots_group::<3>(w, x, k, i, out),
-                    _ => dots_group::<4>(w, x, k, i, out),
-                }
-            }
-            i += (m - i).min(4);
-        }
-        return;
-    }
-    let _ = avx;
-    for (i, o) in out.iter_mut().enumerate() {
-        let xi = &x[i * k..(i + 1) * k];
-        *o = w.iter().zip(xi).map(|(&a, &b)| a as f32 * b).sum();
-    }
-}
-
-/// Dot products of one i8 weight row with `G` f32 input rows from row `first`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_group<const G: usize>(w: &[i8], x: &[f32], k: usize, first: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let blocks = k / 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; G];
-    let xp = x.as_ptr().add(first * k);
-    for c in 0..blocks {
-        if c % 4 == 0 {
-            // A cache line of the row a few rows on (see `kernels::PREFETCH_ROWS`).
-            _mm_prefetch(w.as_ptr().wrapping_add(crate::model::kernels::PREFETCH_ROWS * k + c * 16), _MM_HINT_T0);
-        }
-        let raw = _mm_loadu_si128(w.as_ptr().add(c * 16) as *const __m128i);
-        let w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-        let w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)));
-        for (g, a) in acc.iter_mut().enumerate() {
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + c * 16)), a[0]);
-            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(g * k + c * 16 + 8)), a[1]);
-        }
-    }
-    for (g, a) in acc.iter().enumerate() {
-        let mut sum = sum_pair(a[0], a[1]);
-        for j in blocks * 16..k {
-            sum += w[j] as f32 * x[(first + g) * k + j];
-        }
-        out[first + g] = sum;
     }
 }
 

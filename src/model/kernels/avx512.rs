@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{sum_lanes8, sum_pair, KEY_BLOCK, PREFETCH_ROWS};
+use super::{sum_lanes8, sum_pair, Weight, KEY_BLOCK, PREFETCH_ROWS};
 
 /// Weight rows per tile.
 const TILE_W: usize = 4;
@@ -32,46 +32,6 @@ unsafe fn reduce(a: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(a);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
     sum_pair(lo, hi)
-}
-
-/// What the weight matrix holds: f32 (the LLM path), or i8 with a scale per row applied by the
-/// caller (the draft path, [`crate::model::q8`]). Each mirrors its AVX2 kernel's arithmetic.
-pub(crate) trait Weight: Copy {
-    /// Whether a last half chunk of 8 goes into the low lanes by FMA (f32) or to the scalar
-    /// tail (i8).
-    const HALF_CHUNK: bool;
-    /// Chunks of 16 per 64-byte cache line (the prefetch runs once a line).
-    const CHUNKS_PER_LINE: usize;
-    /// 16 weights from `p` as f32 lanes.
-    unsafe fn load16(p: *const Self) -> __m512;
-    /// The AVX2 kernel's scalar tail step.
-    fn tail(sum: f32, w: Self, x: f32) -> f32;
-}
-
-impl Weight for f32 {
-    const HALF_CHUNK: bool = true;
-    const CHUNKS_PER_LINE: usize = 1;
-    #[inline(always)]
-    unsafe fn load16(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    fn tail(sum: f32, w: f32, x: f32) -> f32 {
-        w.mul_add(x, sum)
-    }
-}
-
-impl Weight for i8 {
-    const HALF_CHUNK: bool = false;
-    const CHUNKS_PER_LINE: usize = 4;
-    #[inline(always)]
-    unsafe fn load16(p: *const i8) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-    }
-    #[inline(always)]
-    fn tail(sum: f32, w: i8, x: f32) -> f32 {
-        sum + w as f32 * x
-    }
 }
 
 /// Dot products of `R` weight rows (`w`: `R * k`, contiguous) with `G` input rows of `x`
@@ -94,7 +54,7 @@ unsafe fn tile<W: Weight, const R: usize, const G: usize>(w: &[W], x: &[f32], k:
                 // The rows a few on, into the cache ahead of their loads (as the AVX2 kernels do).
                 _mm_prefetch(wp.wrapping_add((r + PREFETCH_ROWS) * k + c * 16) as *const i8, _MM_HINT_T0);
             }
-            *v = W::load16(wp.add(r * k + c * 16));
+            *v = W::load16_avx512(wp.add(r * k + c * 16));
         }
         for (g, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_loadu_ps(xp.add(g * k + c * 16));

@@ -462,107 +462,129 @@ fn dots_scalar(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
     }
 }
 
-/// Dot products of one weight row with `G` input rows starting at row `first`, two independent
-/// accumulators per row (chunks of 16). The arithmetic for a row never depends on `G`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_group<const G: usize>(w: &[f32], x: &[f32], k: usize, first: usize, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let pairs = k / 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; G];
-    let xp = x.as_ptr().add(first * k);
-    for c in 0..pairs {
-        // As in `dots2_group`: the rows a few on, into the cache ahead of their loads.
-        _mm_prefetch(w.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
-        let w0 = _mm256_loadu_ps(w.as_ptr().add(c * 16));
-        let w1 = _mm256_loadu_ps(w.as_ptr().add(c * 16 + 8));
-        for (g, a) in acc.iter_mut().enumerate() {
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + c * 16)), a[0]);
-            a[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(g * k + c * 16 + 8)), a[1]);
-        }
+/// What a weight matrix holds: f32 (the LLM path), or i8 with a scale per row that the caller
+/// applies (the draft path, [`crate::model::q8`]). The vector kernels are generic over it; each
+/// element type keeps its own arithmetic in every instruction set.
+pub(crate) trait Weight: Copy + Sync {
+    /// Whether a last half chunk of 8 goes into the first accumulator by FMA (f32) or to the
+    /// scalar tail (i8).
+    const HALF_CHUNK: bool;
+    /// Chunks of 16 per 64-byte cache line (the prefetch runs once a line).
+    const CHUNKS_PER_LINE: usize;
+    /// The scalar tail's step.
+    fn tail(sum: f32, w: Self, x: f32) -> f32;
+    /// Dot products of one weight row with `out.len()` input rows without vector units.
+    fn dots_scalar(w: &[Self], x: &[f32], k: usize, out: &mut [f32]);
+    /// 16 weights from `p` as two 8-lane f32 vectors (inlined into AVX2 callers).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx2(p: *const Self) -> [std::arch::x86_64::__m256; 2];
+    /// 16 weights from `p` as one 16-lane f32 vector (inlined into AVX-512 callers).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_avx512(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl Weight for f32 {
+    const HALF_CHUNK: bool = true;
+    const CHUNKS_PER_LINE: usize = 1;
+    #[inline(always)]
+    fn tail(sum: f32, w: f32, x: f32) -> f32 {
+        w.mul_add(x, sum)
     }
-    let rest8 = (k - pairs * 16) / 8;
-    if rest8 == 1 {
-        let w0 = _mm256_loadu_ps(w.as_ptr().add(pairs * 16));
-        for (g, a) in acc.iter_mut().enumerate() {
-            a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + pairs * 16)), a[0]);
-        }
+    #[inline(always)]
+    fn dots_scalar(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
+        dots_scalar(w, x, k, out)
     }
-    let tail = pairs * 16 + rest8 * 8;
-    for (g, a) in acc.iter().enumerate() {
-        let mut sum = sum_pair(a[0], a[1]);
-        for j in tail..k {
-            sum = w[j].mul_add(x[(first + g) * k + j], sum);
-        }
-        out[first + g] = sum;
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const f32) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx512(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
-/// [`dots_group`] for two weight rows at once: `G` input rows against `wa` and `wb`, each
-/// element with exactly the arithmetic of [`dots_group`] (two accumulators per pair, chunks of
-/// 16, the tail by scalar FMA).
+impl Weight for i8 {
+    const HALF_CHUNK: bool = false;
+    const CHUNKS_PER_LINE: usize = 4;
+    #[inline(always)]
+    fn tail(sum: f32, w: i8, x: f32) -> f32 {
+        sum + w as f32 * x
+    }
+    fn dots_scalar(w: &[i8], x: &[f32], k: usize, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let xi = &x[i * k..(i + 1) * k];
+            *o = w.iter().zip(xi).map(|(&a, &b)| a as f32 * b).sum();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const i8) -> [std::arch::x86_64::__m256; 2] {
+        use std::arch::x86_64::*;
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        [_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8)))]
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_avx512(p: *const i8) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
+}
+
+/// Dot products of `R` weight rows (`w`: `R * k`, contiguous) with `G` input rows starting at
+/// row `first`, into `out[r][first + g]`: two accumulators per pair (chunks of 16; f32's half
+/// chunk into the first), each input row loaded once for all `R`. The arithmetic of an element
+/// never depends on `R` or `G`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots2_group<const G: usize>(wa: &[f32], wb: &[f32], x: &[f32], k: usize, first: usize, oa: &mut [f32], ob: &mut [f32]) {
+unsafe fn dots_group<W: Weight, const R: usize, const G: usize>(w: [&[W]; R], x: &[f32], k: usize, first: usize, out: &mut [&mut [f32]; R]) {
     use std::arch::x86_64::*;
     let pairs = k / 16;
-    let mut acc_a = [[_mm256_setzero_ps(); 2]; G];
-    let mut acc_b = [[_mm256_setzero_ps(); 2]; G];
+    let mut acc = [[[_mm256_setzero_ps(); 2]; G]; R];
     let xp = x.as_ptr().add(first * k);
     for c in 0..pairs {
-        // The weight rows a few rows on (the next tasks' rows follow these in memory): their
-        // loads then hit the cache instead of filling the out-of-order window while the
-        // arithmetic for several input rows waits on them. Prefetches never fault.
-        _mm_prefetch(wa.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
-        _mm_prefetch(wb.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
-        let a0 = _mm256_loadu_ps(wa.as_ptr().add(c * 16));
-        let a1 = _mm256_loadu_ps(wa.as_ptr().add(c * 16 + 8));
-        let b0 = _mm256_loadu_ps(wb.as_ptr().add(c * 16));
-        let b1 = _mm256_loadu_ps(wb.as_ptr().add(c * 16 + 8));
+        let mut wv = [[_mm256_setzero_ps(); 2]; R];
+        for (v, wr) in wv.iter_mut().zip(&w) {
+            if c % W::CHUNKS_PER_LINE == 0 {
+                // The row a few rows on (the next tasks' rows follow these in memory): its loads
+                // then hit the cache instead of filling the out-of-order window while the
+                // arithmetic for several input rows waits on them. Prefetches never fault.
+                _mm_prefetch(wr.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
+            }
+            *v = W::load16_avx2(wr.as_ptr().add(c * 16));
+        }
         for g in 0..G {
             let x0 = _mm256_loadu_ps(xp.add(g * k + c * 16));
             let x1 = _mm256_loadu_ps(xp.add(g * k + c * 16 + 8));
-            acc_a[g][0] = _mm256_fmadd_ps(a0, x0, acc_a[g][0]);
-            acc_a[g][1] = _mm256_fmadd_ps(a1, x1, acc_a[g][1]);
-            acc_b[g][0] = _mm256_fmadd_ps(b0, x0, acc_b[g][0]);
-            acc_b[g][1] = _mm256_fmadd_ps(b1, x1, acc_b[g][1]);
+            for (a, v) in acc.iter_mut().zip(&wv) {
+                a[g][0] = _mm256_fmadd_ps(v[0], x0, a[g][0]);
+                a[g][1] = _mm256_fmadd_ps(v[1], x1, a[g][1]);
+            }
         }
     }
-    let rest8 = (k - pairs * 16) / 8;
-    if rest8 == 1 {
-        let a0 = _mm256_loadu_ps(wa.as_ptr().add(pairs * 16));
-        let b0 = _mm256_loadu_ps(wb.as_ptr().add(pairs * 16));
-        for g in 0..G {
-            let x0 = _mm256_loadu_ps(xp.add(g * k + pairs * 16));
-            acc_a[g][0] = _mm256_fmadd_ps(a0, x0, acc_a[g][0]);
-            acc_b[g][0] = _mm256_fmadd_ps(b0, x0, acc_b[g][0]);
+    let half = W::HALF_CHUNK && k - pairs * 16 >= 8;
+    if half {
+        for (a, wr) in acc.iter_mut().zip(&w) {
+            // Only f32 has a half chunk.
+            let w0 = _mm256_loadu_ps(wr.as_ptr().add(pairs * 16) as *const f32);
+            for (g, a) in a.iter_mut().enumerate() {
+                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(g * k + pairs * 16)), a[0]);
+            }
         }
     }
-    let tail = pairs * 16 + rest8 * 8;
-    for g in 0..G {
-        let (mut sa, mut sb) = (sum_pair(acc_a[g][0], acc_a[g][1]), sum_pair(acc_b[g][0], acc_b[g][1]));
-        for j in tail..k {
-            sa = wa[j].mul_add(x[(first + g) * k + j], sa);
-            sb = wb[j].mul_add(x[(first + g) * k + j], sb);
+    let tail = pairs * 16 + if half { 8 } else { 0 };
+    for ((a, wr), o) in acc.iter().zip(&w).zip(out.iter_mut()) {
+        for (g, a) in a.iter().enumerate() {
+            let mut sum = sum_pair(a[0], a[1]);
+            for j in tail..k {
+                sum = W::tail(sum, wr[j], x[(first + g) * k + j]);
+            }
+            o[first + g] = sum;
         }
-        oa[first + g] = sa;
-        ob[first + g] = sb;
-    }
-}
-
-/// All `oa.len()` input rows against two weight rows, in groups of at most three.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots2_avx2(wa: &[f32], wb: &[f32], x: &[f32], k: usize, oa: &mut [f32], ob: &mut [f32]) {
-    let m = oa.len();
-    let mut i = 0;
-    while i < m {
-        match m - i {
-            1 => dots2_group::<1>(wa, wb, x, k, i, oa, ob),
-            2 => dots2_group::<2>(wa, wb, x, k, i, oa, ob),
-            _ => dots2_group::<3>(wa, wb, x, k, i, oa, ob),
-        }
-        i += (m - i).min(3);
     }
 }
 
@@ -578,20 +600,21 @@ pub(crate) unsafe fn sum_pair(a: std::arch::x86_64::__m256, b: std::arch::x86_64
     (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
 }
 
-/// All `out.len()` rows, in groups of at most four.
+/// All `m` input rows against `R` weight rows, in groups of at most `G_MAX` (four for one
+/// weight row, three for two: what 16 vector registers hold).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(w: &[f32], x: &[f32], k: usize, out: &mut [f32]) {
-    let m = out.len();
+unsafe fn dots_avx2<W: Weight, const R: usize>(w: [&[W]; R], x: &[f32], k: usize, m: usize, mut out: [&mut [f32]; R]) {
+    let most = if R == 1 { 4 } else { 3 };
     let mut i = 0;
     while i < m {
-        match m - i {
-            1 => dots_group::<1>(w, x, k, i, out),
-            2 => dots_group::<2>(w, x, k, i, out),
-            3 => dots_group::<3>(w, x, k, i, out),
-            _ => dots_group::<4>(w, x, k, i, out),
+        match (m - i).min(most) {
+            1 => dots_group::<W, R, 1>(w, x, k, i, &mut out),
+            2 => dots_group::<W, R, 2>(w, x, k, i, &mut out),
+            3 => dots_group::<W, R, 3>(w, x, k, i, &mut out),
+            _ => dots_group::<W, R, 4>(w, x, k, i, &mut out),
         }
-        i += (m - i).min(4);
+        i += (m - i).min(most);
     }
 }
 
@@ -637,28 +660,26 @@ impl candle_core::CustomOp2 for SmallMMatmul {
 }
 
 /// `block[r * m + i] = w_r · x_i` for the `block.len() / m` weight rows in `w` and the `m` input
-/// rows in `x`, in `isa`'s arithmetic.
-fn dot_rows(isa: Isa, w: &[f32], x: &[f32], k: usize, m: usize, block: &mut [f32]) {
+/// rows in `x`, in `isa`'s arithmetic (i8 weights unscaled).
+pub(crate) fn dot_rows<W: Weight>(isa: Isa, w: &[W], x: &[f32], k: usize, m: usize, block: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: `Isa::detected`/`Isa::supported` only name what the CPU has; `w` and `x` hold
         // `rows * k` and `m * k` values.
         Isa::Avx512 => return unsafe { avx512::dots(w, x, k, m, block) },
         Isa::Avx2 => {
-            let mut pairs = block.chunks_mut(2 * m);
-            for (p, out) in pairs.by_ref().enumerate() {
+            for (p, out) in block.chunks_mut(2 * m).enumerate() {
                 let j = 2 * p;
-                if m > 1 && out.len() == 2 * m {
-                    // Two weight rows at once (each input row loaded once for both); every output
-                    // element computes exactly as `dots_avx2` computes it.
-                    let (oa, ob) = out.split_at_mut(m);
+                if let (true, Some((oa, ob))) = (m > 1, out.split_at_mut_checked(m).filter(|(_, ob)| ob.len() == m)) {
+                    // Two weight rows at once (each input row loaded once for both); every
+                    // output element computes exactly as with one.
                     // SAFETY: as above; slices bound all reads.
-                    unsafe { dots2_avx2(&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k], x, k, oa, ob) };
+                    unsafe { dots_avx2::<W, 2>([&w[j * k..(j + 1) * k], &w[(j + 1) * k..(j + 2) * k]], x, k, m, [oa, ob]) };
                     continue;
                 }
                 for (r, o) in out.chunks_mut(m).enumerate() {
                     // SAFETY: as above.
-                    unsafe { dots_avx2(&w[(j + r) * k..(j + r + 1) * k], x, k, o) };
+                    unsafe { dots_avx2::<W, 1>([&w[(j + r) * k..(j + r + 1) * k]], x, k, m, [o]) };
                 }
             }
             return;
@@ -667,7 +688,7 @@ fn dot_rows(isa: Isa, w: &[f32], x: &[f32], k: usize, m: usize, block: &mut [f32
     }
     let _ = isa;
     for (r, o) in block.chunks_mut(m).enumerate() {
-        dots_scalar(&w[r * k..(r + 1) * k], x, k, o);
+        W::dots_scalar(&w[r * k..(r + 1) * k], x, k, o);
     }
 }
 
