@@ -55,6 +55,14 @@ pub struct Args {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
+    /// Compute dtype of the middle layers: auto (f32 on the CPU, the bundle's stored dtype on a
+    /// GPU), f32, f16 or bf16. Only f32 on the CPU computes every position bitwise as the
+    /// unsplit model (greedy hat then equals `hat generate` token for token); on a GPU, f32 is
+    /// the closest, and f16/bf16 halve the weights' and caches' memory. Blocks cross the
+    /// network in the edge's wire dtype whatever this is.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "bf16"])]
+    pub dtype: String,
+
     /// The cloud's profile (`hat profile --bundle DIR/cloud --out FILE`): the cost model every
     /// edge gets in the handshake to plan its prompt chunks. Without it a quick profile is
     /// measured before listening (a few seconds) and kept in --state-dir for the next start.
@@ -80,7 +88,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = hat::io::source::select_device(&args.device)?;
-    let bundle = Arc::new(CloudBundle::load(&args.bundle, &device)?);
+    let dtype = match args.dtype.as_str() {
+        "auto" => None,
+        d => Some(hat::split::parse_dtype(d)?),
+    };
+    let bundle = Arc::new(CloudBundle::load_as(&args.bundle, &device, dtype)?);
     let (cost, source) = hat::profile::cloud_model(&bundle, args.profile.as_deref(), &args.state_dir)?;
     eprintln!(
         "hat-cloud: cost model from {source}: {:.3} ms + {:.3} ms/row + {:.5} ms/(row·position)",
@@ -109,7 +121,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let server = CloudServer::bind(bundle.clone(), config)?;
         let r = m.plan.middle_range();
-        eprintln!("hat-cloud: serving split {} of {} (layers [{}, {}))", m.split_id, m.source.name, r.start, r.end);
+        eprintln!(
+            "hat-cloud: serving split {} of {} (layers [{}, {})) on {}, computing in {}",
+            m.split_id,
+            m.source.name,
+            r.start,
+            r.end,
+            args.device,
+            bundle.middle.compute_dtype().map_or("f32", |d| d.as_str())
+        );
         // Machine-readable lines on stdout for scripts.
         println!("listening {}", server.local_addr()?);
         println!("fingerprint {}", server.fingerprint());

@@ -805,6 +805,32 @@ fn half_precision_wire_rarely_changes_tokens() {
     eprintln!("half-precision wire: {same}/{total} tokens before the first divergence");
 }
 
+/// A cloud that computes in f16 (what `serve-cloud --dtype f16` and a GPU run: candle's ops, the
+/// tree's mask added to the scores, blocks converted from the wire's f32 and back) serves
+/// prefill chunks, draft trees and u-shape's single positions; its answers follow the model's
+/// until the rounding of 26 layers in f16 first tips a greedy choice.
+#[test]
+fn a_cloud_computing_in_half_precision_serves_chunks_and_trees() {
+    let w = world();
+    let cloud = Arc::new(hat::split::CloudBundle::load_as(&w.split_dir().join("cloud"), &Device::Cpu, Some(DType::F16)).unwrap());
+    assert_eq!(cloud.middle.compute_dtype(), Some(DType::F16));
+    let server = BackgroundServer::start(cloud, cloud_config(w.dir.path().join("state-f16"), None, 2, 4096)).unwrap();
+    let a = adapter(w, "conditioned-oracle");
+    let ids = &prompts(w)[0];
+    let want = reference(w, ids, 16);
+    for (mode, tree) in [(Mode::Hat, TreeChoice::Fixed { nodes: 6, depth: Some(3) }), (Mode::Hat, TreeChoice::Chain), (Mode::UShape, TreeChoice::Auto)] {
+        let opts = EdgeOptions { draft: DraftOptions { tree, threshold: Some(0.0), ..DraftOptions::default() }, ..options(mode, 3, 16, SamplingParams::greedy(), 16) };
+        let mut link = hat::testing::connect(&server, &w.device, WireDtype::F32, LinkEmulation::default(), None).unwrap();
+        let r = hat::edge::generate(&w.device, &a, &mut link, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
+        let prefix = want.iter().zip(&r.token_ids).take_while(|(a, b)| a == b).count();
+        eprintln!("f16 cloud, {mode:?} {tree:?}: identical prefix {prefix}/{}, {:.2} tokens/round", want.len(), r.mean_accepted);
+        assert!(prefix >= 4, "{mode:?} {tree:?}: diverged at token {prefix}: {:?} vs {want:?}", r.token_ids);
+        if mode == Mode::Hat {
+            assert!(r.mean_accepted > 1.5, "{tree:?}: the oracle's drafts are accepted: {r:?}");
+        }
+    }
+}
+
 /// With γ = 1, every draft is the first of its round: a conditioned adapter's is made from the
 /// cloud's middle outputs of all earlier positions, and with the `verified` draft context the
 /// output submodel sees the verified states of all earlier positions. So the drafts must be

@@ -152,18 +152,27 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let y = match mask {
             AttentionMask::FusedCausal => crate::model::kernels::causal_attention(&q, k, v, seq, scale as f32)?,
-            AttentionMask::Tree(t) => crate::model::kernels::tree_attention(&q, k, v, t.clone(), scale as f32)?,
-            AttentionMask::None | AttentionMask::Additive(_) => {
-                let att = (q.matmul(&k.t()?)? * scale)?;
-                let att = match mask {
-                    AttentionMask::Additive(m) => att.broadcast_add(m)?,
-                    _ => att,
-                };
-                softmax(&att, ops)?.matmul(&v.contiguous()?)? // (b, nkv, n_rep * seq, hd)
+            AttentionMask::Tree(t) if crate::model::kernels::is_cpu_f32(&q) => crate::model::kernels::tree_attention(&q, k, v, t.clone(), scale as f32)?,
+            AttentionMask::Tree(t) => {
+                let m = t.additive(n_rep, k.dim(2)?, q.dtype(), q.device())?;
+                generic_attention(&q, k, v, scale, Some(&m), ops)?
             }
+            AttentionMask::Additive(m) => generic_attention(&q, k, v, scale, Some(m), ops)?,
+            AttentionMask::None => generic_attention(&q, k, v, scale, None, ops)?,
         };
         Ok(y.reshape((b, nh, seq, hd))?)
     }
+}
+
+/// `softmax(q kᵀ · scale + mask) v` with candle's ops (any device and dtype): queries `(b,
+/// nkv, n_rep * seq, hd)`, keys and values `(b, nkv, kv_len, hd)`, mask `(n_rep * seq, kv_len)`.
+fn generic_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>, ops: Ops) -> Result<Tensor> {
+    let att = (q.matmul(&k.t()?)? * scale)?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(m)?,
+        None => att,
+    };
+    Ok(softmax(&att, ops)?.matmul(&v.contiguous()?)?) // (b, nkv, n_rep * seq, hd)
 }
 
 #[derive(Debug, Clone)]
@@ -252,9 +261,12 @@ impl DecoderLayer {
             let (b, nh, seq, hd) = y.dims4()?;
             Ok(y.transpose(1, 2)?.reshape((b, seq, nh * hd))?)
         };
-        let ys: Vec<Tensor> = {
+        let ys: Vec<Tensor> = if x.device().is_cpu() {
             use rayon::prelude::*;
             blocks.par_iter_mut().zip(offsets).map(|(b, o)| attend(b, o)).collect::<Result<_>>()?
+        } else {
+            // A GPU queues the sessions' kernels on one stream anyway.
+            blocks.iter_mut().zip(offsets).map(|(b, o)| attend(b, o)).collect::<Result<_>>()?
         };
         let y = Tensor::cat(&ys, 1)?;
         let x = (x + project(&self.self_attn.o_proj, &y, ops, true)?)?;
@@ -268,5 +280,37 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&h, pos, rope, cache, ops, mask)?)?;
         let h = rms_norm(&self.post_attention_layernorm, &x, self.eps, ops)?;
         Ok((&x + self.mlp.forward(&h, ops, mask.exact())?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::tree::{TreeShape, ROOT};
+
+    /// The tree mask added to the scores (the generic path) attends exactly where the f32
+    /// kernel does: same outputs within f32 rounding, for every row of a branching tree after
+    /// a cached prefix, with several query heads per K/V head.
+    #[test]
+    fn the_additive_tree_mask_attends_where_the_kernel_does() {
+        let dev = Device::Cpu;
+        let (nkv, n_rep, hd, prefix) = (2, 3, 16, 9);
+        let shape = TreeShape::new(vec![ROOT, 0, 0, 1, 1, 2, 3]).unwrap();
+        let rows = shape.len();
+        let kv = prefix + rows;
+        let q = Tensor::randn(0f32, 1.0, (1, nkv, n_rep * rows, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, nkv, kv, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, nkv, kv, hd), &dev).unwrap();
+        let mask = shape.mask(prefix, 0..rows);
+        let scale = 0.25f32;
+        let want = crate::model::kernels::tree_attention(&q, &k, &v, mask.clone(), scale).unwrap();
+        let additive = mask.additive(n_rep, kv, candle_core::DType::F32, &dev).unwrap();
+        let got = generic_attention(&q, &k, &v, scale as f64, Some(&additive), Ops::Fused).unwrap();
+        let diff = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        // A mask past the cache is refused.
+        assert!(mask.additive(n_rep, kv - 1, candle_core::DType::F32, &dev).is_err());
     }
 }

@@ -152,6 +152,11 @@ impl LayerStack {
         self
     }
 
+    /// The dtype its weights compute in (`None` for a stack of no layers).
+    pub fn compute_dtype(&self) -> Option<candle_core::DType> {
+        self.layers.first().map(|l| l.self_attn.qkv_proj.weight().dtype())
+    }
+
     /// The model layers this stack runs.
     pub fn range(&self) -> Range<usize> {
         self.range.clone()
@@ -198,15 +203,18 @@ impl LayerStack {
     /// [`packable`], and all of them together at most [`crate::model::kernels::EXACT_ROWS`]
     /// rows (the row-invariant kernels' range): then every row computes bitwise as
     /// [`LayerStack::forward`] (or
-    /// [`LayerStack::forward_tree`]) of its block alone. A failure leaves every cache as it was.
+    /// [`LayerStack::forward_tree`]) of its block alone, on the CPU in f32 (on a GPU, or in
+    /// another compute dtype, within that dtype's rounding). A failure leaves every cache as it
+    /// was.
     pub fn forward_packed(&self, blocks: &mut [PackedBlock<'_>]) -> Result<Vec<Tensor>> {
         let Some(first) = self.layers.first() else {
             return Ok(blocks.iter().map(|b| b.x.clone()).collect());
         };
         let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
+        let xs = blocks.iter().map(|b| self.adopt(&b.x)).collect::<Result<Vec<_>>>()?;
         let mut shapes = Vec::with_capacity(blocks.len());
-        for b in blocks.iter() {
-            let (rows, pos) = (b.x.dim(1)?, b.cache.len());
+        for (b, x) in blocks.iter().zip(&xs) {
+            let (rows, pos) = (x.dim(1)?, b.cache.len());
             if b.cache.layers.len() != self.layers.len() {
                 return Err(Error::invalid("cache was made for another layer stack"));
             }
@@ -229,7 +237,7 @@ impl LayerStack {
                     if pos + rows > self.rope.max_positions() {
                         return Err(Error::ContextTooLong { needed: pos + rows, limit: self.rope.max_positions() });
                     }
-                    AttentionMask::causal(&b.x, rows, pos, n_rep, self.ops)?
+                    AttentionMask::causal(x, rows, pos, n_rep, self.ops)?
                 }
             };
             shapes.push((rows, pos, mask));
@@ -238,7 +246,6 @@ impl LayerStack {
         if total > crate::model::kernels::EXACT_ROWS {
             return Err(Error::invalid(format!("internal: a packed pass of {total} rows (at most {})", crate::model::kernels::EXACT_ROWS)));
         }
-        let xs: Vec<&Tensor> = blocks.iter().map(|b| &b.x).collect();
         let mut h = Tensor::cat(&xs, 1)?;
         let run = |h: &mut Tensor, blocks: &mut [PackedBlock<'_>]| -> Result<()> {
             for (l, layer) in self.layers.iter().enumerate() {
@@ -264,6 +271,19 @@ impl LayerStack {
         Ok(out)
     }
 
+    /// `x` on this stack's device in its compute dtype (its weights'): blocks arrive as f32 on
+    /// the CPU (from the wire, or a profile's random states), and a GPU holds the weights in
+    /// their stored dtype. A no-op (no copy) when they already match.
+    fn adopt(&self, x: &Tensor) -> Result<Tensor> {
+        match self.layers.first() {
+            Some(l) => {
+                let w = l.self_attn.qkv_proj.weight();
+                Ok(x.to_device(w.device())?.to_dtype(w.dtype())?)
+            }
+            None => Ok(x.clone()),
+        }
+    }
+
     fn run(&self, x: &Tensor, pos: usize, cache: &mut StackCache, tree: Option<std::sync::Arc<TreeMask>>) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
             return Err(Error::invalid("cache was made for another layer stack"));
@@ -278,7 +298,7 @@ impl LayerStack {
         if needed > self.rope.max_positions() && tree.is_none() {
             return Err(Error::ContextTooLong { needed, limit: self.rope.max_positions() });
         }
-        let mut h = x.clone();
+        let mut h = self.adopt(x)?;
         if let Some(first) = self.layers.first() {
             let n_rep = first.self_attn.num_heads / first.self_attn.num_kv_heads;
             let run = |h: &mut Tensor, caches: &mut [KvCache]| -> Result<()> {

@@ -134,6 +134,24 @@ impl TreeMask {
     pub fn rows(&self) -> usize {
         self.visible.len()
     }
+
+    /// The mask as added to attention scores, `(n_rep * rows, kv_len)` for the rows stacked as
+    /// `n_rep` groups (the query heads that share a K/V head, as [`crate::model::layer`]
+    /// stacks them): 0 where a row sees a slot, -inf elsewhere. The generic attention (a GPU,
+    /// or a compute dtype other than f32) adds it; the CPU kernel walks the visible slots
+    /// itself.
+    pub fn additive(&self, n_rep: usize, kv_len: usize, dtype: candle_core::DType, device: &candle_core::Device) -> Result<candle_core::Tensor> {
+        if self.prefix > kv_len || self.visible.iter().flatten().any(|&j| j >= kv_len) {
+            return Err(Error::invalid(format!("a tree mask past the {kv_len} cached positions")));
+        }
+        let mut row = vec![f32::NEG_INFINITY; self.rows() * kv_len];
+        for (i, seen) in self.visible.iter().enumerate() {
+            let r = &mut row[i * kv_len..(i + 1) * kv_len];
+            r[..self.prefix].fill(0.0);
+            seen.iter().for_each(|&j| r[j] = 0.0);
+        }
+        Ok(candle_core::Tensor::from_vec(row.repeat(n_rep), (n_rep * self.rows(), kv_len), device)?.to_dtype(dtype)?)
+    }
 }
 
 /// The middle layers' cache of one session as blocks arrive, some of them trees: before a

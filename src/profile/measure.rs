@@ -110,6 +110,8 @@ fn time_stack(stack: &LayerStack, size: usize, grid: &Grid, tick: &mut dyn FnMut
             c.truncate(start);
             let x = hidden(rows, size)?;
             let y = stack.forward(&x, start, &mut c)?;
+            // A GPU computes asynchronously: the time counts only once it is done.
+            y.device().synchronize()?;
             after(&y)
         },
         tick,

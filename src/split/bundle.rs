@@ -36,13 +36,21 @@ pub fn read_manifest(dir: &Path, role: Role) -> Result<Manifest> {
     Ok(m)
 }
 
-fn bundle_vb(dir: &Path, m: &Manifest, device: &Device) -> Result<candle_nn::VarBuilder<'static>> {
+/// The dtype a bundle computes in by default: f32 on the CPU (the exact, row-invariant kernels
+/// are f32), the stored dtype on a GPU.
+pub fn default_compute_dtype(m: &Manifest, device: &Device) -> Result<DType> {
+    if device.is_cpu() {
+        Ok(DType::F32)
+    } else {
+        parse_dtype(&m.dtype)
+    }
+}
+
+fn bundle_vb(dir: &Path, m: &Manifest, device: &Device, dtype: DType) -> Result<candle_nn::VarBuilder<'static>> {
     let path = dir.join(&m.weights_file);
     if !path.exists() {
         return Err(Error::bad_file(dir, format!("weights file {} is missing", m.weights_file)));
     }
-    // Compute dtype: f32 on CPU; the stored dtype on GPUs.
-    let dtype = if device.is_cpu() { DType::F32 } else { parse_dtype(&m.dtype)? };
     // SAFETY: the bundle's files are not modified while mapped.
     unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
         .map_err(|e| Error::bad_file(&path, format!("cannot read weights: {e}")))
@@ -65,7 +73,7 @@ pub struct DeviceBundle {
 impl DeviceBundle {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let m = read_manifest(dir, Role::Device)?;
-        let vb = bundle_vb(dir, &m, device)?;
+        let vb = bundle_vb(dir, &m, device, default_compute_dtype(&m, device)?)?;
         let cfg = &m.config;
         let rope = Arc::new(Rope::new(cfg, vb.dtype(), device)?);
         let wrap = |e: Error| Error::bad_file(dir, format!("incomplete device bundle: {e}"));
@@ -94,9 +102,21 @@ pub struct CloudBundle {
 }
 
 impl CloudBundle {
+    /// Loads the bundle to compute in [`default_compute_dtype`].
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, None)
+    }
+
+    /// Loads the bundle to compute in `dtype` (`None`: [`default_compute_dtype`]). Blocks
+    /// arrive as f32 and go back in the wire's dtype whatever it is; only f32 on the CPU
+    /// computes every row bitwise as the unsplit model does.
+    pub fn load_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let m = read_manifest(dir, Role::Cloud)?;
-        let vb = bundle_vb(dir, &m, device)?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => default_compute_dtype(&m, device)?,
+        };
+        let vb = bundle_vb(dir, &m, device, dtype)?;
         let rope = Arc::new(Rope::new(&m.config, vb.dtype(), device)?);
         let middle = LayerStack::load(&vb, &m.config, m.plan.middle_range(), rope)
             .map_err(|e| Error::bad_file(dir, format!("incomplete cloud bundle: {e}")))?;
