@@ -132,4 +132,9 @@ start_cloud 4503 --dtype bf16 --no-batching
 "$hat" loadgen --bundle "$work/split/device" --cloud 127.0.0.1:4503 --cloud-fingerprint "$fp" --sessions 16 \
   --duration "$secs" --json --block-rows 1 --advance 1 2>/dev/null >"$out/loadgen-nobatch-16.json" &&
   note "bf16, --no-batching, 16 sessions, 1-row: $(python3 -c "import json; print(round(json.load(open('$out/loadgen-nobatch-16.json'))['positions_per_s'],1))") positions/s"
+note
+note "GPU memory in use with all three clouds up (their sessions closed):"
+note '```'
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv 2>&1 | tee -a "$report" || true
+note '```'
 echo "report: $report"
