@@ -20,10 +20,8 @@ kit=${1:?usage: recipes/gpu/check.sh KIT}
 out=${OUT:-target/gpu-check}
 mkdir -p "$out"
 work=$(mktemp -d)
-if [ -f "$kit/hat.gz" ]; then gunzip -c "$kit/hat.gz" >"$work/hat"; hat=$work/hat; else hat=$(cd "$kit" && pwd)/hat; fi
-chmod +x "$hat"
-# The CUDA libraries hat links (libcudart, libcublas, libcurand of CUDA 13; libcuda from the
-# driver): wherever Python's NVIDIA wheels (PyTorch's) or a toolkit put them.
+# The CUDA libraries hat links (the CUDA runtime, cuBLAS, cuRAND; libcuda from the driver):
+# wherever Python's NVIDIA wheels (PyTorch's) or a toolkit put them.
 libs=$(python3 - <<'PY' 2>/dev/null || true
 import glob, os, site
 dirs = set()
@@ -34,13 +32,20 @@ print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH="${libs:+$libs:}/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ "$device" = cuda ] && ldd "$hat" | grep -q 'not found'; then
-  echo "hat needs these libraries, not found on this machine (CUDA 13 runtime, cuBLAS, cuRAND; the driver's libcuda):" >&2
-  ldd "$hat" | grep 'not found' >&2
-  exit 1
-fi
+# The kit's builds (linked against CUDA 13's libraries, then CUDA 12's): the first whose
+# libraries this machine has.
+hat=""
+for gz in "$kit"/hat-cu13.gz "$kit"/hat-cu12.gz "$kit"/hat.gz; do
+  [ -f "$gz" ] || continue
+  gunzip -c "$gz" >"$work/hat"
+  chmod +x "$work/hat"
+  if [ "$device" != cuda ] || ! ldd "$work/hat" | grep -q 'not found'; then hat=$work/hat; echo "using $(basename "$gz")"; break; fi
+  echo "$(basename "$gz") needs libraries this machine lacks:" >&2
+  ldd "$work/hat" | grep 'not found' >&2
+done
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$work"' EXIT
+[ -n "$hat" ] || { echo "no build in $kit can run here" >&2; exit 1; }
 report="$out/gpu-check.md"
 : >"$report"
 note() { echo "$*" | tee -a "$report"; }
