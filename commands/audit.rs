@@ -74,9 +74,15 @@ pub struct Args {
 
     /// Defences to audit under, comma-separated: none, noise=S (Gaussian noise of S × each
     /// state's RMS on the uplink), rotation, weights=S (secret input-layer weights: noise of S ×
-    /// each weight row's RMS).
+    /// each weight row's RMS), finetune=S (weights=S, then a private fine-tune of the input
+    /// layers that wins the model's answers back; the victim and the attacker's own device each
+    /// tune on half of the attacker's conversations).
     #[arg(long, default_value = "none", value_delimiter = ',')]
     pub defences: Vec<String>,
+
+    /// AdamW steps of each private fine-tune (finetune=S), of 4 texts of 64 tokens each.
+    #[arg(long, default_value_t = 60)]
+    pub finetune_steps: usize,
 
     /// Write SVG charts here: top-1 recovery against K1 per attack, and against the attacker's
     /// training pairs per learned inverter.
@@ -107,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let model = loaded.model(candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let defences = args.defences.iter().map(|d| hat::audit::Defence::parse(d)).collect::<Result<Vec<_>, _>>()?;
-    let opts = AuditOptions { input_layers: args.input_layers.clone(), output_layers: args.output_layers, prompt_tokens: args.prompt_tokens, reply_tokens: args.reply_tokens, wire, candidates: args.candidates, defences };
+    let opts = AuditOptions { input_layers: args.input_layers.clone(), output_layers: args.output_layers, prompt_tokens: args.prompt_tokens, reply_tokens: args.reply_tokens, wire, candidates: args.candidates, defences, finetune: hat::audit::finetune::FineTune { steps: args.finetune_steps, ..Default::default() } };
     let pb = hat::util::progress::bar(conversations.len() as u64, "replies");
     let samples = hat::audit::samples(&model, &loaded.tokenizer, &conversations, &opts)?;
     pb.finish_and_clear();
@@ -142,11 +148,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let pairs = r.train_tokens.map_or("public weights".to_string(), |n| n.to_string());
         println!("| {} | {} | {} | {} | {} | {pairs} | {:.1} % | {:.1} % | {} |", r.input_layers, r.defence, r.direction, r.attack, r.inverter, 100.0 * r.top1, 100.0 * r.top10, r.tokens);
     }
-    println!("\n| K1 | defence | next token agrees with the model's | device ms per token | rotation recovered to |");
-    println!("|---|---|---|---|---|");
+    println!("\n| K1 | defence | next token agrees with the model's | device ms per token | rotation recovered to | fine-tune loss, first → last |");
+    println!("|---|---|---|---|---|---|");
     for c in &audit.costs {
         let rotation = c.rotation_error.map_or("-".to_string(), |e| format!("{e:.1e}"));
-        println!("| {} | {} | {:.1} % | {:.1} | {rotation} |", c.input_layers, c.defence, 100.0 * c.agreement, c.device_ms_per_token);
+        let tune = c.finetune_loss.map_or("-".to_string(), |[a, b]| format!("{a:.3} → {b:.3}"));
+        println!("| {} | {} | {:.1} % | {:.1} | {rotation} | {tune} |", c.input_layers, c.defence, 100.0 * c.agreement, c.device_ms_per_token);
     }
     println!("\nunigram baseline (always the most frequent content token): {:.1} %; {} conversations, {} on the wire", 100.0 * baseline, samples.len(), wire.name());
     for c in charts {

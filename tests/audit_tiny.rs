@@ -27,7 +27,7 @@ fn tiny() -> (tempfile::TempDir, LoadedModel, hat::model::Model) {
 #[test]
 fn public_weights_recover_the_uplink_and_read_greedy_answers() {
     let (_dir, loaded, model) = tiny();
-    let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300, defences: vec![Defence::None] };
+    let opts = AuditOptions { input_layers: vec![1, 2], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F16, candidates: 300, defences: vec![Defence::None], finetune: Default::default() };
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
     // Every candidate is tried (the tiny vocabulary is 264 tokens), so the replay cannot miss.
@@ -59,7 +59,7 @@ fn public_weights_recover_the_uplink_and_read_greedy_answers() {
 #[test]
 fn learned_inverters_beat_the_unigram_baseline() {
     let (_dir, loaded, model) = tiny();
-    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8, defences: vec![Defence::None] };
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 48, reply_tokens: 4, wire: WireDtype::F16, candidates: 8, defences: vec![Defence::None], finetune: Default::default() };
     let texts = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning light", "where is the nearest train station?"];
     let convs: Vec<Conversation> = texts.iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
@@ -89,7 +89,7 @@ fn learned_inverters_beat_the_unigram_baseline() {
 fn a_rotation_hides_nothing_and_noise_costs_agreement() {
     let (_dir, loaded, model) = tiny();
     let defences = vec![Defence::None, Defence::Rotation, Defence::Noise { sigma: 3.0 }];
-    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences };
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences, finetune: Default::default() };
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
@@ -125,7 +125,7 @@ fn a_rotation_hides_nothing_and_noise_costs_agreement() {
 fn secret_input_weights_cost_agreement_and_defeat_the_replay_when_heavy() {
     let (_dir, loaded, model) = tiny();
     let defences = vec![Defence::SecretWeights { sigma: 0.0 }, Defence::SecretWeights { sigma: 3.0 }];
-    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences };
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences, finetune: Default::default() };
     let convs: Vec<Conversation> = ["hello there", "what is a byte?", "tiny models say odd things"].iter().map(|t| conversation(t)).collect();
     let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
     let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
@@ -136,4 +136,30 @@ fn secret_input_weights_cost_agreement_and_defeat_the_replay_when_heavy() {
     assert_eq!(replay("weights=0"), 1.0);
     assert!(cost("weights=3").agreement < 1.0, "{:?}", cost("weights=3"));
     assert!(replay("weights=3") < 1.0, "{}", replay("weights=3"));
+}
+
+/// A private fine-tune (`finetune=S`): each device trains its secret input layers to give the
+/// model's answers again (its loss falls), the audit announces both fine-tunes as steps, and
+/// every attack runs against the fine-tuned states.
+#[test]
+fn a_private_finetune_trains_both_devices_and_is_audited() {
+    let (_dir, loaded, model) = tiny();
+    let defences = vec![Defence::PrivateFineTune { sigma: 3.0 }];
+    let finetune = hat::audit::finetune::FineTune { steps: 12, batch: 2, seq: 12, lr: 3e-3 };
+    let opts = AuditOptions { input_layers: vec![1], output_layers: 1, prompt_tokens: 32, reply_tokens: 6, wire: WireDtype::F32, candidates: 300, defences, finetune };
+    let convs: Vec<Conversation> = ["hello there", "what is a byte?"].iter().map(|t| conversation(t)).collect();
+    let ss = samples(&model, &loaded.tokenizer, &convs, &opts).unwrap();
+    let own: Vec<Vec<u32>> = ["the attacker's own text, some of it", "more text of its own, for the probe"].iter().map(|t| loaded.tokenizer.encode(t).unwrap()).collect();
+    let mut announced = Vec::new();
+    let audit = run(&model, &ss, &own, &opts, &mut |what| announced.push(what.to_string())).unwrap();
+    assert_eq!(announced.len() as u64, hat::audit::steps(ss.len(), &opts), "{announced:?}");
+    assert!(announced.iter().any(|a| a.ends_with("the victim's private fine-tune")), "{announced:?}");
+    let cost = &audit.costs[0];
+    assert_eq!(cost.defence, "finetune=3");
+    let [first, last] = cost.finetune_loss.expect("the fine-tune's loss is reported");
+    assert!(last < first, "{cost:?}");
+    assert!(audit.results.iter().any(|r| r.defence == "finetune=3" && r.inverter == "replay"));
+    // Texts shorter than one fine-tune sequence are refused with a clear error.
+    let short = AuditOptions { finetune: hat::audit::finetune::FineTune { seq: 4096, ..finetune }, ..opts };
+    assert!(run(&model, &ss, &own, &short, &mut |_| {}).unwrap_err().to_string().contains("private fine-tune needs texts"));
 }

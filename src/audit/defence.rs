@@ -16,14 +16,19 @@
 //!   fine-tune wins the accuracy back, so **outputs differ from the model's** as for noise; unlike
 //!   noise the perturbation is the same at every position and in every session. The attacker's
 //!   own device has secret weights of its own (another seed), so its (state, token) pairs come
-//!   from other weights than the victim's; its replay runs the public input layers.
+//!   from other weights than the victim's; its replay runs the public input layers;
+//! - `finetune=S`: the same secret start, then a private fine-tune of the input layers that wins
+//!   the model's answers back through the public middle ([`super::finetune`]); the victim tunes
+//!   on one half of the other conversations, the attacker's own device (another seed) on the
+//!   other half.
 
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 
+use crate::audit::finetune::{private_finetune, FineTune, FineTuneReport};
 use crate::error::{Error, Result};
 use crate::model::rotate::{random_orthogonal, recover_rotation};
-use crate::model::LayerStack;
+use crate::model::{LayerStack, Model};
 use crate::net::protocol::WireDtype;
 use crate::net::noise::add_relative_noise;
 
@@ -39,6 +44,9 @@ pub enum Defence {
     Rotation,
     /// Secret input-submodel weights: noise of `sigma` × each weight row's RMS.
     SecretWeights { sigma: f32 },
+    /// Secret weights as for `SecretWeights`, then privately fine-tuned to give the model's
+    /// answers again.
+    PrivateFineTune { sigma: f32 },
 }
 
 impl Defence {
@@ -58,9 +66,11 @@ impl Defence {
                     Ok(Self::Noise { sigma })
                 } else if let Some(sigma) = level("weights=") {
                     Ok(Self::SecretWeights { sigma })
+                } else if let Some(sigma) = level("finetune=") {
+                    Ok(Self::PrivateFineTune { sigma })
                 } else {
                     Err(Error::invalid(format!(
-                        "unknown defence {s:?}: give none, noise=S (S ≥ 0, relative to each state's RMS), rotation or weights=S (S ≥ 0, relative to each weight row's RMS)"
+                        "unknown defence {s:?}: give none, noise=S (S ≥ 0, relative to each state's RMS), rotation, weights=S (S ≥ 0, relative to each weight row's RMS) or finetune=S (weights=S, then a private fine-tune)"
                     )))
                 }
             }
@@ -73,6 +83,7 @@ impl Defence {
             Self::Noise { sigma } => format!("noise={sigma}"),
             Self::Rotation => "rotation".into(),
             Self::SecretWeights { sigma } => format!("weights={sigma}"),
+            Self::PrivateFineTune { sigma } => format!("finetune={sigma}"),
         }
     }
 }
@@ -86,18 +97,35 @@ pub struct Guard {
     cloud_middle: LayerStack,
     /// `rotation`: the secret rotation `(hidden, hidden)` and the attacker's estimate of it.
     rotation: Option<(Tensor, Tensor)>,
-    /// `weights=S`: the victim's secret input layers and the attacker's own device's.
+    /// `weights=S`, `finetune=S`: the victim's secret input layers and the attacker's own
+    /// device's.
     secret_inputs: Option<(LayerStack, LayerStack)>,
+    /// `finetune=S`: the victim's and the attacker's fine-tunes.
+    pub finetunes: Option<(FineTuneReport, FineTuneReport)>,
     seed: u64,
 }
 
 impl Guard {
-    /// `input`, `middle`: the public input and middle layers of the split.
-    pub fn new(defence: Defence, input: &LayerStack, middle: &LayerStack, hidden: usize, wire: WireDtype, seed: u64) -> Result<Self> {
+    /// `input`, `middle`: the public input and middle layers of `model`'s split; `texts`: token
+    /// ids the devices fine-tune on (`finetune=S`: the victim on the first half, the attacker's
+    /// own device on the second), `tune` how; `step` names a fine-tune as it begins.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(defence: Defence, model: &Model, input: &LayerStack, middle: &LayerStack, wire: WireDtype, seed: u64, texts: &[Vec<u32>], tune: FineTune, step: &mut dyn FnMut(&str)) -> Result<Self> {
+        let mut finetunes = None;
         let secret_inputs = match defence {
             Defence::SecretWeights { sigma } => Some((input.perturbed(sigma, seed)?, input.perturbed(sigma, seed ^ ATTACKER_DEVICE_SEED)?)),
+            Defence::PrivateFineTune { sigma } => {
+                let (mine, theirs) = texts.split_at(texts.len() / 2);
+                step("the victim's private fine-tune");
+                let (device, a) = private_finetune(model, input, mine, sigma, seed, tune, |_, _| {})?;
+                step("the attacker's own private fine-tune");
+                let (attacker, b) = private_finetune(model, input, theirs, sigma, seed ^ ATTACKER_DEVICE_SEED, tune, |_, _| {})?;
+                finetunes = Some((a, b));
+                Some((device, attacker))
+            }
             _ => None,
         };
+        let hidden = model.config.hidden_size;
         let (cloud_middle, rotation) = match defence {
             Defence::Rotation => {
                 let m = random_orthogonal(hidden, seed)?;
@@ -107,11 +135,11 @@ impl Guard {
             }
             _ => (middle.clone(), None),
         };
-        Ok(Self { defence, wire, cloud_middle, rotation, secret_inputs, seed })
+        Ok(Self { defence, wire, cloud_middle, rotation, secret_inputs, finetunes, seed })
     }
 
-    /// `weights=S`: the input layers of the victim's device and of the attacker's own, whose
-    /// states replace the public layers'; `None` for the other defences.
+    /// `weights=S`, `finetune=S`: the input layers of the victim's device and of the
+    /// attacker's own, whose states replace the public layers'; `None` for the other defences.
     pub fn secret_inputs(&self) -> Option<(&LayerStack, &LayerStack)> {
         self.secret_inputs.as_ref().map(|(device, attacker)| (device, attacker))
     }
@@ -173,7 +201,8 @@ mod tests {
         assert_eq!(Defence::parse("rotation").unwrap(), Defence::Rotation);
         assert_eq!(Defence::parse("weights=0.05").unwrap(), Defence::SecretWeights { sigma: 0.05 });
         assert_eq!(Defence::parse(&Defence::SecretWeights { sigma: 0.5 }.name()).unwrap(), Defence::SecretWeights { sigma: 0.5 });
-        for bad in ["noise", "noise=-1", "noise=nan", "shuffle", "", "weights", "weights=-0.1", "weights=inf"] {
+        assert_eq!(Defence::parse(&Defence::PrivateFineTune { sigma: 0.3 }.name()).unwrap(), Defence::PrivateFineTune { sigma: 0.3 });
+        for bad in ["noise", "noise=-1", "noise=nan", "shuffle", "", "weights", "weights=-0.1", "weights=inf", "finetune", "finetune=-1"] {
             assert!(Defence::parse(bad).unwrap_err().to_string().contains("unknown defence"), "{bad}");
         }
         assert_eq!(Defence::parse(&Defence::Noise { sigma: 0.5 }.name()).unwrap(), Defence::Noise { sigma: 0.5 });

@@ -17,7 +17,7 @@
 //! the attacker's own (state, token) pairs with growing budgets.
 //!
 //! Each attack runs under each [`defence`] asked for (none, noise on the uplink, a secret
-//! rotation, secret input-layer weights), with what the defence costs: the agreement of the
+//! rotation, secret input-layer weights, a private fine-tune of them), with what the defence costs: the agreement of the
 //! device's next token with the model's, and the device's compute per token at each K1.
 //!
 //! Counts are over content tokens only (the chat template's are known to everyone), beside a
@@ -27,6 +27,7 @@
 //! [`crate::util`]; only the commands use it.
 
 pub mod defence;
+pub mod finetune;
 pub mod learned;
 pub mod plot;
 
@@ -63,6 +64,8 @@ pub struct AuditOptions {
     pub candidates: usize,
     /// Defences to audit under (each K1 × each defence).
     pub defences: Vec<Defence>,
+    /// How `finetune=S` trains the devices' input layers.
+    pub finetune: finetune::FineTune,
 }
 
 /// One conversation as the cloud would see it: the tokens, and which of them are content.
@@ -282,6 +285,10 @@ pub struct DefenceCost {
     /// `rotation`: the largest error of the attacker's estimate of the rotation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotation_error: Option<f32>,
+    /// `finetune=S`: the victim's fine-tune loss (KL divergence from the model's distribution,
+    /// nats per position) over its first and last fifth of the steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune_loss: Option<[f64; 2]>,
 }
 
 /// Everything the audit measured.
@@ -298,7 +305,8 @@ const OWN_TEXT_SALT: u64 = 1 << 32;
 /// every text; then for each defence, the attacker's reading of its own states (and its replay's
 /// ranker), each sample, and each learned inverter it trains.
 pub fn steps(samples: usize, opts: &AuditOptions) -> u64 {
-    (opts.input_layers.len() * (1 + opts.defences.len() * (1 + samples + 2 * BUDGETS.len()))) as u64
+    let finetunes = opts.defences.iter().filter(|d| matches!(d, Defence::PrivateFineTune { .. })).count();
+    (opts.input_layers.len() * (1 + opts.defences.len() * (1 + samples + 2 * BUDGETS.len()) + 2 * finetunes)) as u64
 }
 
 /// Runs every attack for every K1 and defence (`attacker_texts`: token ids of the attacker's own
@@ -329,7 +337,7 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
         for &defence in &opts.defences {
             let at = format!("K1 = {k1}, {}", defence.name());
             step(&format!("{at}: the attacker's own states and ranker"));
-            let guard = Guard::new(defence, &input, &middle, model.config.hidden_size, opts.wire, 0x5EC)?;
+            let guard = Guard::new(defence, model, &input, &middle, opts.wire, 0x5EC, attacker_texts, opts.finetune, &mut |what| step(&format!("{at}: {what}")))?;
             // Secret input weights: the victim's and the attacker's own states come from them.
             let (own_states, sample_states) = match guard.secret_inputs() {
                 Some((device, attacker)) => (
@@ -361,6 +369,7 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
                 agreement: agree.0 as f64 / agree.1.max(1) as f64,
                 device_ms_per_token,
                 rotation_error: guard.rotation_error()?,
+                finetune_loss: guard.finetunes.map(|(victim, _)| [victim.loss_first, victim.loss_last]),
             });
         }
     }

@@ -83,6 +83,11 @@ impl Proj {
         self.lin.weight()
     }
 
+    /// The bias, if any, `(out,)`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.lin.bias()
+    }
+
     /// A copy whose short blocks compute from 8-bit weights.
     pub fn with_q8(&self) -> Result<Self> {
         Ok(Self { lin: self.lin.clone(), q8: Some(Arc::new(Q8Matrix::quantize(self.lin.weight())?)) })

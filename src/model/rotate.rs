@@ -133,15 +133,21 @@ impl LayerStack {
             return Err(Error::invalid(format!("a weight perturbation must be finite and ≥ 0, got {sigma}")));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        self.map_projections(|p| perturbed(p, sigma, &mut rng))
+    }
+
+    /// The same layers with every projection replaced by `f` of it, layer by layer in the order
+    /// fused QKV, output, fused gate/up, down (norms as they were).
+    pub fn map_projections(&self, mut f: impl FnMut(&Proj) -> Result<Proj>) -> Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|l| -> Result<DecoderLayer> {
                 let mut r = l.clone();
-                r.self_attn.qkv_proj = perturbed(&l.self_attn.qkv_proj, sigma, &mut rng)?;
-                r.self_attn.o_proj = perturbed(&l.self_attn.o_proj, sigma, &mut rng)?;
-                r.mlp.gate_up_proj = perturbed(&l.mlp.gate_up_proj, sigma, &mut rng)?;
-                r.mlp.down_proj = perturbed(&l.mlp.down_proj, sigma, &mut rng)?;
+                r.self_attn.qkv_proj = f(&l.self_attn.qkv_proj)?;
+                r.self_attn.o_proj = f(&l.self_attn.o_proj)?;
+                r.mlp.gate_up_proj = f(&l.mlp.gate_up_proj)?;
+                r.mlp.down_proj = f(&l.mlp.down_proj)?;
                 Ok(r)
             })
             .collect::<Result<Vec<_>>>()?;
