@@ -101,7 +101,7 @@ pub struct Guard {
     /// device's.
     secret_inputs: Option<(LayerStack, LayerStack)>,
     /// `finetune=S`: the victim's and the attacker's fine-tunes.
-    pub finetunes: Option<(FineTuneReport, FineTuneReport)>,
+    finetunes: Option<(FineTuneReport, FineTuneReport)>,
     seed: u64,
 }
 
@@ -142,6 +142,12 @@ impl Guard {
     /// attacker's own, whose states replace the public layers'; `None` for the other defences.
     pub fn secret_inputs(&self) -> Option<(&LayerStack, &LayerStack)> {
         self.secret_inputs.as_ref().map(|(device, attacker)| (device, attacker))
+    }
+
+    /// `finetune=S`: how the victim's and the attacker's fine-tunes went; `None` for the other
+    /// defences.
+    pub fn finetunes(&self) -> Option<(FineTuneReport, FineTuneReport)> {
+        self.finetunes
     }
 
     /// `rotation`: the largest error of the attacker's estimate of it (an entry of a matrix

@@ -369,7 +369,7 @@ pub fn run(model: &Model, samples: &[Sample], attacker_texts: &[Vec<u32>], opts:
                 agreement: agree.0 as f64 / agree.1.max(1) as f64,
                 device_ms_per_token,
                 rotation_error: guard.rotation_error()?,
-                finetune_loss: guard.finetunes.map(|(victim, _)| [victim.loss_first, victim.loss_last]),
+                finetune_loss: guard.finetunes().map(|(victim, _)| [victim.loss_first, victim.loss_last]),
             });
         }
     }
