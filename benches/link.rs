@@ -24,7 +24,8 @@
 //! - HAT_BENCH_INPUT_LAYERS: the device's input layers K1 (default 2; K2 stays 2); a K1 other
 //!   than the default needs an adapter trained for that split in HAT_BENCH_ADAPTER;
 //! - HAT_BENCH_CONFIGS: extra hat configurations, `name=run-edge flags;…` (e.g.
-//!   `plain=--draft-len 1 --draft-threshold 0 --draft-compute f32 --draft-vocab full --draft-ahead off`).
+//!   `plain=--draft-len 1 --draft-threshold 0 --draft-compute f32 --draft-vocab full --draft-ahead off`;
+//!   a configuration with its own `--adapter FILE` runs with that adapter instead).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,7 +61,11 @@ struct Bench {
 
 impl Bench {
     fn edge(&self, placement: Placement, cloud: &Cloud, prompt: &str, link: Link, flags: &[String], max_tokens: usize) -> anyhow::Result<Value> {
-        let mut all: Vec<String> = ["--adapter", &self.adapter, "--max-tokens", &max_tokens.to_string(), "--prompt", prompt].iter().map(|s| s.to_string()).collect();
+        let mut all: Vec<String> = ["--max-tokens", &max_tokens.to_string(), "--prompt", prompt].iter().map(|s| s.to_string()).collect();
+        // A configuration may name its own adapter (e.g. to compare two side by side).
+        if !flags.iter().any(|f| f == "--adapter" || f.starts_with("--adapter=")) {
+            all.extend(["--adapter".to_string(), self.adapter.clone()]);
+        }
         all.extend_from_slice(flags);
         run_edge(HAT, placement, &self.split, cloud, link, &all)
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use hat::split::{CloudBundle, DeviceBundle};
-use hat::train::{split_conversations, AdapterInit, TrainConfig, TrainRun, Trainer};
+use hat::train::{run_conversations, AdapterInit, TrainConfig, TrainRun, Trainer};
 
 use crate::ModelArgs;
 
@@ -76,7 +76,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub draft_steps: usize,
 
-    /// Initial weights: middle (copies of middle layers, evenly spaced), layer:N, or identity.
+    /// Initial weights: middle (copies of middle layers, evenly spaced), layer:N, identity, or
+    /// adapter:PATH (a trained adapter for this split, to fine-tune on more or other data; its
+    /// layers, conditioning and draft context must match this run's flags).
     #[arg(long, default_value = "middle")]
     pub init: String,
 
@@ -134,6 +136,12 @@ pub struct Args {
     /// Training conversations used, at most.
     #[arg(long, default_value_t = 600)]
     pub max_conversations: usize,
+
+    /// Pass over this many training conversations first (after the seeded shuffle; the held-out
+    /// ones stay the same): with --init adapter:PATH, trains on conversations the first run
+    /// (same --seed and --held-out, --max-conversations this many) never saw.
+    #[arg(long, default_value_t = 0)]
+    pub skip_conversations: usize,
 
     /// Teacher tokens kept per position (its top-k distribution).
     #[arg(long, default_value_t = 64)]
@@ -205,6 +213,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         checkpoint_every: args.checkpoint_every,
         held_out: args.held_out,
         max_conversations: args.max_conversations,
+        skip_conversations: args.skip_conversations,
         teacher_top_k: args.teacher_top_k,
         negatives: args.negatives,
         feature_weight: args.feature_weight,
@@ -224,7 +233,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(path) = &args.set_draft_vocab {
         anyhow::ensure!(config.draft_vocab > 0, "--set-draft-vocab needs --draft-vocab N of at least 1 (the rows scored by default)");
         let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
-        let (train, _) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
+        let (train, _) = run_conversations(data.conversations, &config);
         let vocab = hat::train::conversations_vocab(&device, &train, config.seq_len, config.draft_vocab)?;
         // Fails early, before rewriting, if the file is not an adapter for this split.
         hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;
@@ -246,7 +255,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = loaded.model(candle_core::DType::F32, &cpu)?;
     let data = hat::io::dataset::load_conversations(&args.dataset).with_context(|| format!("cannot read --dataset {}", args.dataset.display()))?;
     eprintln!("hat: data set {}: {}", args.dataset.display(), data.summary());
-    let (train, held_out) = split_conversations(data.conversations, config.held_out, config.max_conversations, config.seed);
+    let (train, held_out) = run_conversations(data.conversations, &config);
     eprintln!("hat: {} training conversations, {} held out", train.len(), held_out.len());
     if let Some(path) = &args.evaluate {
         let adapter = hat::adapter::Adapter::load(path, &device.manifest, device.rope.clone(), &cpu)?;

@@ -10,7 +10,7 @@ use hat::adapter::{Adapter, DraftContext, Storage};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::split::{write_split, CloudBundle, DeviceBundle, SplitPlan};
 use hat::testing::{tiny_model, TinySpec};
-use hat::train::{split_conversations, AdapterInit, TrainConfig, TrainReport, TrainRun, Trainer};
+use hat::train::{run_conversations, split_conversations, AdapterInit, TrainConfig, TrainReport, TrainRun, Trainer};
 
 struct Tiny {
     dir: tempfile::TempDir,
@@ -70,13 +70,17 @@ fn train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<u
 }
 
 fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<usize>, cache: Option<&Path>) -> TrainReport {
+    try_train(t, cfg, out, resume, stop_at, cache).unwrap()
+}
+
+fn try_train(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Option<usize>, cache: Option<&Path>) -> hat::Result<TrainReport> {
     let cpu = Device::Cpu;
     let device = t.device();
     let cloud = t.cloud();
     let model = t.teacher();
     let data = sample_data();
     assert!(data.truncated);
-    let (train, held_out) = split_conversations(data.conversations, cfg.held_out, cfg.max_conversations, cfg.seed);
+    let (train, held_out) = run_conversations(data.conversations, &cfg);
     hat::train::train(TrainRun {
         trainer: Trainer { model: &model, device: &device, cloud: &cloud, config: cfg },
         weights: t.loaded.weights.var_builder(DType::F32, &cpu).unwrap(),
@@ -89,7 +93,6 @@ fn train_with(t: &Tiny, cfg: TrainConfig, out: &Path, resume: bool, stop_at: Opt
         stop_at_step: stop_at,
         progress: indicatif::ProgressBar::hidden(),
     })
-    .unwrap()
 }
 
 #[test]
@@ -295,6 +298,54 @@ fn corrupt_and_mismatched_adapters_are_refused() {
     let err = Adapter::load(&plain, &device.manifest, device.rope.clone(), &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("not a hat adapter"), "{err}");
     let _ = AdapterInit::parse("layer:x").unwrap_err();
+    let _ = AdapterInit::parse("adapter:").unwrap_err();
+    assert_eq!(AdapterInit::parse("adapter:a/b.safetensors").unwrap(), AdapterInit::Adapter("a/b.safetensors".into()));
+}
+
+/// `--init adapter:PATH` starts from the file's weights: the run's first evaluation (step 0) is
+/// the file's own, and its loss starts where the file's training ended, not where a fresh
+/// adapter's starts. An adapter of another shape is refused, naming the flag.
+#[test]
+fn a_warm_start_begins_from_the_adapter_file() {
+    let t = tiny();
+    let cfg = TrainConfig { conditioned: true, draft_context: DraftContext::Verified, ..config(12) };
+    let trained = t.dir.path().join("trained.safetensors");
+    let first = train(&t, cfg.clone(), &trained, false, None);
+    let warm_cfg = TrainConfig { init: AdapterInit::Adapter(trained.clone()), ..cfg.clone() };
+    let warm = train(&t, TrainConfig { steps: 2, ..warm_cfg.clone() }, &t.dir.path().join("warm.safetensors"), false, None);
+    let fresh = train(&t, TrainConfig { steps: 2, ..cfg.clone() }, &t.dir.path().join("fresh.safetensors"), false, None);
+    let of_file = evaluate_file(&t, cfg.clone(), &trained);
+    let (w0, f0) = (&warm.evals[0], &fresh.evals[0]);
+    assert_eq!((w0.step, w0.top1_agreement, w0.mean_accepted), (0, of_file.top1_agreement, of_file.mean_accepted));
+    assert_ne!((w0.top1_agreement, w0.mean_accepted), (f0.top1_agreement, f0.mean_accepted), "a fresh adapter evaluates like the trained one");
+    let (start, end) = (fresh.curve[0].loss, first.curve.last().unwrap().loss);
+    assert!(warm.curve[0].loss < start * 0.9 && (warm.curve[0].loss - end).abs() < (start - end).abs() * 0.5, "warm {} fresh {start} trained {end}", warm.curve[0].loss);
+    assert_eq!(warm.config.init, warm_cfg.init);
+
+    for (bad, flag) in [
+        (TrainConfig { adapter_layers: 2, ..warm_cfg.clone() }, "--adapter-layers"),
+        (TrainConfig { conditioned: false, ..warm_cfg.clone() }, "--conditioning"),
+        (TrainConfig { draft_context: DraftContext::Drafted, ..warm_cfg.clone() }, "--draft-context"),
+        (TrainConfig { init: AdapterInit::Adapter(t.dir.path().join("missing.safetensors")), ..warm_cfg.clone() }, "missing.safetensors"),
+    ] {
+        let err = try_train(&t, bad, &t.dir.path().join("bad.safetensors"), false, None, None).map(|_| ()).expect_err("refused").to_string();
+        assert!(err.contains(flag), "{flag}: {err}");
+    }
+}
+
+/// `--skip-conversations N` trains on the conversations after the first N; the held-out ones
+/// stay the same.
+#[test]
+fn skipping_conversations_keeps_the_held_out_ones() {
+    let all = |skip, max| run_conversations(sample_data().conversations, &TrainConfig { held_out: 1, skip_conversations: skip, max_conversations: max, ..config(1) });
+    let ids = |c: &[hat::io::dataset::Conversation]| c.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+    let (train, held) = all(0, 100);
+    assert!(train.len() >= 2, "{}", train.len());
+    let (later, held_later) = all(1, 100);
+    assert_eq!((ids(&later), ids(&held_later)), (ids(&train[1..]), ids(&held)));
+    let (one, _) = all(1, 1);
+    assert_eq!(ids(&one), ids(&train[1..2]));
+    assert!(all(train.len(), 100).0.is_empty());
 }
 
 #[test]

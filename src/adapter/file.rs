@@ -164,9 +164,22 @@ impl Storage {
     }
 }
 
-impl Adapter {
-    /// Loads an adapter file and checks it belongs to the bundle's split.
-    pub fn load(path: &Path, manifest: &Manifest, rope: Arc<Rope>, device: &Device) -> Result<Self> {
+/// An adapter file as stored: its f32 weights (`adapter.layers.{i}.*`, [`FUSE`] when
+/// conditioned) and what its metadata says, checked against a split.
+pub struct StoredAdapter {
+    pub tensors: HashMap<String, Tensor>,
+    pub layers: usize,
+    pub conditioned: bool,
+    pub draft_context: DraftContext,
+    pub draft_vocab: Option<DraftVocab>,
+    pub split_id: String,
+    pub metadata: HashMap<String, String>,
+}
+
+impl StoredAdapter {
+    /// Reads an adapter file (its weights decoded to f32 on `device`) and checks it belongs to
+    /// the split of `manifest`.
+    pub fn read(path: &Path, manifest: &Manifest, device: &Device) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |r: String| Error::bad_file(path, r);
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -182,7 +195,7 @@ impl Adapter {
                 manifest.split_id, manifest.source.name
             )));
         }
-        let n: usize = meta.get("layers").and_then(|v| v.parse().ok()).ok_or_else(|| bad("adapter metadata lacks layers".into()))?;
+        let layers: usize = meta.get("layers").and_then(|v| v.parse().ok()).ok_or_else(|| bad("adapter metadata lacks layers".into()))?;
         let storage = Storage::parse(meta.get("storage").map_or("f16", String::as_str)).map_err(|e| bad(e.to_string()))?;
         let mut stored = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| bad(format!("cannot read adapter tensors: {e}")))?;
         let draft_vocab = match stored.remove(DRAFT_VOCAB) {
@@ -206,11 +219,19 @@ impl Adapter {
             Some("middle-features") => true,
             Some(other) => return Err(bad(format!("unknown adapter conditioning '{other}' (this hat knows none and middle-features)"))),
         };
-        let mut adapter = Self::from_tensors(tensors, n, conditioned, manifest, rope, device).map_err(|e| bad(e.to_string()))?;
-        adapter.draft_context = draft_context;
-        adapter.draft_vocab = draft_vocab;
-        adapter.split_id = Some(split_id);
-        adapter.metadata = meta;
+        Ok(Self { tensors, layers, conditioned, draft_context, draft_vocab, split_id, metadata: meta })
+    }
+}
+
+impl Adapter {
+    /// Loads an adapter file and checks it belongs to the bundle's split.
+    pub fn load(path: &Path, manifest: &Manifest, rope: Arc<Rope>, device: &Device) -> Result<Self> {
+        let s = StoredAdapter::read(path, manifest, device)?;
+        let mut adapter = Self::from_tensors(s.tensors, s.layers, s.conditioned, manifest, rope, device).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        adapter.draft_context = s.draft_context;
+        adapter.draft_vocab = s.draft_vocab;
+        adapter.split_id = Some(s.split_id);
+        adapter.metadata = s.metadata;
         Ok(adapter)
     }
 

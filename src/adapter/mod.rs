@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::model::{DecoderLayer, LayerStack, Rope, StackCache, Truth};
 use crate::split::Manifest;
 
-pub use file::{default_adapter_path, load_choice, DraftVocab, Storage, FORMAT, FUSE};
+pub use file::{default_adapter_path, load_choice, DraftVocab, Storage, StoredAdapter, FORMAT, FUSE};
 pub use head::DraftHead;
 
 /// What the SLM's output submodel attends to at the positions before the one it drafts for.

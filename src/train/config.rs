@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 
 
 /// How the adapter's layers start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdapterInit {
     /// Copies of middle layers, evenly spaced over the middle range.
@@ -19,6 +19,10 @@ pub enum AdapterInit {
     /// Middle-layer copies whose output projections start at zero: each layer starts as the
     /// identity (the SLM starts by skipping the middle).
     Identity,
+    /// The weights of an adapter file for the same split (a warm start: fine-tuning a trained
+    /// adapter on more or other data). Its layer count, conditioning and draft context must be
+    /// the run's.
+    Adapter(std::path::PathBuf),
 }
 
 impl AdapterInit {
@@ -26,11 +30,15 @@ impl AdapterInit {
         match s {
             "middle" => Ok(Self::Middle),
             "identity" => Ok(Self::Identity),
-            _ => s
-                .strip_prefix("layer:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Layer)
-                .ok_or_else(|| Error::invalid(format!("--init '{s}': expected middle, identity or layer:N"))),
+            _ => match s.strip_prefix("adapter:") {
+                Some("") => Err(Error::invalid("--init adapter: names no file (expected adapter:PATH)")),
+                Some(path) => Ok(Self::Adapter(path.into())),
+                None => s
+                    .strip_prefix("layer:")
+                    .and_then(|n| n.parse().ok())
+                    .map(Self::Layer)
+                    .ok_or_else(|| Error::invalid(format!("--init '{s}': expected middle, identity, layer:N or adapter:PATH"))),
+            },
         }
     }
 }
@@ -71,6 +79,10 @@ pub struct TrainConfig {
     pub held_out: usize,
     /// Training conversations used, at most.
     pub max_conversations: usize,
+    /// Training conversations passed over before the ones used (after the seeded shuffle), so
+    /// that a warm-started run trains on conversations the first run did not see.
+    #[serde(default)]
+    pub skip_conversations: usize,
     /// Teacher distribution kept per position: its top-k tokens.
     pub teacher_top_k: usize,
     /// Negatives per step for the sampled softmax; 0 = exact softmax over the whole vocabulary.
@@ -130,6 +142,7 @@ impl Default for TrainConfig {
             checkpoint_every: 50,
             held_out: 16,
             max_conversations: 600,
+            skip_conversations: 0,
             teacher_top_k: 64,
             negatives: 1024,
             feature_weight: 0.0,

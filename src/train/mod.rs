@@ -37,5 +37,5 @@ pub use config::{AdapterInit, TrainConfig};
 pub use eval::{evaluate, evaluate_adapter, HeldOut};
 pub use report::{CurvePoint, Evaluation, StepTimes, TrainReport};
 pub use run::{conversations_vocab, draft_vocab, train, TrainRun};
-pub use teacher::{split_conversations, Sample, Trainer};
+pub use teacher::{run_conversations, split_conversations, Sample, Trainer};
 pub use weights::AdapterWeights;

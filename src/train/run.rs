@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 
-use crate::adapter::DraftContext;
+use crate::adapter::{DraftContext, StoredAdapter};
+use crate::train::config::AdapterInit;
 use crate::io::dataset::Conversation;
 use crate::decode::timing::ms;
 use crate::error::{Error, Result};
@@ -67,6 +68,13 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     cfg.validate()?;
     let manifest = &t.device.manifest;
     let mcfg = &manifest.config;
+    // The student first: a warm start is checked before the long teacher pass (a resumed run
+    // takes its weights from the checkpoint).
+    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, &cfg.init, cfg.conditioned)?.with_draft_context(cfg.draft_context);
+    if let (AdapterInit::Adapter(path), false) = (&cfg.init, run.resume) {
+        weights.warm_start(&StoredAdapter::read(path, manifest, &candle_core::Device::Cpu)?, path, cfg.conditioned)?;
+        crate::util::progress::say(&run.progress, format!("starting from the weights of {}", path.display()));
+    }
 
     // Teacher pass (once).
     let started = Instant::now();
@@ -102,8 +110,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
         pb,
         format!("teacher: {} training sequences ({train_tokens} tokens) and {} held-out in {teacher_seconds:.0} s", samples.len(), held.samples.len()),
     );
-    // Student and optimiser.
-    let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, cfg.init, cfg.conditioned)?.with_draft_context(cfg.draft_context);
+    // Optimiser.
     let eval_at = |step: usize, elapsed: f64| evaluate(t, &weights.adapter(manifest, t.device.rope.clone(), Ops::Fused)?, &held, step, elapsed);
     let mut opt = AdamW::new(weights.vars.iter().map(|(n, v)| (n.clone(), v.clone())).collect())?;
     let mut state = CheckpointState { config: cfg.clone(), split_id: manifest.split_id.clone(), step: 0, elapsed_s: 0.0, curve: vec![], evals: vec![], timed: StepTotals::default() };

@@ -73,6 +73,15 @@ pub fn split_conversations(mut conversations: Vec<Conversation>, held_out: usize
     (conversations, held)
 }
 
+/// A run's (train, held-out) conversations: [`split_conversations`] with the run's seed and
+/// held-out count, then its training conversations after the first `skip_conversations`, at most
+/// `max_conversations` of them. The held-out ones do not depend on the skip.
+pub fn run_conversations(conversations: Vec<Conversation>, cfg: &crate::train::TrainConfig) -> (Vec<Conversation>, Vec<Conversation>) {
+    let (mut train, held) = split_conversations(conversations, cfg.held_out, cfg.skip_conversations.saturating_add(cfg.max_conversations), cfg.seed);
+    train.drain(..cfg.skip_conversations.min(train.len()));
+    (train, held)
+}
+
 impl<'a> Trainer<'a> {
     /// The teacher's pass over one sequence.
     pub fn teach(&self, ids: &[u32]) -> Result<Sample> {

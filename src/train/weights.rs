@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::adapter::{Adapter, DraftContext, Storage};
+use crate::adapter::{Adapter, DraftContext, Storage, StoredAdapter};
 use crate::error::{Error, Result};
 use crate::model::Ops;
 
@@ -38,7 +38,7 @@ impl AdapterWeights {
     /// Initial weights copied from the model's layers (`weights`: a VarBuilder of the whole model).
     /// A conditioned adapter's fuse projection starts as `[0 | I]`: the adapter starts as the
     /// unconditioned one and learns how much of the previous middle output to mix in.
-    pub fn init(weights: &candle_nn::VarBuilder, cfg: &crate::model::config::ModelConfig, middle: std::ops::Range<usize>, n: usize, init: AdapterInit, conditioned: bool) -> Result<Self> {
+    pub fn init(weights: &candle_nn::VarBuilder, cfg: &crate::model::config::ModelConfig, middle: std::ops::Range<usize>, n: usize, init: &AdapterInit, conditioned: bool) -> Result<Self> {
         let mut vars = Vec::new();
         if conditioned {
             let eye = Tensor::eye(cfg.hidden_size, DType::F32, &Device::Cpu)?;
@@ -47,8 +47,10 @@ impl AdapterWeights {
         let span = middle.end - middle.start;
         for j in 0..n {
             let src = match init {
-                AdapterInit::Layer(l) => l,
-                AdapterInit::Middle | AdapterInit::Identity => middle.start + ((2 * j + 1) * span) / (2 * n),
+                AdapterInit::Layer(l) => *l,
+                // A warm start's names and shapes are these; [`AdapterWeights::warm_start`] then
+                // sets the file's values.
+                AdapterInit::Middle | AdapterInit::Identity | AdapterInit::Adapter(_) => middle.start + ((2 * j + 1) * span) / (2 * n),
             };
             if src >= cfg.num_hidden_layers {
                 return Err(Error::invalid(format!("--init layer:{src}: the model has {} layers", cfg.num_hidden_layers)));
@@ -57,13 +59,40 @@ impl AdapterWeights {
             let names = LAYER_TENSORS.iter().chain(if cfg.attention_bias { LAYER_BIASES.iter() } else { [].iter() });
             for name in names {
                 let mut t = vb.get_unchecked_dtype(name, DType::F32)?;
-                if init == AdapterInit::Identity && (name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight")) {
+                if *init == AdapterInit::Identity && (name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight")) {
                     t = t.zeros_like()?;
                 }
                 vars.push((format!("adapter.layers.{j}.{name}"), Var::from_tensor(&t)?));
             }
         }
         Ok(Self { vars, num_layers: n, draft_context: DraftContext::Drafted })
+    }
+
+    /// Sets every weight to a trained adapter's (`--init adapter:PATH`), which must have this
+    /// run's layers, conditioning and draft context and exactly these tensors, shape for shape.
+    pub fn warm_start(&self, stored: &StoredAdapter, path: &Path, conditioned: bool) -> Result<()> {
+        let bad = |what: String| Error::invalid(format!("--init adapter:{}: {what}", path.display()));
+        if stored.layers != self.num_layers {
+            return Err(bad(format!("it has {} layers, the run {} (--adapter-layers)", stored.layers, self.num_layers)));
+        }
+        if stored.conditioned != conditioned {
+            let say = |c: bool| if c { "features" } else { "none" };
+            return Err(bad(format!("its conditioning is {}, the run's {} (--conditioning)", say(stored.conditioned), say(conditioned))));
+        }
+        if stored.draft_context != self.draft_context {
+            return Err(bad(format!("it drafts behind {} states, the run behind {} (--draft-context)", stored.draft_context.as_str(), self.draft_context.as_str())));
+        }
+        if let Some(extra) = stored.tensors.keys().find(|k| !self.vars.iter().any(|(n, _)| n == *k)) {
+            return Err(bad(format!("it has a tensor {extra} that this run's adapter has not")));
+        }
+        for (name, var) in &self.vars {
+            let t = stored.tensors.get(name).ok_or_else(|| bad(format!("it lacks {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(bad(format!("{name} is {:?}, the run's {:?}", t.dims(), var.dims())));
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)?;
+        }
+        Ok(())
     }
 
     /// Sets what the output submodel attends to when the adapter drafts.
