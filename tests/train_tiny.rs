@@ -225,7 +225,7 @@ fn evaluate_file(t: &Tiny, cfg: TrainConfig, path: &Path) -> hat::train::Evaluat
     let cloud = t.cloud();
     let model = t.teacher();
     let data = sample_data();
-    let (_, held_out) = split_conversations(data.conversations, cfg.held_out, cfg.max_conversations, cfg.seed);
+    let (_, held_out) = run_conversations(data.conversations, &cfg);
     let adapter = Adapter::load(path, &device.manifest, device.rope.clone(), &cpu).unwrap();
     hat::train::evaluate_adapter(&model, &device, &cloud, cfg, &held_out, &adapter).unwrap()
 }

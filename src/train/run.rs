@@ -72,7 +72,7 @@ pub fn train(run: TrainRun) -> Result<TrainReport> {
     // takes its weights from the checkpoint).
     let weights = AdapterWeights::init(&run.weights, mcfg, manifest.plan.middle_range(), cfg.adapter_layers, &cfg.init, cfg.conditioned)?.with_draft_context(cfg.draft_context);
     if let (AdapterInit::Adapter(path), false) = (&cfg.init, run.resume) {
-        weights.warm_start(&StoredAdapter::read(path, manifest, &candle_core::Device::Cpu)?, path, cfg.conditioned)?;
+        weights.warm_start(&StoredAdapter::read(path, manifest, &candle_core::Device::Cpu)?, path)?;
         crate::util::progress::say(&run.progress, format!("starting from the weights of {}", path.display()));
     }
 

@@ -70,8 +70,9 @@ impl AdapterWeights {
 
     /// Sets every weight to a trained adapter's (`--init adapter:PATH`), which must have this
     /// run's layers, conditioning and draft context and exactly these tensors, shape for shape.
-    pub fn warm_start(&self, stored: &StoredAdapter, path: &Path, conditioned: bool) -> Result<()> {
+    pub fn warm_start(&self, stored: &StoredAdapter, path: &Path) -> Result<()> {
         let bad = |what: String| Error::invalid(format!("--init adapter:{}: {what}", path.display()));
+        let conditioned = self.vars.iter().any(|(n, _)| n == crate::adapter::FUSE);
         if stored.layers != self.num_layers {
             return Err(bad(format!("it has {} layers, the run {} (--adapter-layers)", stored.layers, self.num_layers)));
         }
