@@ -11,7 +11,9 @@
 //! (default `engine,head`; `kernel` adds the small-m kernel on one decoder layer's projections:
 //! ms per layer and GFLOP/s at 1 to 64 rows, beside candle's gemm; `packed` the cloud's packed
 //! pass over the default middle layers: N sessions' one-row blocks against one session's N-row
-//! block, which shows what the per-session work costs).
+//! block, which shows what the per-session work costs; `rows` the default middle layers on a block
+//! of 1 to 8 rows after the prompt, causal, as a chain and as a branching tree: what each row a
+//! verification block adds costs the cloud).
 
 use std::time::Instant;
 
@@ -89,6 +91,9 @@ fn main() -> anyhow::Result<()> {
     }
     if parts.split(',').any(|p| p == "packed") {
         packed(&hat_model, &prompt)?;
+    }
+    if parts.split(',').any(|p| p == "rows") {
+        rows(&hat_model, &prompt)?;
     }
     Ok(())
 }
@@ -220,6 +225,49 @@ fn packed(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
         }
         let (p, b, q) = (median(&pk), median(&blk), median(&seq));
         println!("| {sessions} | {p:.1} | {b:.1} | {q:.1} | {:.2}x |", p / b);
+    }
+    Ok(())
+}
+
+/// The default middle layers (26) on a block of `m` rows after the prompt's cache: a causal
+/// block, the same rows as a chain through the tree path, and a two-wide tree (every node's
+/// parent is the node two before it, or the block's first), interleaved repetitions.
+fn rows(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
+    use hat::model::tree::TreeShape;
+    let middle = model.layers.slice(2..28)?;
+    let input = model.layers.slice(0..2)?;
+    let x = input.forward(&model.embedder.embed_ids(prompt)?, 0, &mut input.new_cache())?;
+    let n = x.dim(1)? - 16;
+    let (context, block) = (x.narrow(1, 0, n)?, x.narrow(1, n, 16)?);
+    let mut cache = middle.new_cache();
+    middle.forward(&context, 0, &mut cache)?;
+    let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);
+    println!();
+    println!("| rows after {n} cached ({} threads) | causal ms | chain (tree path) ms | two-wide tree ms | causal ms per row over one |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|---|---|");
+    let mut one = None;
+    for m in [1usize, 2, 3, 4, 5, 6, 8] {
+        let rows = block.narrow(1, 0, m)?;
+        let wide = TreeShape::new((0..m).map(|i| if i == 0 { hat::model::tree::ROOT } else { i.saturating_sub(2) as u16 }).collect())?;
+        let (mut causal, mut chain, mut tree) = (vec![], vec![], vec![]);
+        for _ in 0..reps {
+            let t = Instant::now();
+            middle.forward(&rows, n, &mut cache)?;
+            causal.push(t.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(n);
+            let t = Instant::now();
+            middle.forward_tree(&rows, &mut cache, TreeShape::chain(m)?.mask(n, 0..m))?;
+            chain.push(t.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(n);
+            let t = Instant::now();
+            middle.forward_tree(&rows, &mut cache, wide.mask(n, 0..m))?;
+            tree.push(t.elapsed().as_secs_f64() * 1e3);
+            cache.truncate(n);
+        }
+        let (c, h, w) = (median(&causal), median(&chain), median(&tree));
+        let base = *one.get_or_insert(c);
+        let per_row = if m > 1 { format!("{:.2}", (c - base) / (m - 1) as f64) } else { "–".into() };
+        println!("| {m} | {c:.1} | {h:.1} | {w:.1} | {per_row} |");
     }
     Ok(())
 }
