@@ -184,16 +184,24 @@ fn kernel(model: &hat::model::Model) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The default split's middle layers ([2, 28)) and the prompt's input-submodel states, split
+/// into the context before its last `tail` positions `(1, len - tail, hidden)` and those
+/// positions `(1, tail, hidden)`, the rows a benchmark sends after the cached context.
+fn middle_and_prompt(model: &hat::model::Model, prompt: &[u32], tail: usize) -> anyhow::Result<(hat::model::LayerStack, Tensor, Tensor)> {
+    let middle = model.layers.slice(2..28)?;
+    let input = model.layers.slice(0..2)?;
+    let x = input.forward(&model.embedder.embed_ids(prompt)?, 0, &mut input.new_cache())?;
+    let n = x.dim(1)?.checked_sub(tail).ok_or_else(|| anyhow::anyhow!("the prompt is shorter than {tail} positions"))?;
+    Ok((middle, x.narrow(1, 0, n)?, x.narrow(1, n, tail)?))
+}
+
 /// The cloud's packed pass through the default split's middle layers ([2, 28)): N sessions, each
 /// with the prompt's states in its cache, send one row each (`forward_packed`), against one
 /// session sending a block of N rows (the same weights and row count, one session's work) and N
 /// one-row passes one after the other (no packing).
 fn packed(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
-    let middle = model.layers.slice(2..28)?;
-    let input = model.layers.slice(0..2)?;
-    let x = input.forward(&model.embedder.embed_ids(prompt)?, 0, &mut input.new_cache())?;
-    let n = x.dim(1)? - 64;
-    let (context, rows) = (x.narrow(1, 0, n)?, x.narrow(1, n, 64)?);
+    let (middle, context, rows) = middle_and_prompt(model, prompt, 64)?;
+    let n = context.dim(1)?;
     let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);
     println!();
     println!("| sessions ({} threads) | packed pass ms | one session's block of as many rows, ms | one-row passes one by one, ms | packed / one block |", candle_core::utils::get_num_threads());
@@ -234,11 +242,8 @@ fn packed(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
 /// parent is the node two before it, or the block's first), interleaved repetitions.
 fn rows(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
     use hat::model::tree::TreeShape;
-    let middle = model.layers.slice(2..28)?;
-    let input = model.layers.slice(0..2)?;
-    let x = input.forward(&model.embedder.embed_ids(prompt)?, 0, &mut input.new_cache())?;
-    let n = x.dim(1)? - 16;
-    let (context, block) = (x.narrow(1, 0, n)?, x.narrow(1, n, 16)?);
+    let (middle, context, block) = middle_and_prompt(model, prompt, 16)?;
+    let n = context.dim(1)?;
     let mut cache = middle.new_cache();
     middle.forward(&context, 0, &mut cache)?;
     let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);
