@@ -95,6 +95,9 @@ fn main() -> anyhow::Result<()> {
     if parts.split(',').any(|p| p == "rows") {
         rows(&hat_model, &prompt)?;
     }
+    if parts.split(',').any(|p| p == "q8") {
+        q8(&hat_model)?;
+    }
     Ok(())
 }
 
@@ -180,6 +183,64 @@ fn kernel(model: &hat::model::Model) -> anyhow::Result<()> {
         }
         let (s, g) = (median(&small), median(&gemm));
         println!("| {m} | {s:.3} | {:.1} | {g:.3} | {:.2}x |", 2.0 * (m * params) as f64 / (s * 1e6), g / s);
+    }
+    Ok(())
+}
+
+/// The draft path's 8-bit kernels against the f32 one on a decoder layer's projections: ms per
+/// layer and the bytes of weights read per second, hot (one layer, again and again: its weights
+/// stay in the caches) and cold (each repetition the next of every layer: the weights come from
+/// memory, as in a decode step); the 8-bit weights with f32 states (converted to f32 in the
+/// kernel) and with states rounded to 16 bits (integer dot products, AVX-512 VNNI: what
+/// `Q8Matrix::matmul` uses where the CPU has it), interleaved repetition by repetition.
+fn q8(model: &hat::model::Model) -> anyhow::Result<()> {
+    use hat::model::q8::{Q16States, Q8Matrix};
+    let layers = model.layers.num_layers();
+    let weights: Vec<Vec<Tensor>> = (0..layers).map(|l| model.layers.projection_weights(l)).collect::<Result<_, _>>()?;
+    let ints: Vec<Vec<Q8Matrix>> = weights.iter().map(|ws| ws.iter().map(Q8Matrix::quantize).collect::<Result<_, _>>()).collect::<Result<_, _>>()?;
+    let params: usize = weights[0].iter().map(|w| w.elem_count()).sum();
+    let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 40) * layers / 4;
+    let vnni = hat::model::kernels::has_vnni();
+    println!();
+    println!("| rows ({} threads) | weights | f32 ms per layer | GB/s | int8, f32 states, ms | GB/s | int8, 16-bit states{}, ms | GB/s | 16-bit / f32 states |", candle_core::utils::get_num_threads(), if vnni { " (VNNI)" } else { " (no VNNI: scalar)" });
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for m in [1usize, 3, 5] {
+        for cold in [false, true] {
+            let xs: Vec<Tensor> = weights[0].iter().map(|w| Tensor::randn(0f32, 1.0, (1, m, w.dim(1)?), &Device::Cpu)).collect::<Result<_, _>>()?;
+            let flat: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all()?.to_vec1::<f32>()).collect::<Result<_, _>>()?;
+            let (mut f, mut q, mut v) = (vec![], vec![], vec![]);
+            let timed = |out: &mut Vec<f64>, run: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+                let t = Instant::now();
+                run()?;
+                out.push(t.elapsed().as_secs_f64() * 1e3);
+                Ok(())
+            };
+            for r in 0..reps {
+                // Each kernel reads another third of the layers, so none finds the last one's.
+                let at = |shift: usize| if cold { (r + shift * layers / 3) % layers } else { 0 };
+                timed(&mut f, &mut || {
+                    for (w, x) in weights[at(0)].iter().zip(&xs) {
+                        hat::model::kernels::small_m_matmul(x, w)?;
+                    }
+                    Ok(())
+                })?;
+                timed(&mut q, &mut || {
+                    for (w, x) in ints[at(1)].iter().zip(&flat) {
+                        w.matmul_rows(x, m);
+                    }
+                    Ok(())
+                })?;
+                timed(&mut v, &mut || {
+                    for (w, x) in ints[at(2)].iter().zip(&flat) {
+                        w.matmul_q16(&Q16States::new(x, w.cols()))?;
+                    }
+                    Ok(())
+                })?;
+            }
+            let (f, q, v) = (median(&f), median(&q), median(&v));
+            let name = if cold { "cold (every layer in turn)" } else { "hot (one layer)" };
+            println!("| {m} | {name} | {f:.3} | {:.1} | {q:.3} | {:.1} | {v:.3} | {:.1} | {:.2} |", 4.0 * params as f64 / (f * 1e6), params as f64 / (q * 1e6), params as f64 / (v * 1e6), v / q);
+        }
     }
     Ok(())
 }

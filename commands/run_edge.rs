@@ -180,9 +180,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let session_ms = session.elapsed().as_secs_f64() * 1e3;
     let mut out = Streamer::new(&bundle.tokenizer, args.json);
     let mut generated = Vec::new();
-    let result = hat::edge::generate_with(bundle, drafter, &mut link, &ids, &opts, |id| {
-        generated.push(id);
-        out.push(id).map(|_| Flow::Continue)
+    // One generation in this process: on a thread of the compute pool (see `in_pool`).
+    let result = hat::util::threads::in_pool(|| {
+        hat::edge::generate_with(bundle, drafter, &mut link, &ids, &opts, |id| {
+            generated.push(id);
+            out.push(id).map(|_| Flow::Continue)
+        })
     });
     // What was streamed stays on screen, and --json still reports it, when the cloud fails
     // part-way.

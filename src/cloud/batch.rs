@@ -190,17 +190,20 @@ impl Scheduler {
             .collect();
         std::thread::sleep(self.pass_delay);
         let middle = &self.bundle.middle;
-        let outs: Result<Vec<candle_core::Tensor>> = if pass.len() == 1 {
-            let r = &mut pass[0];
-            let y = match &r.prepared.mask {
-                Some(mask) => middle.forward_tree(&r.x, &mut r.job.cache.cache, mask.clone()),
-                None => middle.forward(&r.x, r.prepared.start, &mut r.job.cache.cache),
-            };
-            y.map(|y| vec![y])
-        } else {
-            let mut blocks: Vec<PackedBlock> = pass.iter_mut().map(|r| PackedBlock { x: r.x.clone(), cache: &mut r.job.cache.cache, tree: r.prepared.mask.clone() }).collect();
-            middle.forward_packed(&mut blocks)
-        };
+        // On a thread of the compute pool (see `in_pool`).
+        let outs: Result<Vec<candle_core::Tensor>> = crate::util::threads::in_pool(|| {
+            if pass.len() == 1 {
+                let r = &mut pass[0];
+                let y = match &r.prepared.mask {
+                    Some(mask) => middle.forward_tree(&r.x, &mut r.job.cache.cache, mask.clone()),
+                    None => middle.forward(&r.x, r.prepared.start, &mut r.job.cache.cache),
+                };
+                y.map(|y| vec![y])
+            } else {
+                let mut blocks: Vec<PackedBlock> = pass.iter_mut().map(|r| PackedBlock { x: r.x.clone(), cache: &mut r.job.cache.cache, tree: r.prepared.mask.clone() }).collect();
+                middle.forward_packed(&mut blocks)
+            }
+        });
         let took = began.elapsed();
         let rows: usize = pass.iter().map(|r| r.job.block.count as usize).sum();
         self.metrics.pass(pass.len(), rows, took.as_secs_f64());

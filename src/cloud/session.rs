@@ -178,7 +178,7 @@ pub(crate) async fn session(shared: Arc<Shared>, mut send: quinn::SendStream, mu
                     let out = (|| {
                         std::thread::sleep(meter.config.pass_delay);
                         let x = block.to_tensor(hidden, &candle_core::Device::Cpu)?;
-                        let y = c.run(&bundle.middle, &x, start, &parents, &keep)?;
+                        let y = crate::util::threads::in_pool(|| c.run(&bundle.middle, &x, start, &parents, &keep))?;
                         HiddenBlock::from_tensor(&y, start, dtype)
                     })();
                     meter.load.end(id, t, count);

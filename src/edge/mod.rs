@@ -149,6 +149,9 @@ pub fn generate<L: MiddleLink>(
 /// [`generate`] with a prepared [`Drafter`] (its options replace `opts.draft`). With
 /// [`Fallback::Slm`], an answer whose cloud is lost for good (unreachable, or lost and not found
 /// again) is finished by the on-device SLM alone ([`finish_on_device`]).
+///
+/// Call it on a thread of the compute pool ([`crate::util::threads::in_pool`]) when nothing
+/// else generates in the process: the kernels' parallel loops then start in place.
 pub fn generate_with<L: MiddleLink>(
     dev: &DeviceBundle,
     drafter: &Drafter,

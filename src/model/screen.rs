@@ -27,25 +27,19 @@
 //! distribution is meaningful, so only greedy decoding may use it.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::model::kernels::{is_cpu_f32, small_m_matmul, transpose, EXACT_ROWS};
-use crate::model::q8::Q8Matrix;
+use crate::model::kernels::{has_vnni, is_cpu_f32, small_m_matmul, EXACT_ROWS};
+use crate::model::q8::{Q16States, Q8Matrix};
 
 /// Above this many candidates in a row the whole row is computed in f32 (in practice a few to a
 /// few hundred).
 const MAX_CANDIDATES: usize = 4096;
 
-/// Vocabulary rows per parallel task of the integer screen.
-const ROWS_PER_TASK: usize = 256;
-
 /// An LM head weight `(vocab, hidden)` with its 8-bit screening copy.
 #[derive(Debug)]
 pub struct ScreenedHead {
     q8: Q8Matrix,
-    /// `Σ_c q_jc` per row (the offset of the unsigned-by-signed integer dot product).
-    q_sum: Vec<i32>,
     /// `Σ_c |q_jc|` per row (the bound's term for rounding `x`).
     q_l1: Vec<f32>,
 }
@@ -64,9 +58,8 @@ impl ScreenedHead {
     pub fn new(weight: &Tensor) -> Result<Self> {
         let q8 = Q8Matrix::quantize(weight)?;
         let k = q8.cols().max(1);
-        let q_sum = q8.ints().chunks(k).map(|r| r.iter().map(|&v| v as i32).sum()).collect();
         let q_l1 = q8.ints().chunks(k).map(|r| r.iter().map(|&v| (v as i32).abs()).sum::<i32>() as f32).collect();
-        Ok(Self { q8, q_sum, q_l1 })
+        Ok(Self { q8, q_l1 })
     }
 
     /// Whether [`Self::logits`] can serve normalised states `x` against the f32 head `weight`
@@ -95,7 +88,7 @@ impl ScreenedHead {
         let m = xs.len() / k.max(1);
         // Screened logits (m, vocab) and each row's s_x (0: states not rounded).
         let (approx, s_x) = match how {
-            Screen::Int8 => self.int8_logits(&xs, m),
+            Screen::Int8 => self.int8_logits(&xs, k)?,
             Screen::F32 => (self.q8.matmul_rows(&xs, m), vec![0f32; m]),
         };
         let scales = self.q8.scales();
@@ -128,52 +121,20 @@ impl ScreenedHead {
         Ok(Tensor::from_vec(out, shape, x.device())?)
     }
 
-    /// [`Screen::Int8`]: each state rounded to 16 bits and split into two bytes, integer dot
-    /// products of both against every row: `(m, vocab)` screened logits and each state's scale.
-    fn int8_logits(&self, xs: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
-        let (vocab, k) = (self.q8.rows(), self.q8.cols());
-        // r = round(x / s_x) in [-32767, 32767] as r = 256 · hi + lo with lo in [0, 256) and hi
-        // in [-128, 128); the instruction multiplies unsigned by signed bytes, so hi goes as
-        // hi + 128 and 128 · Σ q_j comes back out.
-        let mut s_x = Vec::with_capacity(m);
-        let (mut hi, mut lo) = (vec![0u8; m * k], vec![0u8; m * k]);
-        for ((row, h), l) in xs.chunks(k).zip(hi.chunks_mut(k)).zip(lo.chunks_mut(k)) {
-            let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let s = (max / 32767.0).max(f32::MIN_POSITIVE);
-            for ((h, l), v) in h.iter_mut().zip(l.iter_mut()).zip(row) {
-                let r = (v / s).round().clamp(-32767.0, 32767.0) as i32;
-                *h = ((r >> 8) + 128) as u8;
-                *l = (r & 0xff) as u8;
-            }
-            s_x.push(s);
-        }
-        let q = self.q8.ints();
-        let scales = self.q8.scales();
-        // Weight-row-major (vocab, m), then transposed.
-        let mut t = vec![0f32; vocab * m];
-        t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, block)| {
-            let mut dots = vec![(0i32, 0i32); m];
-            for (r, out) in block.chunks_mut(m).enumerate() {
-                let j = task * ROWS_PER_TASK + r;
-                // SAFETY: `has_vnni` was checked by the caller's choice of `Screen::Int8`.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    int8_dots(&q[j * k..(j + 1) * k], &hi, &lo, k, &mut dots)
-                };
-                for ((o, &(dh, dl)), &s) in out.iter_mut().zip(&dots).zip(&s_x) {
-                    let dot = 256 * (dh as i64 - 128 * self.q_sum[j] as i64) + dl as i64;
-                    *o = (dot as f64 * scales[j] as f64 * s as f64) as f32;
-                }
-            }
-        });
-        (transpose(&t, vocab, m), s_x)
+    /// [`Screen::Int8`]: each state rounded to 16 bits, integer dot products against every
+    /// row ([`Q8Matrix::matmul_q16`]): `(m, vocab)` screened logits and each state's scale.
+    fn int8_logits(&self, xs: &[f32], k: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let states = Q16States::new(xs, k);
+        Ok((self.q8.matmul_q16(&states)?, states.scale))
     }
 }
 
 /// From this many states on, [`Screen::Int8`] beats [`Screen::F32`]: with the 8-bit copy out of
-/// the caches (as between verifications) one core took 2.91 / 3.79 / 5.06 ms for 1 / 3 / 5
-/// states against 2.60 / 4.25 / 6.12 (`cargo bench --bench engine`).
-const INT8_FROM_ROWS: usize = 3;
+/// the caches (as between verifications) one core took 2.14 / 2.86 / 4.28 ms for 1 / 3 / 5
+/// states against 3.02 / 3.70 / 4.81 (AMD EPYC; `cargo bench --bench engine`, the integer
+/// kernel of [`crate::model::kernels::vnni`]; with the kernel before it, one state was faster
+/// with f32 states).
+const INT8_FROM_ROWS: usize = 1;
 
 impl Screen {
     /// The fastest this CPU has for `rows` states at once.
@@ -183,43 +144,6 @@ impl Screen {
         } else {
             Self::F32
         }
-    }
-}
-
-/// Whether the CPU has the integer dot product instructions [`Screen::Int8`] uses.
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// `dots[i] = (Σ_c w[c] · hi[i·k + c], Σ_c w[c] · lo[i·k + c])` (i8 weights, u8 digits) for
-/// every state `i`, exact in i32 (|sums| ≤ k · 128 · 255, under 2³¹ for k up to 65,000).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn int8_dots(w: &[i8], hi: &[u8], lo: &[u8], k: usize, dots: &mut [(i32, i32)]) {
-    use std::arch::x86_64::*;
-    let blocks = k / 64;
-    for (i, d) in dots.iter_mut().enumerate() {
-        let (h, l) = (&hi[i * k..(i + 1) * k], &lo[i * k..(i + 1) * k]);
-        let (mut acc_h, mut acc_l) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-        for b in 0..blocks {
-            let wv = _mm512_loadu_si512(w.as_ptr().add(b * 64) as *const _);
-            acc_h = _mm512_dpbusd_epi32(acc_h, _mm512_loadu_si512(h.as_ptr().add(b * 64) as *const _), wv);
-            acc_l = _mm512_dpbusd_epi32(acc_l, _mm512_loadu_si512(l.as_ptr().add(b * 64) as *const _), wv);
-        }
-        let (mut sh, mut sl) = (_mm512_reduce_add_epi32(acc_h), _mm512_reduce_add_epi32(acc_l));
-        for c in blocks * 64..k {
-            sh += h[c] as i32 * w[c] as i32;
-            sl += l[c] as i32 * w[c] as i32;
-        }
-        *d = (sh, sl);
     }
 }
 

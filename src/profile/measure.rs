@@ -62,7 +62,7 @@ impl Grid {
 
 /// Times `run(rows, start)` on every point of `grid`; `fill(upto)` grows the context first
 /// (called with increasing starts), `tick` after each point.
-fn time_grid(grid: &Grid, mut fill: impl FnMut(usize) -> Result<()>, mut run: impl FnMut(usize, usize) -> Result<()>, tick: &mut dyn FnMut()) -> Result<Vec<Timing>> {
+fn time_grid(grid: &Grid, mut fill: impl FnMut(usize) -> Result<()>, mut run: impl FnMut(usize, usize) -> Result<()>, tick: &mut (dyn FnMut() + Send)) -> Result<Vec<Timing>> {
     let mut out = Vec::new();
     let mut starts = grid.starts.clone();
     starts.sort_unstable();
@@ -99,7 +99,7 @@ fn fill_stack(stack: &LayerStack, cache: &mut StackCache, upto: usize, size: usi
 }
 
 /// Times a layer stack on blocks of the grid (`after` runs on its output, e.g. the head).
-fn time_stack(stack: &LayerStack, size: usize, grid: &Grid, tick: &mut dyn FnMut(), after: &dyn Fn(&Tensor) -> Result<()>) -> Result<Vec<Timing>> {
+fn time_stack(stack: &LayerStack, size: usize, grid: &Grid, tick: &mut (dyn FnMut() + Send), after: &dyn Fn(&Tensor) -> Result<()>) -> Result<Vec<Timing>> {
     let mut cache = stack.new_cache();
     let cache = std::cell::RefCell::new(&mut cache);
     time_grid(
@@ -132,7 +132,7 @@ pub struct DeviceTimings {
 
 /// Times the device's stages: input submodel (embedding included), output submodel, the head
 /// on one position, the draft path's prefill, and one draft step.
-pub fn device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut dyn FnMut()) -> Result<DeviceTimings> {
+pub fn device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut (dyn FnMut() + Send)) -> Result<DeviceTimings> {
     let size = dev.manifest.hidden_size;
     let vocab = dev.manifest.config.vocab_size;
     let grid = grid.clone().within(dev.input.max_positions());
@@ -234,10 +234,11 @@ pub const CONCURRENCY: [usize; 3] = [1, 2, 4];
 const CONCURRENT_ROWS: usize = 64;
 
 /// Times the middle layers on the grid, then `k` blocks at once on k threads.
-pub fn cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut dyn FnMut()) -> Result<CloudTimings> {
+pub fn cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut (dyn FnMut() + Send)) -> Result<CloudTimings> {
     let size = bundle.manifest.hidden_size;
     let grid = grid.clone().within(bundle.middle.max_positions());
-    let middle = time_stack(&bundle.middle, size, &grid, tick, &|_| Ok(()))?;
+    // On a thread of the compute pool, as the cloud computes its passes (`in_pool`).
+    let middle = crate::util::threads::in_pool(|| time_stack(&bundle.middle, size, &grid, tick, &|_| Ok(())))?;
     let rows = CONCURRENT_ROWS.min(bundle.middle.max_positions());
     let mut per_k = Vec::new();
     for k in CONCURRENCY {
@@ -250,7 +251,7 @@ pub fn cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut dyn FnMut()) -> Resul
                             let mut cache = bundle.middle.new_cache();
                             let x = hidden(rows, size)?;
                             let t = Instant::now();
-                            bundle.middle.forward(&x, 0, &mut cache)?;
+                            crate::util::threads::in_pool(|| bundle.middle.forward(&x, 0, &mut cache))?;
                             Ok(t.elapsed().as_secs_f64() * 1e3)
                         })
                     })

@@ -27,8 +27,9 @@ pub use file::{cache_dir, CloudProfile, DeviceProfile, LinkProfile, Profile, Sta
 pub use measure::Grid;
 
 /// Measures and fits the device's stages.
-pub fn profile_device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut dyn FnMut()) -> Result<DeviceProfile> {
-    let t = measure::device(dev, drafter, grid, tick)?;
+pub fn profile_device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: &mut (dyn FnMut() + Send)) -> Result<DeviceProfile> {
+    // On a thread of the compute pool, as the edge computes (`in_pool`).
+    let t = crate::util::threads::in_pool(|| measure::device(dev, drafter, grid, tick))?;
     let small = regimes(&dev.manifest.config);
     Ok(DeviceProfile {
         input: fit(&t.input, small)?,
@@ -43,7 +44,7 @@ pub fn profile_device(dev: &DeviceBundle, drafter: &Drafter, grid: &Grid, tick: 
 }
 
 /// Measures and fits the cloud's middle layers (alone and under concurrent blocks).
-pub fn profile_cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut dyn FnMut()) -> Result<CloudProfile> {
+pub fn profile_cloud(bundle: &CloudBundle, grid: &Grid, tick: &mut (dyn FnMut() + Send)) -> Result<CloudProfile> {
     let t = measure::cloud(bundle, grid, tick)?;
     let small = regimes(&bundle.manifest.config);
     Ok(CloudProfile { middle: fit(&t.middle, small)?, slowdown: t.slowdown, timings: t.middle })
@@ -66,9 +67,10 @@ pub fn profile_link(link: &mut QuicLink, addr: &str, quick: bool) -> Result<Link
     Ok(LinkProfile { cloud_addr: addr.to_string(), estimate, cloud: link.cloud_model.clone(), cloud_load: link.welcome_load })
 }
 
-/// A cached quick profile's file name: split, threads, and the draft path it was measured with.
+/// A cached quick profile's file name: split, threads, the kernels
+/// ([`crate::model::kernels::kernels_tag`]) and the draft path it was measured with.
 fn cache_name(kind: &str, split_id: &str, detail: &str) -> String {
-    format!("profile-{kind}-{split_id}-t{}{detail}.json", crate::util::threads::count())
+    format!("profile-{kind}-{split_id}-t{}-{}{detail}.json", crate::util::threads::count(), crate::model::kernels::kernels_tag())
 }
 
 /// Reads a cached profile if it matches; `None` when absent or stale (it is measured again).

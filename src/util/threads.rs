@@ -34,3 +34,18 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
 pub fn count() -> usize {
     *THREADS.get().unwrap_or(&std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// Runs `f` on a thread of the compute pool (rayon's global pool), so that every parallel loop
+/// of the kernels inside it starts there. Called from a thread outside the pool, each such loop
+/// hands its work to the pool and sleeps until it is done: a wake-up and a sleep per matmul,
+/// ~30 µs each with one compute thread (measured: 0.31 → 0.20 ms per decoder layer of 8-bit
+/// draft compute, `cargo bench --bench engine` part `q8`), hundreds of times per token. Inside
+/// the pool they run in place.
+///
+/// `f` holds a pool thread until it returns, and a thread of the pool waiting on its own
+/// parallel loop may pick up another `in_pool` job meanwhile: use it for compute, or for one
+/// generation per process (`run-edge`), not for many generations that wait on the network side
+/// by side (the edge service runs those outside the pool).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

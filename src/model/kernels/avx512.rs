@@ -52,7 +52,7 @@ unsafe fn tile<W: Weight, const R: usize, const G: usize>(w: &[W], x: &[f32], k:
         for (r, v) in wv.iter_mut().enumerate() {
             if c % W::CHUNKS_PER_LINE == 0 {
                 // The rows a few on, into the cache ahead of their loads (as the AVX2 kernels do).
-                _mm_prefetch(wp.wrapping_add((r + PREFETCH_ROWS) * k + c * 16) as *const i8, _MM_HINT_T0);
+                _mm_prefetch(wp.wrapping_add((r + PREFETCH_ROWS) * k + c * 16) as *const i8, _MM_HINT_T1);
             }
             *v = W::load16_avx512(wp.add(r * k + c * 16));
         }

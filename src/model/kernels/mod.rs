@@ -17,7 +17,7 @@
 //! For `m <= 16` rows, gemm's packing and dispatch make a block of 5 tokens cost ~2× one token,
 //! although reading the weights (memory-bound) is the same work. [`small_m_matmul`] reads each
 //! weight row once and computes its dot products with all `m` rows (AVX2/FMA when the CPU has
-//! it), prefetching the weight rows a few rows ahead (without that, the arithmetic for several
+//! it), prefetching the weight rows a few rows ahead into L2 (without that, the arithmetic for several
 //! input rows fills the out-of-order window while it waits on the weights, and each extra row
 //! costs ~10 %), so verifying γ+1 drafted positions costs about as much as one. Each output element is
 //! computed in the same order whatever `m` is: a token's result does not depend on how many
@@ -38,6 +38,10 @@
 //! sums side by side, [`sum_lanes8`], in the same order as one by one) and keeps a row's value
 //! sums in registers across the keys. `HAT_CPU_KERNELS=avx2|scalar` caps the choice ([`Isa`]).
 //!
+//! The draft path's 8-bit matmuls and the head's screen, which need not be exact, use AVX-512
+//! VNNI integer dot products where the CPU has them ([`vnni`], [`has_vnni`]);
+//! `HAT_CPU_KERNELS=avx512` keeps AVX-512 but not VNNI (the 8-bit weights then convert to f32).
+//!
 //! ## SwiGLU on the fused gate/up projection
 //!
 //! The MLP's gate and up projections run as one matmul whose output is `[gate | up]` along the
@@ -49,6 +53,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;
 
 /// Query rows up to which [`causal_attention`] is used instead of matmuls.
 pub const MAX_FUSED_ROWS: usize = 64;
@@ -396,6 +402,10 @@ pub const EXACT_ROWS: usize = 64;
 const ROWS_PER_TASK: usize = 32;
 /// How many weight rows ahead the kernels prefetch (measured on the 26 middle layers, one core:
 /// a 3-row block 48.6 → 38.7 ms, one row 40.7 → 35.3 ms; 2 to 8 rows ahead do about as well).
+/// They prefetch into L2 (`_MM_HINT_T1`), not L1: on an AMD EPYC (one core, weights from
+/// memory) one decoder layer's f32 projections for one row took 1.23 ms with L1 prefetches and
+/// 0.75 ms with L2 ones (the L1 prefetches hold the few L1 miss slots the loads need);
+/// `cargo bench --bench engine` part `q8`.
 pub(crate) const PREFETCH_ROWS: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
@@ -553,7 +563,7 @@ unsafe fn dots_group<W: Weight, const R: usize, const G: usize>(w: [&[W]; R], x:
                 // The row a few rows on (the next tasks' rows follow these in memory): its loads
                 // then hit the cache instead of filling the out-of-order window while the
                 // arithmetic for several input rows waits on them. Prefetches never fault.
-                _mm_prefetch(wr.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T0);
+                _mm_prefetch(wr.as_ptr().wrapping_add(PREFETCH_ROWS * k + c * 16) as *const i8, _MM_HINT_T1);
             }
             *v = W::load16_avx2(wr.as_ptr().add(c * 16));
         }
@@ -615,6 +625,35 @@ unsafe fn dots_avx2<W: Weight, const R: usize>(w: [&[W]; R], x: &[f32], k: usize
             _ => dots_group::<W, R, 4>(w, x, k, i, &mut out),
         }
         i += (m - i).min(most);
+    }
+}
+
+/// Which kernels this binary computes with on this CPU, e.g. `k2-avx512-vnni`: a revision, raised
+/// whenever a kernel's speed changes (prefetching, instructions), and the instruction sets in
+/// use. Cached quick profiles carry it in their names, so that timings measured with other
+/// kernels are measured again.
+pub fn kernels_tag() -> String {
+    /// Raised when the kernels' speed changes.
+    const REVISION: u32 = 2;
+    let isa = match Isa::detected() {
+        Isa::Scalar => "scalar",
+        Isa::Avx2 => "avx2",
+        Isa::Avx512 => "avx512",
+    };
+    format!("k{REVISION}-{isa}{}", if has_vnni() { "-vnni" } else { "" })
+}
+
+/// Whether the 8-bit kernels may use AVX-512 VNNI ([`vnni`]): the CPU has it and
+/// `HAT_CPU_KERNELS` (`avx512`, `avx2` or `scalar`) does not cap it off.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| Isa::detected() == Isa::Avx512 && std::env::var("HAT_CPU_KERNELS").as_deref() != Ok("avx512") && vnni::available())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -726,7 +765,7 @@ pub(crate) fn by_weight_rows(n: usize, m: usize, rows_per_task: usize, parallel:
         });
     };
     let tasks = n.div_ceil(rows_per_task.max(1));
-    if parallel {
+    if parallel && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(task);
     } else {
         (0..tasks).for_each(task);
@@ -747,17 +786,6 @@ impl SharedOut {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-/// A row-major `(n, m)` matrix as row-major `(m, n)` (the kernels compute weight-row-major).
-pub(crate) fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let mut o = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            o[i * n + j] = t[j * m + i];
-        }
-    }
-    o
 }
 
 /// `x · wᵀ` for `x` `(..., k)` with at most [`EXACT_ROWS`] rows and `w` `(n, k)`: `(..., n)`.
