@@ -37,7 +37,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut out = Streamer::new(tokenizer, args.json);
     let mut decoder = ModelDecoder::new(&model);
-    let report = generate(&mut decoder, &ids, args.sampling.max_tokens, &sampling, &tokenizer.eos_token_ids, |id| out.push(id))?;
+    // On a thread of the compute pool (see `in_pool`).
+    let report = hat::util::threads::in_pool(|| generate(&mut decoder, &ids, args.sampling.max_tokens, &sampling, &tokenizer.eos_token_ids, |id| out.push(id)))?;
     out.finish()?;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
