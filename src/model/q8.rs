@@ -168,16 +168,7 @@ impl Q8Matrix {
             let rows = block.len() / m;
             SUMS.with_borrow_mut(|sums| {
                 sums.resize(block.len(), 0);
-                let w = &self.q[j0 * k..(j0 + rows) * k];
-                #[cfg(target_arch = "x86_64")]
-                if has_vnni() {
-                    // SAFETY: the CPU has VNNI; `w` holds `rows * k` values, the states `m * k`.
-                    unsafe { crate::model::kernels::vnni::dots(w, &x.hi, &x.lo, k, m, sums) };
-                } else {
-                    q16_dots_scalar(w, x, k, m, sums);
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                q16_dots_scalar(w, x, k, m, sums);
+                q16_dots(&self.q[j0 * k..(j0 + rows) * k], x, k, m, sums);
                 for (r, (out, s)) in block.chunks_mut(m).zip(sums.chunks(m)).enumerate() {
                     let (scale, offset) = (self.scale[j0 + r] as f64, 32768 * self.q_sum[j0 + r] as i64);
                     for ((o, &s), &sx) in out.iter_mut().zip(s).zip(&x.scale) {
@@ -207,6 +198,18 @@ impl Q8Matrix {
 #[inline]
 fn round_half_away(q: f32) -> i32 {
     (q + 0.5f32.copysign(q)) as i32
+}
+
+/// `sums[r * m + s] = Σ_c w[r·k + c] · (256 · hi + lo)[s·k + c]` for the weight rows in `w`
+/// and the `m` states: VNNI where the CPU has it ([`has_vnni`]), else a scalar loop (the same
+/// integers).
+fn q16_dots(w: &[i8], x: &Q16States, k: usize, m: usize, sums: &mut [i64]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        // SAFETY: the CPU has VNNI; `w` holds `rows * k` values, the states `m * k`.
+        return unsafe { crate::model::kernels::vnni::dots(w, &x.hi, &x.lo, k, m, sums) };
+    }
+    q16_dots_scalar(w, x, k, m, sums)
 }
 
 /// The integer sums of [`crate::model::kernels::vnni::dots`], without vector instructions.

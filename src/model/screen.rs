@@ -73,8 +73,7 @@ impl ScreenedHead {
     /// against the f32 head `weight` `(vocab, hidden)`: `(..., vocab)`, the full head's values at
     /// every row that could be the largest, `-inf` elsewhere (see the module doc).
     pub fn logits(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / self.q8.cols().max(1);
-        self.logits_with(x, weight, Screen::best_for(rows))
+        self.logits_with(x, weight, Screen::best())
     }
 
     /// [`Self::logits`] screened as `how` says ([`Screen::Int8`] falls back to [`Screen::F32`]
@@ -129,17 +128,13 @@ impl ScreenedHead {
     }
 }
 
-/// From this many states on, [`Screen::Int8`] beats [`Screen::F32`]: with the 8-bit copy out of
-/// the caches (as between verifications) one core took 2.14 / 2.86 / 4.28 ms for 1 / 3 / 5
-/// states against 3.02 / 3.70 / 4.81 (AMD EPYC; `cargo bench --bench engine`, the integer
-/// kernel of [`crate::model::kernels::vnni`]; with the kernel before it, one state was faster
-/// with f32 states).
-const INT8_FROM_ROWS: usize = 1;
-
 impl Screen {
-    /// The fastest this CPU has for `rows` states at once.
-    pub fn best_for(rows: usize) -> Self {
-        if has_vnni() && rows >= INT8_FROM_ROWS {
+    /// The fastest this CPU has: [`Screen::Int8`] with VNNI, for any number of states (with the
+    /// 8-bit copy out of the caches, as between verifications, one core took 2.14 / 2.86 / 4.28
+    /// ms for 1 / 3 / 5 states against 3.02 / 3.70 / 4.81 with [`Screen::F32`]; AMD EPYC,
+    /// `cargo bench --bench engine`, the integer kernel of [`crate::model::kernels::vnni`]).
+    pub fn best() -> Self {
+        if has_vnni() {
             Self::Int8
         } else {
             Self::F32

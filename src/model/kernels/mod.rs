@@ -643,13 +643,18 @@ pub fn kernels_tag() -> String {
     format!("k{REVISION}-{isa}{}", if has_vnni() { "-vnni" } else { "" })
 }
 
-/// Whether the 8-bit kernels may use AVX-512 VNNI ([`vnni`]): the CPU has it and
-/// `HAT_CPU_KERNELS` (`avx512`, `avx2` or `scalar`) does not cap it off.
+/// Whether the 8-bit kernels may use AVX-512 VNNI ([`vnni`]): the CPU has it (with AVX-512BW)
+/// and `HAT_CPU_KERNELS` (`avx512`, `avx2` or `scalar`) does not cap it off.
 pub fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| Isa::detected() == Isa::Avx512 && std::env::var("HAT_CPU_KERNELS").as_deref() != Ok("avx512") && vnni::available())
+        *HAS.get_or_init(|| {
+            Isa::detected() == Isa::Avx512
+                && std::env::var("HAT_CPU_KERNELS").as_deref() != Ok("avx512")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

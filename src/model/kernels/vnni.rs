@@ -27,12 +27,6 @@ const PREFETCH_ROWS: usize = 16;
 /// States per tile (two accumulators each per weight row: `2 · 4 · 3 + 4 + 2` of 32 registers).
 const TILE_X: usize = 3;
 
-/// Whether the CPU has what these kernels use.
-pub(crate) fn available() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni"))
-}
-
 /// The sixteen 32-bit lanes of `a`, summed in 64 bits.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -46,7 +40,7 @@ unsafe fn lanes_i64(a: __m512i) -> i64 {
 /// g`, for `R` weight rows and `G` states.
 ///
 /// # Safety
-/// [`available`]; `w` holds `R * k` values, `hi` and `lo` at least `(first + G) * k`, `sums` at
+/// [`super::has_vnni`]; `w` holds `R * k` values, `hi` and `lo` at least `(first + G) * k`, `sums` at
 /// least `(R - 1) * m + first + G`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -115,7 +109,7 @@ unsafe fn rows_against_states<const R: usize>(w: &[i8], hi: &[u8], lo: &[u8], k:
 /// sums.len() / m` weight rows in `w` and the `m` states in `hi`, `lo`.
 ///
 /// # Safety
-/// [`available`]; `w.len() == rows * k`, `hi.len() == lo.len() == m * k`.
+/// [`super::has_vnni`]; `w.len() == rows * k`, `hi.len() == lo.len() == m * k`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn dots(w: &[i8], hi: &[u8], lo: &[u8], k: usize, m: usize, sums: &mut [i64]) {
     let rows = sums.len() / m.max(1);
