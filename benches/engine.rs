@@ -13,7 +13,8 @@
 //! pass over the default middle layers: N sessions' one-row blocks against one session's N-row
 //! block, which shows what the per-session work costs; `rows` the default middle layers on a block
 //! of 1 to 8 rows after the prompt, causal, as a chain and as a branching tree: what each row a
-//! verification block adds costs the cloud).
+//! verification block adds costs the cloud; `q8` the 8-bit draft kernels; `q4` the f32 kernel
+//! against the same weights read as exact 4-bit blocks).
 
 use std::time::Instant;
 
@@ -97,6 +98,9 @@ fn main() -> anyhow::Result<()> {
     }
     if parts.split(',').any(|p| p == "q8") {
         q8(&hat_model)?;
+    }
+    if parts.split(',').any(|p| p == "q4") {
+        q4(&hat_model)?;
     }
     Ok(())
 }
@@ -245,6 +249,48 @@ fn q8(model: &hat::model::Model) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The LLM path's f32 small-m kernel against the same weights as 4-bit affine blocks
+/// (`PackedQ4`, the same bits) on a decoder layer's projections: ms per layer, hot and cold as in
+/// part `q8`, interleaved repetition by repetition.
+fn q4(model: &hat::model::Model) -> anyhow::Result<()> {
+    use hat::model::q4::PackedQ4;
+    let layers = model.layers.num_layers();
+    let weights: Vec<Vec<Tensor>> = (0..layers).map(|l| model.layers.projection_weights(l)).collect::<Result<_, _>>()?;
+    let packed: Vec<Vec<PackedQ4>> = weights
+        .iter()
+        .map(|ws| ws.iter().map(|w| PackedQ4::detect(w)?.ok_or_else(|| anyhow::anyhow!("a projection is not 4-bit blocks (or no AVX-512)"))).collect::<anyhow::Result<_>>())
+        .collect::<anyhow::Result<_>>()?;
+    let params: usize = weights[0].iter().map(|w| w.elem_count()).sum();
+    let bytes: usize = packed[0].iter().map(|p| p.bytes()).sum();
+    let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 40) * layers / 4;
+    println!();
+    println!("| rows ({} threads) | weights | f32 ms per layer | GB/s | 4-bit blocks ms | GB/s | blocks / f32 |", candle_core::utils::get_num_threads());
+    println!("|---|---|---|---|---|---|---|");
+    for m in [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16] {
+        for cold in [false, true] {
+            let xs: Vec<Tensor> = weights[0].iter().map(|w| Tensor::randn(0f32, 1.0, (1, m, w.dim(1)?), &Device::Cpu)).collect::<Result<_, _>>()?;
+            let (mut f, mut q) = (vec![], vec![]);
+            for r in 0..reps {
+                let at = |shift: usize| if cold { (r + shift * layers / 2) % layers } else { 0 };
+                let t = Instant::now();
+                for (w, x) in weights[at(0)].iter().zip(&xs) {
+                    hat::model::kernels::small_m_matmul(x, w)?;
+                }
+                f.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                for (w, x) in packed[at(1)].iter().zip(&xs) {
+                    w.matmul(x)?;
+                }
+                q.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            let (f, q) = (median(&f), median(&q));
+            let name = if cold { "cold (every layer in turn)" } else { "hot (one layer)" };
+            println!("| {m} | {name} | {f:.3} | {:.1} | {q:.3} | {:.1} | {:.2} |", 4.0 * params as f64 / (f * 1e6), bytes as f64 / (q * 1e6), q / f);
+        }
+    }
+    Ok(())
+}
+
 /// The default split's middle layers ([2, 28)) and the prompt's input-submodel states, split
 /// into the context before its last `tail` positions `(1, len - tail, hidden)` and those
 /// positions `(1, tail, hidden)`, the rows a benchmark sends after the cached context.
@@ -312,7 +358,7 @@ fn rows(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
     println!("| rows after {n} cached ({} threads) | causal ms | chain (tree path) ms | two-wide tree ms | causal ms per row over one |", candle_core::utils::get_num_threads());
     println!("|---|---|---|---|---|");
     let mut one = None;
-    for m in [1usize, 2, 3, 4, 5, 6, 8] {
+    for m in [1usize, 2, 3, 4, 5, 6, 8, 10, 12, 16] {
         let rows = block.narrow(1, 0, m)?;
         let wide = TreeShape::new((0..m).map(|i| if i == 0 { hat::model::tree::ROOT } else { i.saturating_sub(2) as u16 }).collect())?;
         let (mut causal, mut chain, mut tree) = (vec![], vec![], vec![]);

@@ -122,13 +122,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let server = CloudServer::bind(bundle.clone(), config)?;
         let r = m.plan.middle_range();
         eprintln!(
-            "hat-cloud: serving split {} of {} (layers [{}, {})) on {}, computing in {}",
+            "hat-cloud: serving split {} of {} (layers [{}, {})) on {}, computing in {}{}",
             m.split_id,
             m.source.name,
             r.start,
             r.end,
             args.device,
-            bundle.middle.compute_dtype().map_or("f32", |d| d.as_str())
+            bundle.middle.compute_dtype().map_or("f32", |d| d.as_str()),
+            match bundle.middle.packed_projections() {
+                (0, _) => String::new(),
+                (p, all) => format!(" ({p} of {all} projections read as exact 4-bit blocks)"),
+            }
         );
         // Machine-readable lines on stdout for scripts.
         println!("listening {}", server.local_addr()?);

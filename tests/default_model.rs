@@ -63,6 +63,40 @@ fn split_reproduces_the_unsplit_model_to_the_last_logit() {
     let _ = eos;
 }
 
+/// The default GGUF's decoder layers are Q4_1: with AVX-512 every projection packs as exact
+/// 4-bit blocks, and the packed product of the model's own hidden states is the f32 kernel's,
+/// bit for bit, for the block sizes decoding, verification and trees use.
+#[test]
+fn every_projection_packs_and_computes_the_f32_bits() {
+    use hat::model::q4::{self, PackedQ4};
+    let loaded = model();
+    let reference = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let (packed, all) = reference.layers.packed_projections();
+    if !q4::enabled() {
+        assert_eq!(packed, 0, "packed without the kernel");
+        eprintln!("no AVX-512 here (or HAT_PACKED_WEIGHTS=off): the f32 weights serve alone");
+        return;
+    }
+    assert_eq!((packed, all), (120, 120));
+    let ids = loaded.tokenizer.encode_prompt("Write a haiku about the sea.", true).unwrap();
+    let x = reference.embedder.embed_ids(&ids).unwrap(); // (1, n, 576)
+    for layer in [0, 13, 29] {
+        for w in reference.layers.projection_weights(layer).unwrap() {
+            let p = PackedQ4::detect(&w).unwrap().expect("a Q4_1 projection packs");
+            let k = w.dim(1).unwrap();
+            for m in [1, 3, 8] {
+                // The layer's real input width: the states themselves, or tiled up to the down
+                // projection's 1536.
+                let rows = x.narrow(1, 0, m).unwrap();
+                let rows = Tensor::cat(&vec![&rows; k.div_ceil(576)], 2).unwrap().narrow(2, 0, k).unwrap().contiguous().unwrap();
+                let want = hat::model::kernels::small_m_matmul(&rows, &w).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = p.matmul(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {layer}, {:?}, m = {m}", w.dims());
+            }
+        }
+    }
+}
+
 #[test]
 fn gguf_tokenizer_round_trips() {
     let tok = &model().tokenizer;

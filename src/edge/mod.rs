@@ -368,7 +368,7 @@ fn generate_verified<L: MiddleLink>(
             let reply = edge.receive()?;
             ahead_clock.received();
             if overlap {
-                ahead_policy.record(ahead, ms(reply.cloud_compute));
+                ahead_policy.record(ahead, ms(reply.cloud_compute), edge.link.predicted_compute_ms(n, base));
             }
             let this_cloud_ms = ms(reply.cloud_compute);
             cloud_ms = Some(cloud_ms.map_or(this_cloud_ms, |c| 0.7 * c + 0.3 * this_cloud_ms));

@@ -289,7 +289,9 @@ impl AheadClock {
 /// cores with the cloud (or anything else the reply waits on) it slows the cloud down more than
 /// it saves. The edge compares the cloud's compute time for trees verified while it drafted
 /// ahead with those verified while it waited: a few rounds of each first, then a round of the
-/// other kind every [`AheadPolicy::PROBE_EVERY`] rounds, the latest measurements deciding.
+/// other kind every [`AheadPolicy::PROBE_EVERY`] rounds, the latest measurements deciding. Each
+/// time is taken relative to what the cloud's cost model predicts for that block, so that
+/// trees of other sizes compare (a row costs the cloud a tenth of a one-row block or more).
 #[derive(Debug, Default)]
 pub(super) struct AheadPolicy {
     rounds: usize,
@@ -325,10 +327,15 @@ impl AheadPolicy {
         }
     }
 
-    /// A round's cloud compute (ms), and whether the device drafted ahead meanwhile.
-    pub(super) fn record(&mut self, ahead: bool, cloud_ms: f64) {
+    /// A round's cloud compute (ms), whether the device drafted ahead meanwhile, and the
+    /// compute the cloud's cost model predicts for the block (ms; `None` when there is none).
+    pub(super) fn record(&mut self, ahead: bool, cloud_ms: f64, predicted_ms: Option<f64>) {
         self.rounds += 1;
-        push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, cloud_ms);
+        let relative = match predicted_ms {
+            Some(p) if p > 0.0 => cloud_ms / p,
+            _ => cloud_ms,
+        };
+        push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, relative);
     }
 }
 

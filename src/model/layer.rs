@@ -79,7 +79,7 @@ impl Attention {
         let outs = [cfg.q_dim(), cfg.kv_dim(), cfg.kv_dim()];
         Ok(Self {
             qkv_proj: fused_linear(&vb, &["q_proj", "k_proj", "v_proj"], h, &outs, bias)?,
-            o_proj: candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?.into(),
+            o_proj: Proj::packed(candle_nn::linear_b(cfg.q_dim(), h, false, vb.pp("o_proj"))?)?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: cfg.head_dim,
@@ -188,7 +188,7 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_up_proj: fused_linear(&vb, &["gate_proj", "up_proj"], h, &[i, i], false)?,
-            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?.into(),
+            down_proj: Proj::packed(candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?)?,
             intermediate: i,
         })
     }

@@ -15,7 +15,9 @@
 //! Files: [`config`] (checkpoint configs and the runtime [`ModelConfig`]), [`rope`], [`ops`]
 //! (norms, softmax, projections), [`layer`] ([`DecoderLayer`], attention masks), [`stack`]
 //! ([`LayerStack`], [`StackCache`]), [`cache`] (the truncatable KV cache), [`ends`]
-//! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q8`] (row-scaled 8-bit matrices
+//! ([`Embedder`], [`Head`]), [`kernels`] (fused CPU kernels), [`q4`] (f32 matrices that are exactly
+//! 4-bit affine blocks, as the GGUF's Q4_1 decodes, held and multiplied as those blocks with the
+//! f32 kernel's bits), [`q8`] (row-scaled 8-bit matrices
 //! and their small-m matmul, for draft compute), [`screen`] (the head's greedy argmax screened by
 //! an 8-bit copy, exact), [`tree`] (draft trees: shapes, masks, keeping a
 //! path, the cache of a session whose blocks may be trees); [`rotate`] (a stack in a rotated
@@ -31,6 +33,7 @@ pub mod ends;
 pub mod kernels;
 pub mod layer;
 pub mod ops;
+pub mod q4;
 pub mod q8;
 pub mod rope;
 pub mod rotate;

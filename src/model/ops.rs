@@ -9,6 +9,7 @@ use candle_nn::{Linear, RmsNorm, VarBuilder};
 
 use crate::error::Result;
 use crate::model::config::ModelConfig;
+use crate::model::q4::PackedQ4;
 use crate::model::q8::Q8Matrix;
 
 /// Which implementation of the non-matmul ops to use.
@@ -42,6 +43,8 @@ pub(crate) fn project(proj: &Proj, x: &Tensor, ops: Ops, exact: bool) -> Result<
     let small = ops == Ops::Fused && rows <= limit && cpu_f32;
     let y = if let (true, Some(q8)) = (small, &proj.q8) {
         q8.matmul(x)?
+    } else if let (true, Some(q4)) = (small && rows <= crate::model::q4::MAX_ROWS, &proj.q4) {
+        q4.matmul(x)?
     } else if small {
         crate::model::kernels::small_m_matmul(x, lin.weight())?
     } else if ops == Ops::Differentiable && !lin.weight().track_op() && cpu_f32 {
@@ -62,18 +65,21 @@ pub(crate) fn load_rms_norm(vb: VarBuilder, cfg: &ModelConfig) -> Result<RmsNorm
 
 /// Loads several linear layers that read the same input as one: their weights (and biases)
 /// concatenated along the output axis, so one matmul serves them all (fewer, larger gemm calls).
-/// A linear layer's weights: f32 (candle-nn's [`Linear`]), and optionally a row-scaled 8-bit copy
+/// A linear layer's weights: f32 (candle-nn's [`Linear`]); optionally a row-scaled 8-bit copy
 /// ([`Q8Matrix`]) that then serves every block of up to [`crate::model::kernels::SMALL_M`] rows
-/// (draft compute only; the LLM path never has one).
+/// (draft compute only; the LLM path never has one); and, where the f32 values are exactly
+/// 4-bit affine blocks, those blocks ([`PackedQ4`]), which serve the short blocks the f32
+/// small-m kernel would, with the same bits.
 #[derive(Debug, Clone)]
 pub struct Proj {
     pub(crate) lin: Linear,
     pub(crate) q8: Option<Arc<Q8Matrix>>,
+    pub(crate) q4: Option<Arc<PackedQ4>>,
 }
 
 impl From<Linear> for Proj {
     fn from(lin: Linear) -> Self {
-        Self { lin, q8: None }
+        Self { lin, q8: None, q4: None }
     }
 }
 
@@ -90,7 +96,19 @@ impl Proj {
 
     /// A copy whose short blocks compute from 8-bit weights.
     pub fn with_q8(&self) -> Result<Self> {
-        Ok(Self { lin: self.lin.clone(), q8: Some(Arc::new(Q8Matrix::quantize(self.lin.weight())?)) })
+        Ok(Self { q8: Some(Arc::new(Q8Matrix::quantize(self.lin.weight())?)), ..self.clone() })
+    }
+
+    /// The layer, with its weight's 4-bit blocks when it is exactly such blocks
+    /// ([`PackedQ4::detect`]).
+    pub fn packed(lin: Linear) -> Result<Self> {
+        let q4 = PackedQ4::detect(lin.weight())?.map(Arc::new);
+        Ok(Self { lin, q8: None, q4 })
+    }
+
+    /// Whether short blocks compute from 4-bit blocks.
+    pub fn is_packed(&self) -> bool {
+        self.q4.is_some()
     }
 }
 
@@ -104,7 +122,7 @@ pub(crate) fn fused_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_d
         }
     }
     let bias = if bias { Some(Tensor::cat(&biases, 0)?) } else { None };
-    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias).into())
+    Proj::packed(Linear::new(Tensor::cat(&weights, 0)?, bias))
 }
 
 /// Softmax over the last axis: candle-nn's fused kernel, or its differentiable composition.

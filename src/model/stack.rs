@@ -141,6 +141,13 @@ impl LayerStack {
         Ok([&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj].map(|p| p.weight().clone()).to_vec())
     }
 
+    /// How many of the layers' projections compute short blocks from exact 4-bit blocks
+    /// ([`crate::model::q4::PackedQ4`]), and how many there are.
+    pub fn packed_projections(&self) -> (usize, usize) {
+        let projections = self.layers.iter().flat_map(|l| [&l.self_attn.qkv_proj, &l.self_attn.o_proj, &l.mlp.gate_up_proj, &l.mlp.down_proj]);
+        projections.fold((0, 0), |(packed, all), p| (packed + usize::from(p.is_packed()), all + 1))
+    }
+
     /// A copy whose layers compute short blocks from 8-bit weights ([`DecoderLayer::with_q8`]).
     pub fn with_q8(&self) -> Result<Self> {
         let layers = self.layers.iter().map(DecoderLayer::with_q8).collect::<Result<Vec<_>>>()?;

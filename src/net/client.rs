@@ -420,6 +420,11 @@ impl QuicLink {
 }
 
 impl MiddleLink for QuicLink {
+    fn predicted_compute_ms(&self, rows: usize, start: usize) -> Option<f64> {
+        let ms = self.cloud_model.middle.predict(rows, start);
+        (ms > 0.0).then_some(ms)
+    }
+
     fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
         let (count, msg) = block_message(start, hidden, parents, keep, self.dtype)?;
         self.submit_message(start, count, &msg)

@@ -52,6 +52,12 @@ pub trait MiddleLink {
     /// The next reply if it has already arrived.
     fn try_receive(&mut self) -> Result<Option<MiddleReply>>;
     fn stats(&self) -> LinkStats;
+    /// The cloud's predicted compute for a block of `rows` positions from `start` (ms), from
+    /// the cost model its handshake sent (`None`: no model, e.g. a local middle).
+    fn predicted_compute_ms(&self, rows: usize, start: usize) -> Option<f64> {
+        let _ = (rows, start);
+        None
+    }
 }
 
 /// Which way a frame went.

@@ -65,6 +65,10 @@ impl<L: MiddleLink> NoisyUplink<L> {
 }
 
 impl<L: MiddleLink> MiddleLink for NoisyUplink<L> {
+    fn predicted_compute_ms(&self, rows: usize, start: usize) -> Option<f64> {
+        self.inner.predicted_compute_ms(rows, start)
+    }
+
     fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
         if self.sigma == 0.0 {
             return self.inner.submit_tree(start, hidden, parents, keep);

@@ -131,6 +131,10 @@ impl ResilientLink {
 }
 
 impl MiddleLink for ResilientLink {
+    fn predicted_compute_ms(&self, rows: usize, start: usize) -> Option<f64> {
+        self.link.predicted_compute_ms(rows, start)
+    }
+
     fn submit_tree(&mut self, start: usize, hidden: &Tensor, parents: &[u16], keep: &[u16]) -> Result<()> {
         let (count, frame) = block_message(start, hidden, parents, keep, self.link.dtype())?;
         let sent = self.link.submit_message(start, count, &frame);

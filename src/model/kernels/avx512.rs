@@ -28,7 +28,7 @@ pub(crate) fn available() -> bool {
 /// The low and high eight lanes of `a`, summed as [`sum_pair`] sums an AVX2 pair.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn reduce(a: __m512) -> f32 {
+pub(super) unsafe fn reduce(a: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(a);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
     sum_pair(lo, hi)

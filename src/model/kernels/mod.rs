@@ -38,6 +38,9 @@
 //! sums side by side, [`sum_lanes8`], in the same order as one by one) and keeps a row's value
 //! sums in registers across the keys. `HAT_CPU_KERNELS=avx2|scalar` caps the choice ([`Isa`]).
 //!
+//! Where a matrix's f32 values are exactly 4-bit affine blocks ([`crate::model::q4`]), [`q4`]
+//! computes the same bits as the f32 kernel from the blocks (a fifth of the bytes).
+//!
 //! The draft path's 8-bit matmuls and the head's screen, which need not be exact, use AVX-512
 //! VNNI integer dot products where the CPU has them ([`vnni`], [`has_vnni`]);
 //! `HAT_CPU_KERNELS=avx512` keeps AVX-512 but not VNNI (the 8-bit weights then convert to f32).
@@ -53,6 +56,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod q4;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
 
@@ -634,13 +639,15 @@ unsafe fn dots_avx2<W: Weight, const R: usize>(w: [&[W]; R], x: &[f32], k: usize
 /// kernels are measured again.
 pub fn kernels_tag() -> String {
     /// Raised when the kernels' speed changes.
-    const REVISION: u32 = 2;
+    const REVISION: u32 = 3;
     let isa = match Isa::detected() {
         Isa::Scalar => "scalar",
         Isa::Avx2 => "avx2",
         Isa::Avx512 => "avx512",
     };
-    format!("k{REVISION}-{isa}{}", if has_vnni() { "-vnni" } else { "" })
+    let vnni = if has_vnni() { "-vnni" } else { "" };
+    let packed = if crate::model::q4::enabled() { "-q4" } else { "" };
+    format!("k{REVISION}-{isa}{vnni}{packed}")
 }
 
 /// Whether the 8-bit kernels may use AVX-512 VNNI ([`vnni`]): the CPU has it (with AVX-512BW)
