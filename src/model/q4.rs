@@ -66,7 +66,11 @@ impl PackedQ4 {
         if !enabled() || w.track_op() || !crate::model::kernels::is_cpu_f32(w) || cols % BLOCK != 0 || rows == 0 {
             return Ok(None);
         }
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        // The values in place (a copy would page in the whole matrix again).
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else { return Ok(None) };
+        let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
+        let values = &data[start..end];
         let nb = cols / BLOCK;
         let per_row: Option<Vec<RowBlocks>> = values
             .par_chunks(cols)
@@ -168,14 +172,10 @@ fn value(q: u8, d: f32, m: f32) -> f32 {
 /// `(d, m, q)` with every `value(q[i], d, m)` bit for bit `block[i]`, `d` and `m` f16 values and
 /// `d >= 0`: `m` is the block's minimum (the value of index 0), `d` an f16 near `(max − m) / 15`.
 fn fit_block(block: &[f32]) -> Option<(f32, f32, [u8; BLOCK])> {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &v in block {
-        if !v.is_finite() {
-            return None;
-        }
-        (lo, hi) = (lo.min(v), hi.max(v));
-    }
-    if f16::from_f32(lo).to_f32().to_bits() != lo.to_bits() {
+    // (NaN never compares below or above: a block holding one fails the check by bits below.)
+    let lo = block.iter().fold(f32::INFINITY, |a, &v| if v < a { v } else { a });
+    let hi = block.iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+    if !lo.is_finite() || !hi.is_finite() || f16::from_f32(lo).to_f32().to_bits() != lo.to_bits() {
         return None;
     }
     let near = f16::from_f64((hi as f64 - lo as f64) / 15.0).to_bits();
@@ -184,11 +184,16 @@ fn fit_block(block: &[f32]) -> Option<(f32, f32, [u8; BLOCK])> {
         if !d.is_finite() || d < 0.0 {
             continue;
         }
+        let table: [u32; 16] = std::array::from_fn(|q| value(q as u8, d, lo).to_bits());
+        // `v - lo >= 0`: adding a half and truncating rounds the estimate (`f32::round` is a
+        // library call); the neighbours cover the quotient's own rounding.
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         let mut q = [0u8; BLOCK];
         let fits = block.iter().zip(q.iter_mut()).all(|(&v, q)| {
-            let guess = if d > 0.0 { ((v - lo) / d).round().clamp(0.0, 15.0) as u8 } else { 0 };
-            let found = [guess, guess.saturating_sub(1), (guess + 1).min(15)].into_iter().find(|&c| value(c, d, lo).to_bits() == v.to_bits());
-            found.map(|c| *q = c).is_some()
+            let guess = (((v - lo) * inv + 0.5) as usize).min(15);
+            let v = v.to_bits();
+            let found = [guess, guess.saturating_sub(1), (guess + 1).min(15)].into_iter().find(|&c| table[c] == v);
+            found.map(|c| *q = c as u8).is_some()
         });
         if fits {
             return Some((d, lo, q));
