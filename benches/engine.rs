@@ -354,6 +354,8 @@ fn rows(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
     let mut cache = middle.new_cache();
     middle.forward(&context, 0, &mut cache)?;
     let reps = env_or::<usize>("HAT_BENCH_KERNEL_REPEATS", 15);
+    // Idle time before each timed pass, as a server waiting for the next block has (0: back to back).
+    let idle = std::time::Duration::from_millis(env_or::<u64>("HAT_BENCH_IDLE_MS", 0));
     println!();
     println!("| rows after {n} cached ({} threads) | causal ms | chain (tree path) ms | two-wide tree ms | causal ms per row over one |", candle_core::utils::get_num_threads());
     println!("|---|---|---|---|---|");
@@ -363,14 +365,17 @@ fn rows(model: &hat::model::Model, prompt: &[u32]) -> anyhow::Result<()> {
         let wide = TreeShape::new((0..m).map(|i| if i == 0 { hat::model::tree::ROOT } else { i.saturating_sub(2) as u16 }).collect())?;
         let (mut causal, mut chain, mut tree) = (vec![], vec![], vec![]);
         for _ in 0..reps {
+            std::thread::sleep(idle);
             let t = Instant::now();
             middle.forward(&rows, n, &mut cache)?;
             causal.push(t.elapsed().as_secs_f64() * 1e3);
             cache.truncate(n);
+            std::thread::sleep(idle);
             let t = Instant::now();
             middle.forward_tree(&rows, &mut cache, TreeShape::chain(m)?.mask(n, 0..m))?;
             chain.push(t.elapsed().as_secs_f64() * 1e3);
             cache.truncate(n);
+            std::thread::sleep(idle);
             let t = Instant::now();
             middle.forward_tree(&rows, &mut cache, wide.mask(n, 0..m))?;
             tree.push(t.elapsed().as_secs_f64() * 1e3);

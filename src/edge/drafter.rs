@@ -41,6 +41,8 @@ pub enum TreeChoice {
 pub const AUTO_TREE: (usize, usize, usize) = (24, 6, 4);
 /// The node threshold before costs are measured (and with sampling).
 pub const PRIOR_NODE_THRESHOLD: f32 = 0.05;
+/// The draft's probability of its most likely next token at a node, before any is seen.
+pub const PRIOR_TOP_PROB: f32 = 0.6;
 
 impl TreeChoice {
     /// `auto`, `chain`, `NODES` or `NODESxDEPTH`.
@@ -163,11 +165,31 @@ pub(super) struct DraftLength {
     /// Milliseconds of recent draft steps (critical-path ones).
     step_ms: Vec<f64>,
     pub(super) ms_per_token: Option<f64>,
+    /// The draft's probability of its most likely next token at recent nodes of the critical
+    /// path (trees): what a node's best child adds to its cumulative probability, typically.
+    top_prob: Vec<f32>,
 }
 
 impl DraftLength {
     pub(super) fn new(threshold: Option<f32>, greedy: bool) -> Self {
-        Self { fixed: threshold, frozen: !greedy && threshold.is_none(), step_ms: Vec::new(), ms_per_token: None }
+        Self { fixed: threshold, frozen: !greedy && threshold.is_none(), step_ms: Vec::new(), ms_per_token: None, top_prob: Vec::new() }
+    }
+
+    /// The draft's probability of its most likely next token at a node just drafted.
+    pub(super) fn record_top_prob(&mut self, p: f32) {
+        self.top_prob.push(p);
+        if self.top_prob.len() > 64 {
+            self.top_prob.remove(0);
+        }
+    }
+
+    /// The mean of the recent [`Self::record_top_prob`]s ([`PRIOR_TOP_PROB`] before any). It
+    /// depends on draft probabilities only, never on timings, so a seeded run stays seeded.
+    pub(super) fn top_prob(&self) -> f32 {
+        match self.top_prob.len() {
+            0 => PRIOR_TOP_PROB,
+            n => self.top_prob.iter().sum::<f32>() / n as f32,
+        }
     }
 
     pub(super) fn record_step(&mut self, ms: f64) {
@@ -276,4 +298,8 @@ pub struct DraftingReport {
     /// verified row (ms; 0 before it is measured).
     pub node_threshold: f32,
     pub row_cost_ms: f64,
+    /// Trees: the draft's mean probability of its most likely next token at recent nodes (what
+    /// decides whether a level is worth a draft step before the block goes; see
+    /// [`super::tree`]).
+    pub draft_top_prob: f32,
 }

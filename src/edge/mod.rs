@@ -509,6 +509,7 @@ fn generate_verified<L: MiddleLink>(
         tree_nodes_per_round: if trees && stats.rounds > 0 { tree_nodes as f64 / stats.rounds as f64 } else { 0.0 },
         node_threshold,
         row_cost_ms: row_cost.per_row_ms().unwrap_or(0.0),
+        draft_top_prob: if trees { steps.top_prob() } else { 0.0 },
     };
     Ok(EdgeReport {
         mode: opts.mode,
@@ -574,7 +575,7 @@ fn tree_limits(choice: TreeChoice, gamma: usize, slots: usize, level_threshold: 
             (nodes, gamma, width, branch, node_threshold, level_threshold)
         }
     };
-    tree::TreeLimits { nodes: nodes.min(slots), depth: depth.min(gamma), width, branch, node_threshold, level_threshold }
+    tree::TreeLimits { nodes: nodes.min(slots), depth: depth.min(gamma), width, branch, node_threshold, level_threshold, top_prob: steps.top_prob() }
 }
 
 /// Most rows a tree's extension adds (`--draft-pipeline`): each costs the cloud a row of its

@@ -22,9 +22,14 @@
 //! A node with cumulative probability `p` is worth about `p` tokens (`p · T` ms, `T` the measured
 //! time per committed token) and costs a row of verification (`r` ms: the measured slope of the
 //! round's critical path, device verification plus waiting for the reply, against the rows
-//! sent). A node joins while `p ≥ r / T`; a level is drafted further while its best node's `p`
-//! is at least the chain's threshold, a draft step's cost over `T` ([`super::drafter`]). With
-//! sampling both stay at their priors, so that a seeded run does not depend on timings.
+//! sent). A node joins while `p ≥ r / T`. Drafting a level further costs a draft step (`c` ms,
+//! measured) before the block can go, and pays through the level's children: the best of them
+//! has about `p · q` (`p` the level's best node, `q` the draft's measured mean probability of
+//! its most likely next token), worth `p · q · T` for its row, so a level is drafted further
+//! while `p · q ≥ (r + c) / T`. (Comparing `p` alone with `c / T` drafted levels whose children
+//! then fell below the node threshold: a step on the critical path for nothing in about half the
+//! rounds that were not drafted ahead.) With sampling the costs stay at their priors, so that a
+//! seeded run does not depend on timings (`q` depends on the draws only).
 //!
 //! ## Drafting ahead (`--no-draft-overlap` switches it off)
 //! While the cloud verifies a tree the device grows it further, best first by cumulative draft
@@ -84,8 +89,21 @@ pub(super) struct TreeLimits {
     pub branch: usize,
     /// A node joins while its cumulative draft probability is at least this.
     pub node_threshold: f32,
-    /// A level is drafted further while its best node's cumulative probability is at least this.
+    /// A draft step's cost over the time per token: with `node_threshold`, what a level must
+    /// promise to be drafted further before the block goes (see the module doc).
     pub level_threshold: f32,
+    /// The draft's typical probability of its most likely next token at a node (measured).
+    pub top_prob: f32,
+}
+
+impl TreeLimits {
+    /// Whether a level whose best node has cumulative probability `best` is worth a draft step
+    /// on the critical path: its best child, at about `best · top_prob`, must pay for its own
+    /// row and for the step, `best · top_prob ≥ node_threshold + level_threshold` (both
+    /// thresholds are 0 for fixed trees: every level is drafted further).
+    fn worth_expanding(&self, best: f32) -> bool {
+        best * self.top_prob >= self.node_threshold + self.level_threshold
+    }
 }
 
 /// When to send the nodes drafted ahead so far as rows that extend the sent tree
@@ -364,6 +382,9 @@ impl<L: MiddleLink> Edge<'_, L> {
         steps.record_step(ms(t.elapsed()));
         tree.nodes[0].predicted = self.features.take();
         tree.nodes[0].next = self.next_tokens(&logits, sampler)?;
+        if let Some(&(_, p)) = tree.nodes[0].next.first() {
+            steps.record_top_prob(p);
+        }
         tree.expanded = 1;
         self.last_logits = None;
         let budget = limits.nodes.min(MAX_TREE_NODES - 1);
@@ -377,7 +398,7 @@ impl<L: MiddleLink> Edge<'_, L> {
             let t = Instant::now();
             let first = tree.len();
             self.add_nodes(&mut tree, base, &candidates)?;
-            let deeper = depth < limits.depth && tree.len() - 1 < budget && candidates[0].0 >= limits.level_threshold;
+            let deeper = depth < limits.depth && tree.len() - 1 < budget && limits.worth_expanding(candidates[0].0);
             if !deeper {
                 break;
             }
@@ -386,6 +407,9 @@ impl<L: MiddleLink> Edge<'_, L> {
             self.expand(&mut tree, base, eos, sampler)?;
             steps.record_step(ms(t.elapsed()));
             frontier = (first..tree.len()).filter(|&i| !tree.nodes[i].next.is_empty()).collect();
+            for &i in &frontier {
+                steps.record_top_prob(tree.nodes[i].next[0].1);
+            }
             if frontier.is_empty() {
                 break;
             }
@@ -691,7 +715,19 @@ fn top_rows(p: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::top_rows;
+    use super::{top_rows, TreeLimits};
+
+    #[test]
+    fn a_level_is_drafted_further_only_when_its_best_child_would_pay() {
+        let limits = TreeLimits { nodes: 24, depth: 4, width: 6, branch: 4, node_threshold: 0.15, level_threshold: 0.1, top_prob: 0.6 };
+        // 0.4 · 0.6 = 0.24 < 0.25: the step would buy a child below its row's worth.
+        assert!(!limits.worth_expanding(0.4));
+        assert!(limits.worth_expanding(0.5));
+        // A node above both thresholds alone is not enough when the draft is seldom sure.
+        assert!(!TreeLimits { top_prob: 0.2, ..limits }.worth_expanding(0.9));
+        // Fixed trees: no thresholds, every level.
+        assert!(TreeLimits { node_threshold: 0.0, level_threshold: 0.0, ..limits }.worth_expanding(0.001));
+    }
 
     #[test]
     fn top_rows_are_the_largest_first() {

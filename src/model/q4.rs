@@ -13,10 +13,14 @@
 //! kernel does, in the same order: a block of rows gives the same bits either way, so greedy
 //! output stays `hat generate`'s, and a split still reproduces the unsplit model.
 //!
-//! Used where the f32 small-m kernel would run, for blocks of up to [`MAX_ROWS`] rows (decode
-//! steps, verification blocks, trees; past that the f32 kernel, bound by memory rather than
-//! arithmetic, is as fast), where the CPU has AVX-512 ([`crate::model::kernels`]'s `Isa`); elsewhere the f32 weights serve
-//! as before. `HAT_PACKED_WEIGHTS=off` keeps every matrix f32 (to measure one against the other).
+//! Used for every block of the LLM path where the CPU has AVX-512 ([`crate::model::kernels`]'s
+//! `Isa`): decode steps, verification blocks and trees (where the f32 small-m kernel would run:
+//! the same bits) and prefill chunks (where gemm over the f32 weights ran: one core took 92 ms
+//! for a 16-row block of the 26 middle layers, this kernel 60; long blocks go in slices of
+//! [`EXACT_ROWS`] rows and cost about what gemm does, ~0.11 ms per row and layer). So a packed
+//! model computes every projection of a row the same way whatever the block, prompts included.
+//! Elsewhere the f32 weights serve as before. `HAT_PACKED_WEIGHTS=off` keeps every matrix f32
+//! (to measure one against the other).
 //! Trainable weights are never packed (a packed copy would not follow their updates).
 
 use candle_core::Tensor;
@@ -28,16 +32,8 @@ use crate::model::kernels::{Isa, EXACT_ROWS};
 
 /// Weights per block.
 const BLOCK: usize = 32;
-/// Rows up to which a block computes from the 4-bit blocks (beyond, the f32 kernel: the same
-/// bits). The packed kernel is bound by arithmetic, the f32 one by memory: one decoder layer on
-/// one core, packed / f32, 1 row 0.24 / 0.75 ms, 8 rows 0.84 / 0.95, 16 rows 1.79 / 1.81
-/// (from memory; `HAT_BENCH_PARTS=q4 cargo bench --bench engine`).
-pub const MAX_ROWS: usize = 16;
 /// Weight rows per parallel task (as the f32 kernel's).
 const ROWS_PER_TASK: usize = 32;
-
-/// One row's indices and block scales.
-type RowBlocks = (Vec<u8>, Vec<[f32; 2]>);
 
 /// An `(rows, cols)` matrix of 4-bit affine blocks along each row: `w[j, 32b + i] = fl(fl(q ·
 /// d) + m)` with `(d, m) = dm[j * cols / 32 + b]` and `q` the low nibble of `qs[(j * cols / 32 +
@@ -72,24 +68,21 @@ impl PackedQ4 {
         let Some((start, end)) = layout.contiguous_offsets() else { return Ok(None) };
         let values = &data[start..end];
         let nb = cols / BLOCK;
-        let per_row: Option<Vec<RowBlocks>> = values
-            .par_chunks(cols)
-            .map(|row| {
-                let mut qs = Vec::with_capacity(nb * 16);
-                let mut dm = Vec::with_capacity(nb);
-                for block in row.chunks_exact(BLOCK) {
-                    let (d, m, q) = fit_block(block)?;
-                    qs.extend((0..16).map(|i| q[i] | (q[i + 16] << 4)));
-                    dm.push([d, m]);
+        // Each row's blocks straight into the matrix's buffers; any row that is not Q4_1 blocks
+        // stops the search.
+        let (mut qs, mut dm) = (vec![0u8; rows * nb * 16], vec![[0f32; 2]; rows * nb]);
+        let all_blocks = values.par_chunks(cols).zip(qs.par_chunks_mut(nb * 16)).zip(dm.par_chunks_mut(nb)).all(|((row, qs), dm)| {
+            for ((block, qs), dm) in row.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(16)).zip(dm.iter_mut()) {
+                let Some((d, m, q)) = fit_block(block) else { return false };
+                for (i, byte) in qs.iter_mut().enumerate() {
+                    *byte = q[i] | (q[i + 16] << 4);
                 }
-                Some((qs, dm))
-            })
-            .collect();
-        let Some(per_row) = per_row else { return Ok(None) };
-        let (mut qs, mut dm) = (Vec::with_capacity(rows * nb * 16), Vec::with_capacity(rows * nb));
-        for (q, s) in per_row {
-            qs.extend(q);
-            dm.extend(s);
+                *dm = [d, m];
+            }
+            true
+        });
+        if !all_blocks {
+            return Ok(None);
         }
         Ok(Some(Self { qs, dm, rows, cols }))
     }
@@ -130,10 +123,12 @@ impl PackedQ4 {
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let m = xs.len() / k.max(1);
-        if m > EXACT_ROWS {
-            return Err(Error::invalid(format!("q4 matmul: {m} rows (at most {EXACT_ROWS})")));
+        // Every row computes alone (the same bits in any block), so a long block goes in slices.
+        let mut out = Vec::with_capacity(m * self.rows);
+        for slice in xs.chunks(EXACT_ROWS * k) {
+            let part = self.matmul_rows(slice, slice.len() / k)?;
+            out.extend_from_slice(&part);
         }
-        let out = self.matmul_rows(&xs, m)?;
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {
             *last = self.rows;
@@ -262,7 +257,7 @@ mod tests {
 
     /// The packed product is the f32 small-m kernel's, bit for bit, for every row count a
     /// block may have (tiles of 6, 4, 2 and 1 input rows, weight rows in tiles and alone), and
-    /// each row as it would be alone.
+    /// each row as it would be alone, in blocks longer than the small-m kernel's too.
     #[test]
     fn packed_matmul_gives_the_f32_kernels_bits() -> Result<()> {
         if without_kernel() {
@@ -287,7 +282,14 @@ mod tests {
                     }
                 }
             }
-            assert!(packed.matmul(&Tensor::zeros((1, EXACT_ROWS + 1, cols), candle_core::DType::F32, &dev)?).is_err());
+            // A longer block (a prompt chunk) goes in slices: each row still as alone.
+            let m = 2 * EXACT_ROWS + 3;
+            let x = Tensor::randn(0f32, 1.0, (1, m, cols), &dev)?;
+            let got = packed.matmul(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            for i in [0, EXACT_ROWS - 1, EXACT_ROWS, m - 1] {
+                let alone = packed.matmul(&x.narrow(1, i, 1)?)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(alone, got[i * rows..(i + 1) * rows], "({rows}, {cols}): row {i} of {m} alone");
+            }
             assert!(packed.matmul(&Tensor::zeros((1, 1, cols + 32), candle_core::DType::F32, &dev)?).is_err());
         }
         Ok(())
