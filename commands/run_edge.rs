@@ -109,7 +109,8 @@ pub struct EdgeArgs {
 
     /// The shape of each round's drafts: `auto` (default: a tree grown by cumulative draft
     /// probability, EAGLE-2 style, nodes kept while their odds pay for a verified row and
-    /// levels while they pay for a draft step, both measured; at most 24 nodes, 6 per level,
+    /// levels drafted further while their best child would pay for its row and the draft step,
+    /// all measured; at most 24 nodes, 6 per level,
     /// --draft-len levels), `chain` (one chain, drafted ahead while the cloud verifies),
     /// NODES or NODESxDEPTH (a tree of that many drafts in equal levels, no thresholds). The
     /// cloud verifies every branch in one pass; the output stays exact.
