@@ -19,6 +19,10 @@ use crate::adapter::{Adapter, DraftHead};
 use crate::error::{Error, Result};
 use crate::model::LayerStack;
 use crate::split::DeviceBundle;
+use crate::util::stats::push_recent;
+
+/// Measurements kept per window (draft steps, top probabilities, rounds for the row cost).
+const RECENT: usize = 64;
 
 /// The threshold used before the costs are measured (and with sampling, unless given).
 pub const PRIOR_THRESHOLD: f32 = 0.15;
@@ -177,10 +181,7 @@ impl DraftLength {
 
     /// The draft's probability of its most likely next token at a node just drafted.
     pub(super) fn record_top_prob(&mut self, p: f32) {
-        self.top_prob.push(p);
-        if self.top_prob.len() > 64 {
-            self.top_prob.remove(0);
-        }
+        push_recent(&mut self.top_prob, p, RECENT);
     }
 
     /// The mean of the recent [`Self::record_top_prob`]s ([`PRIOR_TOP_PROB`] before any). It
@@ -193,10 +194,7 @@ impl DraftLength {
     }
 
     pub(super) fn record_step(&mut self, ms: f64) {
-        self.step_ms.push(ms);
-        if self.step_ms.len() > 64 {
-            self.step_ms.remove(0);
-        }
+        push_recent(&mut self.step_ms, ms, RECENT);
     }
 
     /// The median draft step, ms.
@@ -239,10 +237,7 @@ pub(super) struct RowCost {
 
 impl RowCost {
     pub(super) fn record(&mut self, rows: usize, ms: f64) {
-        self.rounds.push((rows as f64, ms));
-        if self.rounds.len() > 64 {
-            self.rounds.remove(0);
-        }
+        push_recent(&mut self.rounds, (rows as f64, ms), RECENT);
     }
 
     /// The least-squares slope, ms per row; `None` until the rounds vary in size.

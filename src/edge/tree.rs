@@ -69,10 +69,13 @@ use crate::edge::state::Edge;
 use crate::error::{Error, Result};
 use crate::model::tree::{TreeShape, MAX_TREE_NODES, ROOT};
 use crate::net::{MiddleLink, MiddleReply};
+use crate::util::stats::push_recent;
 
 /// How many of its most likely next tokens a drafted node keeps (drafting ahead looks further
 /// down the list than a round's `branch`).
 const KEPT_NEXT: usize = 8;
+/// Recent rounds the clock and the policy keep.
+const RECENT: usize = 16;
 /// Nodes added per step of drafting ahead (one pass of the input submodel and the draft path).
 const AHEAD_WIDTH: usize = 8;
 
@@ -286,11 +289,11 @@ impl AheadClock {
             (true, None) => return,
             (false, _) => Instant::now(),
         };
-        push_recent(&mut self.replies_ms, ms(at.duration_since(sent)));
+        push_recent(&mut self.replies_ms, ms(at.duration_since(sent)), RECENT);
     }
 
     fn record_step(&mut self, d: std::time::Duration) {
-        push_recent(&mut self.steps_ms, ms(d));
+        push_recent(&mut self.steps_ms, ms(d), RECENT);
     }
 
     /// Whether a step ahead started now would end before the reply is expected (always, until
@@ -353,16 +356,10 @@ impl AheadPolicy {
             Some(p) if p > 0.0 => cloud_ms / p,
             _ => cloud_ms,
         };
-        push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, relative);
+        push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, relative, RECENT);
     }
 }
 
-fn push_recent(v: &mut Vec<f64>, x: f64) {
-    v.push(x);
-    if v.len() > 16 {
-        v.remove(0);
-    }
-}
 
 fn median(v: &[f64]) -> Option<f64> {
     let mut v = v.to_vec();

@@ -123,12 +123,17 @@ impl PackedQ4 {
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let m = xs.len() / k.max(1);
-        // Every row computes alone (the same bits in any block), so a long block goes in slices.
-        let mut out = Vec::with_capacity(m * self.rows);
-        for slice in xs.chunks(EXACT_ROWS * k) {
-            let part = self.matmul_rows(slice, slice.len() / k)?;
-            out.extend_from_slice(&part);
-        }
+        // Every row computes alone (the same bits in any block), so a long block (a prompt
+        // chunk) goes in slices; a short one, every decode step, straight.
+        let out = if m <= EXACT_ROWS {
+            self.matmul_rows(&xs, m)?
+        } else {
+            let mut out = Vec::with_capacity(m * self.rows);
+            for slice in xs.chunks(EXACT_ROWS * k) {
+                out.extend_from_slice(&self.matmul_rows(slice, slice.len() / k)?);
+            }
+            out
+        };
         let mut shape = dims;
         if let Some(last) = shape.last_mut() {
             *last = self.rows;
