@@ -98,13 +98,17 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_ahead: String,
 
-    /// With trees drafted ahead and greedy decoding: send what drafting ahead grew, best first,
-    /// as rows extending the sent tree before its reply (`on`), when the cloud is expected to be
-    /// done with the tree, so the cloud computes them next; when the reply's bonus token is
-    /// among them verification walks on into them instead of sending another round. Exact
-    /// either way; the rows verification does not reach are computed for nothing. Off by
-    /// default: measured on two one-core machines it has not paid yet (benches/README.md).
-    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    /// With trees drafted ahead and greedy decoding: send the likeliest nodes drafted ahead as
+    /// rows extending the sent tree before its reply (`on`, default), so that the cloud computes
+    /// them right after the tree; when the reply's bonus token is among them verification walks
+    /// on into them (waiting for their reply, much sooner than another round) instead of
+    /// sending another round. The rows sent are those expected to save most: their summed
+    /// cumulative draft probability times the round they save less the wait, from the measured
+    /// round time, row cost and the cloud's cost model, and never more than the cloud can
+    /// compute before the next block would reach it. Exact either way; rows verification does
+    /// not reach are computed for nothing. A number N sends up to N rows whenever drafting
+    /// ahead grew any (for experiments).
+    #[arg(long, default_value = "on")]
     pub draft_pipeline: String,
 
     /// The shape of each round's drafts: `auto` (default: a tree grown by cumulative draft
@@ -321,7 +325,7 @@ fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
     let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: args.draft_pipeline == "on", tree };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, tree };
     options.validate()?;
     Ok(options)
 }

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::cloud::BackgroundServer;
 use hat::decode::{generate, ModelDecoder, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode, TreeChoice};
+use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode, Pipeline, TreeChoice};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::model::Model;
 use hat::net::protocol::{kind, WireDtype};
@@ -162,7 +162,7 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
         ("tree 40, int8", DraftOptions { tree: TreeChoice::Fixed { nodes: 40, depth: None }, int8: true, ..plain }),
         ("chain, all on", DraftOptions { tree: TreeChoice::Chain, ..DraftOptions::default() }),
         ("all (defaults: auto tree)", DraftOptions::default()),
-        ("all, trees extended", DraftOptions { pipeline: true, ..DraftOptions::default() }),
+        ("all, trees extended", DraftOptions { pipeline: Pipeline::Rows(4), ..DraftOptions::default() }),
     ];
     for ids in prompts(w).iter().take(2) {
         let want = reference(w, ids, max);
@@ -702,7 +702,7 @@ fn only_hidden_states_cross_the_network() {
     // Draft trees with branches: blocks carry parent indices, and the next block the kept path.
     let opts = options(Mode::Hat, 4, 16, SamplingParams::greedy(), 16);
     // With extensions of sent trees too (when drafting ahead gets to them before a reply).
-    let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, pipeline: true, ..opts.draft }, ..opts };
+    let opts = EdgeOptions { draft: DraftOptions { tree: TreeChoice::Fixed { nodes: 10, depth: Some(4) }, pipeline: Pipeline::Rows(4), ..opts.draft }, ..opts };
     let r = hat::edge::generate(&w.device, &a, &mut link, &ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
     drop(link);
     // Per draft position: checked only after the ones before it were accepted.

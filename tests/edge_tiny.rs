@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::decode::{processed_probs, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, Mode, TreeChoice};
+use hat::edge::{DraftOptions, EdgeOptions, Mode, Pipeline, TreeChoice};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
 use hat::net::LocalMiddle;
@@ -246,7 +246,7 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
                 let want = generate(&mut ModelDecoder::new(&model), prompt, 24, &greedy, eos, |_| Ok(())).unwrap().token_ids;
                 let run = |pipeline: bool| {
                     let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
-                    let draft = DraftOptions { pipeline, tree, ..DraftOptions::default() };
+                    let draft = DraftOptions { pipeline: if pipeline { Pipeline::Rows(4) } else { Pipeline::Off }, tree, ..DraftOptions::default() };
                     let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 24, max_context: 64, draft, fallback: Default::default() };
                     hat::edge::generate(&world.device, &adapter, &mut link, prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
                 };

@@ -41,6 +41,31 @@ pub enum TreeChoice {
     Auto,
 }
 
+/// Whether and how sent trees are extended with rows drafted ahead (`--draft-pipeline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipeline {
+    Off,
+    /// As many rows as are expected to save time, from measured costs (`on`).
+    Auto,
+    /// Up to this many rows, the likeliest first, whenever drafting ahead grew any (for
+    /// experiments and tests: no costs decide).
+    Rows(usize),
+}
+
+impl Pipeline {
+    /// `on`, `off` or a number of rows.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "on" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            n => match n.parse::<usize>() {
+                Ok(rows) if (1..crate::model::tree::MAX_TREE_NODES).contains(&rows) => Ok(Self::Rows(rows)),
+                _ => Err(Error::invalid(format!("--draft-pipeline {s}: expected on, off or a number of rows from 1 to {}", crate::model::tree::MAX_TREE_NODES - 1))),
+            },
+        }
+    }
+}
+
 /// Most drafts of an automatic tree, per level, and candidates per node.
 pub const AUTO_TREE: (usize, usize, usize) = (24, 6, 4);
 /// The node threshold before costs are measured (and with sampling).
@@ -94,25 +119,24 @@ pub struct DraftOptions {
     /// Draft the next round while the cloud verifies this one (a chain on its guess of the
     /// reply; a tree grown on with nodes the cloud does not see).
     pub overlap: bool,
-    /// Trees drafted ahead, greedy: send what drafting ahead grew as an extension of the sent
-    /// tree before its reply (the cloud computes it right after the tree; verification walks
-    /// into it when the bonus token is there). Off by default: measured, it has not paid yet
-    /// (`benches/README.md`).
-    pub pipeline: bool,
+    /// Trees drafted ahead, greedy: send the likeliest nodes drafted ahead as an extension of
+    /// the sent tree before its reply (the cloud computes it right after the tree; verification
+    /// walks into it when the bonus token is there).
+    pub pipeline: Pipeline,
     /// Chains or trees.
     pub tree: TreeChoice,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: false, tree: TreeChoice::Auto }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, tree: TreeChoice::Auto }
     }
 }
 
 impl DraftOptions {
     /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: false, tree: TreeChoice::Chain }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, tree: TreeChoice::Chain }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -297,4 +321,20 @@ pub struct DraftingReport {
     /// decides whether a level is worth a draft step before the block goes; see
     /// [`super::tree`]).
     pub draft_top_prob: f32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pipeline;
+
+    #[test]
+    fn pipeline_settings_parse_and_bad_ones_are_refused() {
+        assert_eq!(Pipeline::parse("on").unwrap(), Pipeline::Auto);
+        assert_eq!(Pipeline::parse("off").unwrap(), Pipeline::Off);
+        assert_eq!(Pipeline::parse("4").unwrap(), Pipeline::Rows(4));
+        for bad in ["0", "64", "auto", "-1", ""] {
+            let e = Pipeline::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--draft-pipeline") && e.contains("on, off"), "{bad}: {e}");
+        }
+    }
 }

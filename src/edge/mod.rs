@@ -31,7 +31,9 @@
 //! in one pass with a tree mask, the device walks down the accepted path
 //! ([`crate::decode::accept_tree`]), and every cache keeps that path at consecutive positions.
 //! While the cloud verifies a tree the device grows it on with nodes the cloud does not see;
-//! when the bonus token is one of them, the next round is drafted already (`tree`'s docs).
+//! when the bonus token is one of them, the next round is drafted already; and the likeliest
+//! of them go to the cloud as rows extending the tree, which verification walks into when the
+//! bonus token is there (greedy, `--draft-pipeline`; `tree`'s docs).
 //!
 //! Files: `state` (caches, timers, the steps every phase uses), `prefill` (chunked prefill),
 //! `draft` (drafting a round and the next one ahead, the draft path), `tree` (drafting a tree,
@@ -65,7 +67,7 @@ use draft::{Ahead, Drafted, Limits};
 use drafter::{DraftLength, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
 use state::Edge;
 
-pub use drafter::{DraftOptions, Drafter, DraftingReport, TreeChoice};
+pub use drafter::{DraftOptions, Drafter, DraftingReport, Pipeline, TreeChoice};
 pub use fallback::{Fallback, SlmDecoder};
 pub use report::EdgeReport;
 
@@ -300,10 +302,11 @@ fn generate_verified<L: MiddleLink>(
     // the measured cost of a row, nodes sent.
     let mut keep: Vec<u16> = Vec::new();
     let mut row_cost = RowCost::default();
-    // Extending a sent tree with what drafting ahead grows (`--draft-pipeline`); the cloud's
-    // recent compute per round (ms), which times the extension.
-    let pipeline = trees && overlap && drafter.options.pipeline && sampler.is_greedy();
-    let mut cloud_ms: Option<f64> = None;
+    // Extending a sent tree with what drafting ahead grows (`--draft-pipeline`).
+    let pipeline = if trees && overlap && sampler.is_greedy() { drafter.options.pipeline } else { Pipeline::Off };
+    // The link's part of a round (ms: from sending a tree to its reply, less the cloud's
+    // compute), recent rounds weighted most.
+    let mut link_ms: Option<f64> = None;
     let (mut tree_nodes, mut node_threshold) = (0usize, 0f32);
 
     let done = |tokens: &[u32], stop: &mut StopReason| {
@@ -335,23 +338,27 @@ fn generate_verified<L: MiddleLink>(
             let limits = tree_limits(drafter.options.tree, gamma, limit.saturating_sub(base + 1), threshold, &steps, &row_cost, sampler.is_greedy());
             node_threshold = limits.node_threshold;
             let t = Instant::now();
+            let was_prepared = prepared_tree.is_some();
             let mut round = match prepared_tree.take() {
                 Some(tree) => edge.reseed_tree(tree, base, &limits)?,
                 None => edge.draft_tree(next, base, &limits, eos, &sampler, &mut steps)?,
             };
             times.draft += t.elapsed();
+            ahead_policy.record_draft(was_prepared, ms(t.elapsed()));
             edge.link.submit_tree(base, &round.hidden, round.shape.parents(), &keep)?;
             let sent = Instant::now();
             let n = round.shape.len();
             let ahead = overlap && ahead_policy.this_round();
-            // With the pipeline, what drafting ahead grows goes to the cloud as an extension of
-            // the tree when the cloud is expected to be done with it.
-            ahead_clock.extend = (pipeline && ahead).then(|| tree::ExtendPlan {
-                at: sent + Duration::from_secs_f64(cloud_ms.unwrap_or(0.0) / 1e3),
-                most: EXTENSION_ROWS,
-                threshold: limits.node_threshold.max(EXTENSION_THRESHOLD),
-                sent: 0,
-            });
+            // With the pipeline, the likeliest of what drafting ahead grows goes to the cloud as
+            // an extension of the tree, as soon as some is worth it.
+            ahead_clock.extend = match (ahead, pipeline) {
+                (false, _) | (_, Pipeline::Off) => None,
+                (true, Pipeline::Rows(rows)) => Some(tree::ExtendPlan { rows: tree::ExtensionRows::Fixed(rows), sent: 0 }),
+                (true, Pipeline::Auto) => {
+                    let sizing = extension_sizing(&*edge.link, base + n, steps.ms_per_token, link_ms, row_cost.per_row_ms());
+                    Some(tree::ExtendPlan { rows: sizing.map_or(tree::ExtensionRows::Fixed(0), tree::ExtensionRows::Sized), sent: 0 })
+                }
+            };
             if ahead {
                 // The tree grows on while the cloud verifies it (neither the reply nor timing
                 // decides anything here: the committed tokens are the LLM's whatever the tree
@@ -366,17 +373,20 @@ fn generate_verified<L: MiddleLink>(
             times.extensions += usize::from(extension > 0);
             tree_nodes += n - 1 + extension;
             let reply = edge.receive()?;
+            let replied = sent.elapsed();
             ahead_clock.received();
             if overlap {
                 ahead_policy.record(ahead, ms(reply.cloud_compute), edge.link.predicted_compute_ms(n, base));
             }
-            let this_cloud_ms = ms(reply.cloud_compute);
-            cloud_ms = Some(cloud_ms.map_or(this_cloud_ms, |c| 0.7 * c + 0.3 * this_cloud_ms));
+            let this_link_ms = (ms(replied) - ms(reply.cloud_compute)).max(0.0);
+            link_ms = Some(link_ms.map_or(this_link_ms, |l| 0.7 * l + 0.3 * this_link_ms));
             let t = Instant::now();
             let logits = edge.tree_logits(&reply, &round.shape, 0)?; // (n, vocab)
             // The extension's logits, `(extension, vocab)`, and its reply, once the walk needs
             // them.
             let mut extended: Option<(Tensor, MiddleReply)> = None;
+            // What waiting for the extension's reply and verifying its rows took (ms).
+            let mut extension_wait = 0.0;
             let TreeAcceptance { path, next: new_token } = accept_tree(
                 |i| round.children(i),
                 |i| {
@@ -384,8 +394,10 @@ fn generate_verified<L: MiddleLink>(
                         return sampler.select(&logits.get(i)?);
                     }
                     if extended.is_none() {
+                        let t = Instant::now();
                         let r = edge.receive()?;
                         extended = Some((edge.tree_logits(&r, &round.shape, n)?, r));
+                        extension_wait = ms(t.elapsed());
                     }
                     match &extended {
                         Some((l, _)) => sampler.select(&l.get(i - n)?),
@@ -393,6 +405,7 @@ fn generate_verified<L: MiddleLink>(
                     }
                 },
             )?;
+            let walked = extended.is_some();
             let reply = match extended {
                 Some((_, r)) => {
                     times.extensions_used += 1;
@@ -408,7 +421,15 @@ fn generate_verified<L: MiddleLink>(
             let depth = (0..round.shape.len()).map(|i| round.shape.depth(i)).max().unwrap_or(0);
             stats.record(depth, path.len() - 1);
             let last = path.last().copied().unwrap_or(0);
-            match round.ahead_child(last, new_token) {
+            let hit = round.ahead_child(last, new_token);
+            if ahead {
+                ahead_policy.record_hit(hit.is_some());
+                // A walk into the extension committed a token without another round, for
+                // the wait.
+                let saved = if walked { steps.ms_per_token.unwrap_or(0.0) - extension_wait } else { 0.0 };
+                ahead_policy.record_extension(saved);
+            }
+            match hit {
                 Some(child) => {
                     prepared_tree = Some(edge.keep_tree_ahead(base, &path, child, &round, &reply)?);
                     times.ahead_hits += 1;
@@ -417,7 +438,9 @@ fn generate_verified<L: MiddleLink>(
             }
             keep = path.iter().map(|&i| i as u16).collect();
             times.verify += t.elapsed();
-            if extension == 0 {
+            // A round whose verification waited for an extension's reply says nothing about
+            // the cost of the tree's rows.
+            if !walked {
                 row_cost.record(n, ms(sent.elapsed()));
             }
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
@@ -500,7 +523,7 @@ fn generate_verified<L: MiddleLink>(
         ahead_ms: ms(times.ahead),
         ahead_rounds: times.ahead_rounds,
         ahead_hits: times.ahead_hits,
-        pipeline,
+        pipeline: pipeline != Pipeline::Off,
         extensions: times.extensions,
         extensions_used: times.extensions_used,
         ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
@@ -578,11 +601,35 @@ fn tree_limits(choice: TreeChoice, gamma: usize, slots: usize, level_threshold: 
     tree::TreeLimits { nodes: nodes.min(slots), depth: depth.min(gamma), width, branch, node_threshold, level_threshold, top_prob: steps.top_prob() }
 }
 
-/// Most rows a tree's extension adds (`--draft-pipeline`): each costs the cloud a row of its
-/// pass on every extended round, and only the likeliest are reached often enough to pay.
-const EXTENSION_ROWS: usize = 4;
-/// The least cumulative draft probability of an extension row.
-const EXTENSION_THRESHOLD: f32 = 0.1;
+/// Most rows a tree's extension adds (`--draft-pipeline`).
+const EXTENSION_ROWS: usize = 16;
+/// What verifying a row costs the device (ms) until the measured row cost says.
+const PRIOR_DEVICE_ROW_MS: f64 = 1.0;
+
+/// How to size the extension of a tree whose rows end at position `end`, from the time per
+/// committed token (`token_ms`, measured), the link's part of a round (`link_ms`), the
+/// measured cost of a row on the critical path (`row_ms`) and the cloud's cost model; `None`
+/// until the first two are measured. See [`tree::ExtensionSizing`].
+fn extension_sizing<L: MiddleLink + ?Sized>(link: &L, end: usize, token_ms: Option<f64>, link_ms: Option<f64>, row_ms: Option<f64>) -> Option<tree::ExtensionSizing> {
+    let (token_ms, link_ms) = (token_ms?, link_ms?);
+    let pass = |m: usize| link.predicted_compute_ms(m, end);
+    // The device's share of a row (its verification): the row's measured cost less the
+    // cloud's.
+    let cloud_row = match (pass(1), pass(2)) {
+        (Some(a), Some(b)) => (b - a).max(0.0),
+        _ => 0.0,
+    };
+    let device_row = row_ms.map_or(PRIOR_DEVICE_ROW_MS, |r| (r - cloud_row).clamp(0.2, 5.0));
+    let wait_ms = (1..=EXTENSION_ROWS)
+        .map_while(|m| {
+            // Rows the cloud cannot finish before the next block would arrive would hold that
+            // block up in rounds that do not walk into them.
+            let pass = pass(m).unwrap_or(m as f64 * (cloud_row + 3.0));
+            (pass <= link_ms).then_some(pass + m as f64 * device_row)
+        })
+        .collect();
+    Some(tree::ExtensionSizing { token_ms, wait_ms })
+}
 
 /// Where a generation's decoding rounds spent the device's time.
 #[derive(Debug, Default)]

@@ -45,17 +45,29 @@
 //!
 //! ## Extending the sent tree (`--draft-pipeline`, greedy)
 //! Drafting ahead alone still waits for the reply before the next block goes. With the
-//! pipeline on, once the cloud is expected to be done with the sent tree ([`ExtendPlan::at`]),
-//! the device sends the nodes drafted ahead so far, best first, as rows that extend that tree
-//! ([`Edge::send_extension`]; the protocol's extension block: each row's parent an earlier row
-//! of the whole tree, nothing kept, nothing truncated), and the cloud computes them right
-//! after it. The tree's reply comes first; verification walks down it, and only when the walk
-//! reaches an extension row does the device wait for the extension's reply (a round trip
-//! after the first reply at most, usually much less: the cloud started on it before). When
-//! the walk ends in the first rows, the extension's reply is dropped unread and the next
-//! block's kept path, which indexes the whole tree, keeps what verification accepted. Rows keep
-//! their positions and ancestors, so every state the cloud computes is the one it computes
-//! without the extension.
+//! pipeline on (the default), at the first step of drafting ahead after which some of the nodes
+//! drafted ahead are worth it, the device sends them, best first, as rows that extend the sent
+//! tree ([`Edge::send_extension`]; the protocol's extension block: each row's parent an earlier
+//! row of the whole tree, nothing kept, nothing truncated), and the cloud computes them right
+//! after the tree. The tree's reply comes first; verification walks down it, and only when the
+//! walk reaches an extension row does the device wait for the extension's reply (usually much
+//! less than a round: the cloud started on it as soon as the tree was done). When the walk
+//! ends in the first rows, the extension's reply is dropped unread and the next block's kept
+//! path, which indexes the whole tree, keeps what verification accepted. Rows keep their
+//! positions and ancestors, so every state the cloud computes is the one it computes without
+//! the extension.
+//!
+//! How many rows ([`ExtensionSizing`]): the walk reaches the first `m` with about their summed
+//! cumulative probability `P(m)`; then it commits a token more without another round (`T` ms,
+//! the measured time per committed token) but waits for the extension's pass and verifies its
+//! rows (`W(m)`: the cloud's cost model for the pass plus the device's measured share of a
+//! row's cost, per row); otherwise
+//! the extension costs nothing on the critical path, as long as the cloud is done with it
+//! before the next block arrives (at most the measured link time of a round). The prefix that
+//! maximises `P(m) · (T - W(m))` goes. Sent when the cloud was expected to be done with the
+//! tree (the previous rule), extensions waited for an idle cloud and their replies came late:
+//! on two one-core machines at 50 Mbit/s, 20 ms, the wait for the extension's reply ate what
+//! the round saved.
 
 use std::time::Instant;
 
@@ -109,19 +121,56 @@ impl TreeLimits {
     }
 }
 
-/// When to send the nodes drafted ahead so far as rows that extend the sent tree
-/// (`--draft-pipeline`, [`Edge::send_extension`]).
+/// A round's extension of the sent tree (`--draft-pipeline`, [`Edge::send_extension`]): sent at
+/// the first step of drafting ahead after which some of the nodes drafted ahead are worth it,
+/// so that it reaches the cloud while the tree computes (or soon after) and its reply follows
+/// the tree's closely.
 #[derive(Debug)]
 pub(super) struct ExtendPlan {
-    /// At the first step of drafting ahead that ends after this (when the cloud is expected to
-    /// be done with the sent tree), or when drafting ahead stops before the reply.
-    pub at: Instant,
-    /// Most rows to add; a row joins while its cumulative draft probability (the draft's
-    /// estimate of the chance that verification reaches it) is at least `threshold`.
-    pub most: usize,
-    pub threshold: f32,
+    pub rows: ExtensionRows,
     /// Rows sent (0: none yet).
     pub sent: usize,
+}
+
+/// How many rows an extension takes.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum ExtensionRows {
+    /// Up to this many (0: none, e.g. until the costs are measured).
+    Fixed(usize),
+    /// As many as are expected to save most.
+    Sized(ExtensionSizing),
+}
+
+/// What an extension of the sent tree costs and saves. Verification walks into it with about
+/// the summed cumulative draft probability of its rows; then it commits at least one token more
+/// without another round (`token_ms` saved, the measured time per committed token: a round's
+/// worth of time would overstate it, as a round commits more than one) but the device waits for
+/// the extension's reply and verifies its rows (`wait_ms[m - 1]` for `m` rows); otherwise it
+/// costs the device nothing (the cloud computes it while the reply travels). The rows sent, in
+/// node order, are the prefix that maximises `P(m) · (token_ms - wait_ms[m - 1])`, `P(m)` the
+/// first `m` rows' summed probability.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ExtensionSizing {
+    pub token_ms: f64,
+    /// The wait for `m` rows at index `m - 1`; as many entries as the cloud can compute before
+    /// the next block would reach it.
+    pub wait_ms: Vec<f64>,
+}
+
+impl ExtensionSizing {
+    /// How many of the rows whose cumulative probabilities are `cums` (in sending order) to
+    /// send: 0 when no prefix is expected to save time.
+    pub(super) fn rows(&self, cums: impl IntoIterator<Item = f32>) -> usize {
+        let (mut reach, mut best, mut rows) = (0.0f64, 0.0f64, 0);
+        for (m, (cum, wait)) in cums.into_iter().zip(&self.wait_ms).enumerate() {
+            reach += f64::from(cum.max(0.0));
+            let gain = reach.min(1.0) * (self.token_ms - wait);
+            if gain > best {
+                (best, rows) = (gain, m + 1);
+            }
+        }
+        rows
+    }
 }
 
 /// A node of a round's tree as the device drafted it.
@@ -307,25 +356,45 @@ impl AheadClock {
 }
 
 /// Whether drafting ahead pays: it is free on a device of its own, but where the device shares
-/// cores with the cloud (or anything else the reply waits on) it slows the cloud down more than
-/// it saves. The edge compares the cloud's compute time for trees verified while it drafted
-/// ahead with those verified while it waited: a few rounds of each first, then a round of the
-/// other kind every [`AheadPolicy::PROBE_EVERY`] rounds, the latest measurements deciding. Each
-/// time is taken relative to what the cloud's cost model predicts for that block, so that
-/// trees of other sizes compare (a row costs the cloud a tenth of a one-row block or more).
+/// cores or a cache with the cloud (or anything else the reply waits on) it slows the cloud
+/// down. The edge compares the cloud's compute time for trees verified while it drafted ahead
+/// with those verified while it waited: a few rounds of each first, then a round of the other
+/// kind every [`AheadPolicy::PROBE_EVERY`] rounds, the latest measurements deciding. Each time is
+/// taken relative to what the cloud's cost model predicts for that block, so that trees of
+/// other sizes compare (a row costs the cloud a tenth of a one-row block or more). Drafting
+/// ahead stays on while what it costs the cloud per round, `(slowdown - 1) · cloud ms`, is at
+/// most what it saves per round: the share of rounds drafted ahead that found the next round
+/// prepared times the drafting such a round skips, plus what walking into extensions saved
+/// (a token's time less the wait, `--draft-pipeline`), all measured (until they are, a
+/// slowdown of [`AheadPolicy::SLOWDOWN`] at most). Comparing the slowdown
+/// alone with a fixed bound switched drafting ahead off on two one-core machines whenever a few
+/// noisy rounds (the two cores share a cache) read 10 % slower, although it saved several times
+/// that.
 #[derive(Debug, Default)]
 pub(super) struct AheadPolicy {
     rounds: usize,
     with_ahead: Vec<f64>,
     without: Vec<f64>,
+    /// The cloud's compute per round (ms), recent rounds.
+    cloud_ms: Vec<f64>,
+    /// Recent rounds drafted ahead: 1 when the next round was prepared, else 0.
+    hits: Vec<f64>,
+    /// Drafting on the critical path (ms) of recent rounds drafted afresh, and of rounds
+    /// prepared ahead.
+    fresh_ms: Vec<f64>,
+    prepared_ms: Vec<f64>,
+    /// What recent rounds drafted ahead saved by walking into an extension (ms; 0 without).
+    extension_ms: Vec<f64>,
 }
 
 impl AheadPolicy {
     const EXPLORE: usize = 6;
     const PROBE_EVERY: usize = 16;
-    /// Drafting ahead stays on while the cloud's compute with it is at most this many times
-    /// what it is without.
+    /// Until its savings are measured, drafting ahead stays on while the cloud's compute with
+    /// it is at most this many times what it is without.
     const SLOWDOWN: f64 = 1.1;
+    /// The prior share of hits (one in two) counts as this many hits and as many misses.
+    const PRIOR_HITS: f64 = 2.0;
 
     /// Whether this round drafts ahead.
     pub(super) fn this_round(&self) -> bool {
@@ -335,9 +404,24 @@ impl AheadPolicy {
         self.pays() != (self.rounds % Self::PROBE_EVERY == 0)
     }
 
-    /// Whether drafting ahead does not slow the cloud down (yes until measured).
+    /// Whether drafting ahead saves the critical path more than it costs the cloud (yes until
+    /// measured).
     pub(super) fn pays(&self) -> bool {
-        self.slowdown().is_none_or(|s| s <= Self::SLOWDOWN)
+        let Some(slowdown) = self.slowdown() else { return true };
+        match (median(&self.cloud_ms), self.saving_ms()) {
+            (Some(cloud), Some(saving)) => (slowdown - 1.0).max(0.0) * cloud <= saving,
+            _ => slowdown <= Self::SLOWDOWN,
+        }
+    }
+
+    /// What drafting ahead saves the critical path per round drafted ahead (ms), once measured.
+    fn saving_ms(&self) -> Option<f64> {
+        // The share of hits, from a prior of one in two worth a few rounds: the first rounds
+        // drafted ahead are too few to switch drafting ahead off on their own.
+        let hit_rate = (self.hits.iter().sum::<f64>() + Self::PRIOR_HITS) / (self.hits.len() as f64 + 2.0 * Self::PRIOR_HITS);
+        let drafting = hit_rate * (median(&self.fresh_ms)? - median(&self.prepared_ms).unwrap_or(0.0)).max(0.0);
+        let extensions = if self.extension_ms.is_empty() { 0.0 } else { self.extension_ms.iter().sum::<f64>() / self.extension_ms.len() as f64 };
+        Some(drafting + extensions)
     }
 
     /// The cloud's median compute with drafting ahead over that without, once both are measured.
@@ -357,6 +441,23 @@ impl AheadPolicy {
             _ => cloud_ms,
         };
         push_recent(if ahead { &mut self.with_ahead } else { &mut self.without }, relative, RECENT);
+        push_recent(&mut self.cloud_ms, cloud_ms, RECENT);
+    }
+
+    /// A round drafted ahead found the next round prepared (`hit`) or not.
+    pub(super) fn record_hit(&mut self, hit: bool) {
+        push_recent(&mut self.hits, f64::from(u8::from(hit)), RECENT);
+    }
+
+    /// What a round drafted ahead saved by walking into its extension (ms: the time per token
+    /// less the wait; 0 when it did not walk into one).
+    pub(super) fn record_extension(&mut self, saved_ms: f64) {
+        push_recent(&mut self.extension_ms, saved_ms, RECENT);
+    }
+
+    /// A round's drafting on the critical path (ms), `prepared` ahead or afresh.
+    pub(super) fn record_draft(&mut self, prepared: bool, ms: f64) {
+        push_recent(if prepared { &mut self.prepared_ms } else { &mut self.fresh_ms }, ms, RECENT);
     }
 }
 
@@ -441,8 +542,8 @@ impl<L: MiddleLink> Edge<'_, L> {
                 return Ok(grew);
             }
             if let Some(plan) = clock.extend.as_mut() {
-                if plan.sent == 0 && grew && Instant::now() >= plan.at {
-                    plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
+                if plan.sent == 0 && grew {
+                    plan.sent = self.send_extension(tree, base, &plan.rows)?;
                 }
             }
             clock.last_poll = Some(Instant::now());
@@ -467,7 +568,7 @@ impl<L: MiddleLink> Edge<'_, L> {
         // Drafting ahead stopped before the reply: the extension goes now if it has not.
         if let Some(plan) = clock.extend.as_mut() {
             if plan.sent == 0 && grew {
-                plan.sent = self.send_extension(tree, base, plan.most, plan.threshold)?;
+                plan.sent = self.send_extension(tree, base, &plan.rows)?;
             }
         }
         Ok(grew)
@@ -657,12 +758,16 @@ impl<L: MiddleLink> Edge<'_, L> {
     }
 
     /// While the cloud verifies the sent tree at `base`: sends the nodes drafted ahead so far,
-    /// in node order (best first) while their cumulative probability is at least `threshold`,
-    /// at most `most`, as rows that extend it; they join the round's shape (verification may
-    /// walk into them). Returns how many went.
-    pub(super) fn send_extension(&mut self, tree: &mut TreeRound, base: usize, most: usize, threshold: f32) -> Result<usize> {
+    /// in node order (about best first), as many as `rows` says, as rows that extend it; they
+    /// join the round's shape (verification may walk into them). Returns how many went.
+    pub(super) fn send_extension(&mut self, tree: &mut TreeRound, base: usize, rows: &ExtensionRows) -> Result<usize> {
         let sent = tree.shape.len();
-        let m = tree.nodes[sent..].iter().take_while(|n| n.cum >= threshold && n.cum > 0.0).count().min(most).min(MAX_TREE_NODES - sent);
+        let unsent = tree.nodes[sent..].iter().take_while(|n| n.cum > 0.0);
+        let m = match rows {
+            ExtensionRows::Fixed(most) => unsent.count().min(*most),
+            ExtensionRows::Sized(sizing) => sizing.rows(unsent.map(|n| n.cum)),
+        }
+        .min(MAX_TREE_NODES - sent);
         if m == 0 {
             return Ok(0);
         }
@@ -712,7 +817,7 @@ fn top_rows(p: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{top_rows, TreeLimits};
+    use super::{top_rows, AheadPolicy, ExtensionSizing, TreeLimits};
 
     #[test]
     fn a_level_is_drafted_further_only_when_its_best_child_would_pay() {
@@ -724,6 +829,58 @@ mod tests {
         assert!(!TreeLimits { top_prob: 0.2, ..limits }.worth_expanding(0.9));
         // Fixed trees: no thresholds, every level.
         assert!(TreeLimits { node_threshold: 0.0, level_threshold: 0.0, ..limits }.worth_expanding(0.001));
+    }
+
+    #[test]
+    fn an_extension_sends_the_prefix_that_saves_most() {
+        // 40 ms per token; waiting for m rows costs 10 + 4 m ms.
+        let sizing = ExtensionSizing { token_ms: 40.0, wait_ms: (1..=6).map(|m| 10.0 + 4.0 * m as f64).collect() };
+        // 0.2 · 26 = 5.2, 0.3 · 22 = 6.6, 0.32 · 18 = 5.8: two rows.
+        assert_eq!(sizing.rows([0.2, 0.1, 0.02, 0.01]), 2);
+        // Likelier rows pay for a longer wait: 0.55 · 22 = 12.1, 0.75 · 18 = 13.5, 0.9 · 14 = 12.6.
+        assert_eq!(sizing.rows([0.3, 0.25, 0.2, 0.15]), 3);
+        // No more rows than the cloud can compute before the next block (the entries of
+        // `wait_ms`), and none when no wait leaves a saving.
+        assert_eq!(ExtensionSizing { token_ms: 40.0, wait_ms: vec![14.0, 18.0] }.rows([0.3; 10]), 2);
+        assert_eq!(ExtensionSizing { token_ms: 12.0, ..sizing.clone() }.rows([0.5, 0.5]), 0);
+        assert_eq!(sizing.rows([]), 0);
+    }
+
+    #[test]
+    fn drafting_ahead_stays_on_while_it_saves_more_than_it_slows_the_cloud() {
+        let policy = |slowdown: f64, hits: usize| {
+            let mut p = AheadPolicy::default();
+            for i in 0..16 {
+                p.record(true, 20.0 * slowdown, Some(20.0));
+                p.record(false, 20.0, Some(20.0));
+                p.record_hit(i < hits);
+                p.record_draft(true, 0.5);
+                p.record_draft(false, 8.5);
+            }
+            p.pays()
+        };
+        // Two machines sharing a cache: a 15 % slower cloud (3.5 ms a round) against hits in
+        // half the rounds, each skipping 8 ms of drafting.
+        assert!(policy(1.15, 8));
+        // Sharing cores: the cloud 70 % slower (14 ms a round).
+        assert!(!policy(1.7, 8));
+        // Drafting ahead that never prepares a round does not pay for any slowdown...
+        assert!(!policy(1.05, 0));
+        // ... unless its extensions save time.
+        let mut p = AheadPolicy::default();
+        for _ in 0..16 {
+            p.record(true, 21.0, Some(20.0));
+            p.record(false, 20.0, Some(20.0));
+            p.record_hit(false);
+            p.record_draft(false, 8.5);
+            p.record_extension(6.0);
+        }
+        assert!(p.pays());
+        // Until the savings are measured, a fixed bound.
+        let mut p = AheadPolicy::default();
+        p.record(true, 23.0, None);
+        p.record(false, 20.0, None);
+        assert!(!p.pays());
     }
 
     #[test]
