@@ -103,9 +103,9 @@ pub struct EdgeArgs {
     /// them right after the tree; when the reply's bonus token is among them verification walks
     /// on into them (waiting for their reply, much sooner than another round) instead of
     /// sending another round. The rows sent are those expected to save most: their summed
-    /// cumulative draft probability times the round they save less the wait, from the measured
-    /// round time, row cost and the cloud's cost model, and never more than the cloud can
-    /// compute before the next block would reach it. Exact either way; rows verification does
+    /// cumulative draft probability times what a walk into them saves (the measured time per
+    /// token less the wait for their reply, from the measured row cost and the cloud's cost
+    /// model), and never more than the cloud can compute before the next block would reach it. Exact either way; rows verification does
     /// not reach are computed for nothing. A number N sends up to N rows whenever drafting
     /// ahead grew any (for experiments).
     #[arg(long, default_value = "on")]

@@ -61,10 +61,9 @@
 //! cumulative probability `P(m)`; then it commits a token more without another round (`T` ms,
 //! the measured time per committed token) but waits for the extension's pass and verifies its
 //! rows (`W(m)`: the cloud's cost model for the pass plus the device's measured share of a
-//! row's cost, per row); otherwise
-//! the extension costs nothing on the critical path, as long as the cloud is done with it
-//! before the next block arrives (at most the measured link time of a round). The prefix that
-//! maximises `P(m) · (T - W(m))` goes. Sent when the cloud was expected to be done with the
+//! row's cost, per row); otherwise the extension costs nothing on the critical path, as long
+//! as the cloud is done with it before the next block arrives (at most the measured link time
+//! of a round). The prefix that maximises `P(m) · (T - W(m))` goes. Sent when the cloud was expected to be done with the
 //! tree (the previous rule), extensions waited for an idle cloud and their replies came late:
 //! on two one-core machines at 50 Mbit/s, 20 ms, the wait for the extension's reply ate what
 //! the round saved.
