@@ -19,7 +19,7 @@ use crate::adapter::{Adapter, DraftHead};
 use crate::error::{Error, Result};
 use crate::model::LayerStack;
 use crate::split::DeviceBundle;
-use crate::util::stats::push_recent;
+use crate::util::stats::{median_of, push_recent};
 
 /// Measurements kept per window (draft steps, top probabilities, rounds for the row cost).
 const RECENT: usize = 64;
@@ -223,12 +223,7 @@ impl DraftLength {
 
     /// The median draft step, ms.
     pub(super) fn step_ms(&self) -> Option<f64> {
-        if self.step_ms.is_empty() {
-            return None;
-        }
-        let mut v = self.step_ms.clone();
-        v.sort_by(f64::total_cmp);
-        Some(v[v.len() / 2])
+        median_of(&self.step_ms)
     }
 
     /// The cumulative draft probability below which drafting stops.

@@ -80,7 +80,7 @@ use crate::edge::state::Edge;
 use crate::error::{Error, Result};
 use crate::model::tree::{TreeShape, MAX_TREE_NODES, ROOT};
 use crate::net::{MiddleLink, MiddleReply};
-use crate::util::stats::push_recent;
+use crate::util::stats::{mean_of, median_of, push_recent};
 
 /// How many of its most likely next tokens a drafted node keeps (drafting ahead looks further
 /// down the list than a round's `branch`).
@@ -347,7 +347,7 @@ impl AheadClock {
     /// Whether a step ahead started now would end before the reply is expected (always, until
     /// both are measured).
     fn time_for_a_step(&self) -> bool {
-        match (self.sent, median(&self.replies_ms), median(&self.steps_ms)) {
+        match (self.sent, median_of(&self.replies_ms), median_of(&self.steps_ms)) {
             (Some(sent), Some(reply), Some(step)) => ms(sent.elapsed()) + step <= reply,
             _ => true,
         }
@@ -407,7 +407,7 @@ impl AheadPolicy {
     /// measured).
     pub(super) fn pays(&self) -> bool {
         let Some(slowdown) = self.slowdown() else { return true };
-        match (median(&self.cloud_ms), self.saving_ms()) {
+        match (median_of(&self.cloud_ms), self.saving_ms()) {
             (Some(cloud), Some(saving)) => (slowdown - 1.0).max(0.0) * cloud <= saving,
             _ => slowdown <= Self::SLOWDOWN,
         }
@@ -418,14 +418,13 @@ impl AheadPolicy {
         // The share of hits, from a prior of one in two worth a few rounds: the first rounds
         // drafted ahead are too few to switch drafting ahead off on their own.
         let hit_rate = (self.hits.iter().sum::<f64>() + Self::PRIOR_HITS) / (self.hits.len() as f64 + 2.0 * Self::PRIOR_HITS);
-        let drafting = hit_rate * (median(&self.fresh_ms)? - median(&self.prepared_ms).unwrap_or(0.0)).max(0.0);
-        let extensions = if self.extension_ms.is_empty() { 0.0 } else { self.extension_ms.iter().sum::<f64>() / self.extension_ms.len() as f64 };
-        Some(drafting + extensions)
+        let drafting = hit_rate * (median_of(&self.fresh_ms)? - median_of(&self.prepared_ms).unwrap_or(0.0)).max(0.0);
+        Some(drafting + mean_of(&self.extension_ms).unwrap_or(0.0))
     }
 
     /// The cloud's median compute with drafting ahead over that without, once both are measured.
     pub(super) fn slowdown(&self) -> Option<f64> {
-        match (median(&self.with_ahead), median(&self.without)) {
+        match (median_of(&self.with_ahead), median_of(&self.without)) {
             (Some(with), Some(without)) if without > 0.0 => Some(with / without),
             _ => None,
         }
@@ -458,13 +457,6 @@ impl AheadPolicy {
     pub(super) fn record_draft(&mut self, prepared: bool, ms: f64) {
         push_recent(if prepared { &mut self.prepared_ms } else { &mut self.fresh_ms }, ms, RECENT);
     }
-}
-
-
-fn median(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 impl<L: MiddleLink> Edge<'_, L> {
