@@ -197,9 +197,10 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
     }
 }
 
-/// Trees drafted ahead while the cloud verifies (a 40 ms round trip leaves the device time to
+/// Trees drafted ahead while the cloud verifies (a 60 ms round trip leaves the device time to
 /// grow them) keep greedy output equal to `hat generate`, with an adapter whose drafts are
-/// right (the next round is drafted ahead and used) and one whose drafts are mostly wrong.
+/// right (what was drafted ahead is used: as the next round, or, with the pipeline, as
+/// extensions verification walks into) and one whose drafts are mostly wrong.
 #[test]
 fn trees_drafted_ahead_keep_greedy_exact_and_get_used() {
     let w = world();
@@ -207,22 +208,30 @@ fn trees_drafted_ahead_keep_greedy_exact_and_get_used() {
     let link = LinkEmulation { rtt_ms: 60.0, ..Default::default() };
     for (which, gamma) in [("conditioned-oracle", 4), ("conditioned", 3)] {
         let a = adapter(w, which);
-        let mut hits = 0;
+        let (mut hits, mut walks) = (0, 0);
         for ids in prompts(w).iter().take(2) {
             let want = reference(w, ids, max);
             for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(2) }] {
-                let opts = EdgeOptions { draft: DraftOptions { tree, ..DraftOptions::default() }, ..options(Mode::Hat, gamma, 16, SamplingParams::greedy(), max) };
-                let mut l = hat::testing::connect(&w.server, &w.device, WireDtype::F32, link, None).unwrap();
-                let r = hat::edge::generate(&w.device, &a, &mut l, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
-                assert_eq!(r.token_ids, want, "{which}, {tree:?}");
-                let d = &r.drafting;
-                assert!(d.overlap && d.ahead_rounds > 0, "{which}, {tree:?}: {d:?}");
-                hits += d.ahead_hits;
-                eprintln!("{which}, {tree:?}: {:.2} tokens/round, {} of {} rounds drafted ahead used", r.mean_accepted, d.ahead_hits, d.ahead_rounds);
+                for pipeline in [Pipeline::Auto, Pipeline::Off] {
+                    let opts = EdgeOptions { draft: DraftOptions { tree, pipeline, ..DraftOptions::default() }, ..options(Mode::Hat, gamma, 16, SamplingParams::greedy(), max) };
+                    let mut l = hat::testing::connect(&w.server, &w.device, WireDtype::F32, link, None).unwrap();
+                    let r = hat::edge::generate(&w.device, &a, &mut l, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
+                    assert_eq!(r.token_ids, want, "{which}, {tree:?}, {pipeline:?}");
+                    let d = &r.drafting;
+                    assert!(d.overlap && d.ahead_rounds > 0, "{which}, {tree:?}, {pipeline:?}: {d:?}");
+                    match pipeline {
+                        Pipeline::Off => hits += d.ahead_hits,
+                        _ => walks += d.extensions_used,
+                    }
+                    eprintln!(
+                        "{which}, {tree:?}, {pipeline:?}: {:.2} tokens/round, {} of {} rounds drafted ahead used; walked into {} of {} extensions",
+                        r.mean_accepted, d.ahead_hits, d.ahead_rounds, d.extensions_used, d.extensions
+                    );
+                }
             }
         }
         if which == "conditioned-oracle" {
-            assert!(hits > 0, "an oracle's trees drafted ahead are used");
+            assert!(hits > 0 && walks > 0, "an oracle's trees drafted ahead are used: {hits} next rounds prepared, {walks} walks into extensions");
         }
     }
 }

@@ -424,9 +424,7 @@ fn generate_verified<L: MiddleLink>(
             let hit = round.ahead_child(last, new_token);
             if ahead {
                 ahead_policy.record_hit(hit.is_some());
-                // A walk into the extension committed a token without another round, for
-                // the wait.
-                let saved = if walked { steps.ms_per_token.unwrap_or(0.0) - extension_wait } else { 0.0 };
+                let saved = if walked { tree::AheadPolicy::walk_saving(&path, n, steps.ms_per_token.unwrap_or(0.0), extension_wait) } else { 0.0 };
                 ahead_policy.record_extension(saved);
             }
             match hit {

@@ -364,7 +364,7 @@ impl AheadClock {
 /// ahead stays on while what it costs the cloud per round, `(slowdown - 1) · cloud ms`, is at
 /// most what it saves per round: the share of rounds drafted ahead that found the next round
 /// prepared times the drafting such a round skips, plus what walking into extensions saved
-/// (a token's time less the wait, `--draft-pipeline`), all measured (until they are, a
+/// (a token's time for each token they added, less the wait, `--draft-pipeline`), all measured (until they are, a
 /// slowdown of [`AheadPolicy::SLOWDOWN`] at most). Comparing the slowdown
 /// alone with a fixed bound switched drafting ahead off on two one-core machines whenever a few
 /// noisy rounds (the two cores share a cache) read 10 % slower, although it saved several times
@@ -442,13 +442,21 @@ impl AheadPolicy {
         push_recent(&mut self.cloud_ms, cloud_ms, RECENT);
     }
 
+    /// What a walk along `path` (root first) into the extension of a tree of `sent` rows saved
+    /// (ms): a token's time (`token_ms`) for each path node in the extension (the first of them
+    /// was the tree's bonus token anyway; the last one's bonus comes after it) without another
+    /// round, less the wait for the extension's reply (`wait_ms`).
+    pub(super) fn walk_saving(path: &[usize], sent: usize, token_ms: f64, wait_ms: f64) -> f64 {
+        path.iter().filter(|&&i| i >= sent).count() as f64 * token_ms - wait_ms
+    }
+
     /// A round drafted ahead found the next round prepared (`hit`) or not.
     pub(super) fn record_hit(&mut self, hit: bool) {
         push_recent(&mut self.hits, f64::from(u8::from(hit)), RECENT);
     }
 
     /// What a round drafted ahead saved by walking into its extension (ms: the time per token
-    /// less the wait; 0 when it did not walk into one).
+    /// for each token it added, less the wait; 0 when it did not walk into one).
     pub(super) fn record_extension(&mut self, saved_ms: f64) {
         push_recent(&mut self.extension_ms, saved_ms, RECENT);
     }
@@ -835,6 +843,15 @@ mod tests {
         assert_eq!(ExtensionSizing { token_ms: 40.0, wait_ms: vec![14.0, 18.0] }.rows([0.3; 10]), 2);
         assert_eq!(ExtensionSizing { token_ms: 12.0, ..sizing.clone() }.rows([0.5, 0.5]), 0);
         assert_eq!(sizing.rows([]), 0);
+    }
+
+    #[test]
+    fn a_walk_into_the_extension_saves_a_token_for_each_of_its_nodes_on_the_path() {
+        // A tree of 4 rows; the walk enters the extension at row 5 and goes on to row 7.
+        assert_eq!(AheadPolicy::walk_saving(&[0, 2, 5, 7], 4, 20.0, 12.0), 28.0);
+        assert_eq!(AheadPolicy::walk_saving(&[0, 2, 5], 4, 20.0, 12.0), 8.0);
+        // A long wait for one token costs more than it saves.
+        assert_eq!(AheadPolicy::walk_saving(&[0, 4], 4, 10.0, 12.0), -2.0);
     }
 
     #[test]
