@@ -513,12 +513,20 @@ fn queue_behind_slow_passes(pass_delay: std::time::Duration, sessions: usize) ->
     let x = w.device.embedder.embed_ids(&ids[..16]).unwrap();
     let h = w.device.input.forward(&x, 0, &mut w.device.input.new_cache()).unwrap();
     let want = w.cloud.middle.forward(&h, 0, &mut w.cloud.middle.new_cache()).unwrap();
+    // Every edge connects first and then all submit together, so that the blocks queue behind
+    // each other however long the connections took (on a loaded machine a late connection
+    // found the first passes done).
+    let connected = std::sync::Barrier::new(sessions);
     let outcomes = std::thread::scope(|s| {
         let handles: Vec<_> = (0..sessions)
             .map(|_| {
-                let (h, options) = (&h, edge_options(w, &server));
+                let (h, options, connected) = (&h, edge_options(w, &server), &connected);
                 s.spawn(move || {
-                    let mut link = QuicLink::connect(options).unwrap();
+                    // Unwrapped after the barrier: a failed connection must not leave the
+                    // others waiting at it.
+                    let link = QuicLink::connect(options);
+                    connected.wait();
+                    let mut link = link.unwrap();
                     let began = std::time::Instant::now();
                     link.submit(0, h).unwrap();
                     let out = link.receive().map(|r| r.hidden);
