@@ -515,7 +515,7 @@ fn queue_behind_slow_passes(pass_delay: std::time::Duration, sessions: usize) ->
     let want = w.cloud.middle.forward(&h, 0, &mut w.cloud.middle.new_cache()).unwrap();
     // Every edge connects first and then all submit together, so that the blocks queue behind
     // each other however long the connections took (on a loaded machine a late connection
-    // found the first passes done).
+    // could find the first passes done).
     let connected = std::sync::Barrier::new(sessions);
     let outcomes = std::thread::scope(|s| {
         let handles: Vec<_> = (0..sessions)

@@ -364,11 +364,11 @@ impl AheadClock {
 /// ahead stays on while what it costs the cloud per round, `(slowdown - 1) · cloud ms`, is at
 /// most what it saves per round: the share of rounds drafted ahead that found the next round
 /// prepared times the drafting such a round skips, plus what walking into extensions saved
-/// (a token's time for each token they added, less the wait, `--draft-pipeline`), all measured (until they are, a
-/// slowdown of [`AheadPolicy::SLOWDOWN`] at most). Comparing the slowdown
-/// alone with a fixed bound switched drafting ahead off on two one-core machines whenever a few
-/// noisy rounds (the two cores share a cache) read 10 % slower, although it saved several times
-/// that.
+/// (a token's time for each token they added, less the wait, `--draft-pipeline`), all
+/// measured (until they are, a slowdown of [`AheadPolicy::SLOWDOWN`] at most). Comparing the
+/// slowdown alone with a fixed bound switched drafting ahead off on two one-core machines
+/// whenever a few noisy rounds (the two cores share a cache) read 10 % slower, although it
+/// saved several times that.
 #[derive(Debug, Default)]
 pub(super) struct AheadPolicy {
     rounds: usize,
