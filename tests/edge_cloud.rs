@@ -46,7 +46,8 @@ fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
         let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf().unwrap())).unwrap();
-        let split = SplitWorld::new(&loaded, 2, 2).unwrap();
+        // In a static, never dropped: its folder goes where later runs clean it up.
+        let split = SplitWorld::new_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), &loaded, 2, 2).unwrap();
         let (dir, cloud_dir, cloud) = (split.dir.path(), split.split_dir().join("cloud"), &split.cloud);
         let oracle = dir.join("oracle.safetensors");
         oracle_adapter(&cloud_dir, cloud, 2..28, None, DraftContext::Verified, &oracle).unwrap();

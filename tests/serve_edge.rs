@@ -34,7 +34,8 @@ fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
         let loaded = LoadedModel::load(&ModelSpec::Gguf(default_gguf().unwrap())).unwrap();
-        let split = SplitWorld::new(&loaded, 2, 2).unwrap();
+        // In a static, never dropped: its folder goes where later runs clean it up.
+        let split = SplitWorld::new_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), &loaded, 2, 2).unwrap();
         let server = split.serve("state", None, 8, 4096).unwrap();
         World { model: loaded.model(DType::F32, &Device::Cpu).unwrap(), split, server }
     })

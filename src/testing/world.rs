@@ -40,6 +40,32 @@ impl SplitWorld {
     /// Splits `model` with `input_layers` and `output_layers` on the device.
     pub fn new(model: &LoadedModel, input_layers: usize, output_layers: usize) -> Result<Self> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("a temporary folder", e))?;
+        Self::split_into(dir, model, input_layers, output_layers)
+    }
+
+    /// [`SplitWorld::new`] for a world kept in a `static` (never dropped, so its folder outlives
+    /// the process): the folder goes under `parent` (a test's `CARGO_TARGET_TMPDIR`, which
+    /// `cargo clean` empties) instead of the system's temporary folder, and the folders such
+    /// worlds left there over an hour ago are removed first (a test binary's run takes minutes;
+    /// each folder holds a split of the model, ~1 GB for the default one).
+    pub fn new_in(parent: &std::path::Path, model: &LoadedModel, input_layers: usize, output_layers: usize) -> Result<Self> {
+        const PREFIX: &str = "hat-world-";
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let stale = |entry: &std::fs::DirEntry| {
+            let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(3600));
+            entry.file_name().to_string_lossy().starts_with(PREFIX) && old
+        };
+        for entry in std::fs::read_dir(parent).map_err(|e| Error::io(parent, e))?.flatten() {
+            if stale(&entry) {
+                // Best effort: a folder another process still uses (or cannot remove) stays.
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = tempfile::Builder::new().prefix(PREFIX).tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
+        Self::split_into(dir, model, input_layers, output_layers)
+    }
+
+    fn split_into(dir: tempfile::TempDir, model: &LoadedModel, input_layers: usize, output_layers: usize) -> Result<Self> {
         let out = dir.path().join("split");
         let plan = SplitPlan::new(model.config.num_hidden_layers, input_layers, output_layers)?;
         write_split(model, &plan, &out, DType::F32, false, &indicatif::ProgressBar::hidden())?;
