@@ -52,8 +52,8 @@ impl SplitWorld {
         const PREFIX: &str = "hat-world-";
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let stale = |entry: &std::fs::DirEntry| {
-            let old = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(3600));
-            entry.file_name().to_string_lossy().starts_with(PREFIX) && old
+            entry.file_name().to_string_lossy().starts_with(PREFIX)
+                && entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(3600))
         };
         for entry in std::fs::read_dir(parent).map_err(|e| Error::io(parent, e))?.flatten() {
             if stale(&entry) {
