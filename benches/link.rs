@@ -75,8 +75,8 @@ impl Bench {
         let cloud = Cloud::start(HAT, placement, &self.split, if placement == Placement::Shared { 4601 } else { 4600 }, &[])?;
         let title = placement.title();
         println!("\n### {title}; {} prompts × {} tokens, greedy, f16 wire\n", prompts.len(), self.tokens);
-        println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | tree nodes/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | extended rounds (walked into) | wait ms/round | cloud ms/round |");
-        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        println!("| link | mode | TBT ms (median) | TBT / u-shape (median of per-prompt ratios) | TTFT ms | tokens/round | tree nodes/round | drafts accepted | draft step ms | draft ms/round | verify ms/round | ahead ms/round (hits) | extended rounds (walked into) | split rounds (walked into) | wait ms/round | cloud ms/round |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         for &link in links {
             let mut runs: Vec<Vec<Value>> = vec![Vec::new(); configs.len()];
@@ -96,8 +96,9 @@ impl Bench {
                 let hits: f64 = rs.iter().map(|v| f(v, "ahead_hits")).sum::<f64>() / rs.iter().map(|v| f(v, "ahead_rounds")).sum::<f64>().max(1.0);
                 let sum = |k: &str| rs.iter().map(|v| v[k].as_f64().unwrap_or(0.0)).sum::<f64>();
                 let (extended, walked) = (sum("extensions") / sum("rounds").max(1.0), sum("extensions_used") / sum("extensions").max(1.0));
+                let (split, split_walked) = (sum("tree_splits") / sum("rounds").max(1.0), sum("tree_splits_used") / sum("tree_splits").max(1.0));
                 println!(
-                    "| {} | {name} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} ({:.0}%) | {:.0}% ({:.0}%) | {:.1} | {:.1} |",
+                    "| {} | {name} | {:.1} | {:.2} | {:.0} | {:.2} | {:.1} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1} ({:.0}%) | {:.0}% ({:.0}%) | {:.0}% ({:.0}%) | {:.1} | {:.1} |",
                     link.name(),
                     m(&|v| f(v, "tbt_ms")),
                     median(&ratio),
@@ -112,6 +113,8 @@ impl Bench {
                     100.0 * hits,
                     100.0 * extended,
                     100.0 * walked,
+                    100.0 * split,
+                    100.0 * split_walked,
                     per_round("network_wait_ms"),
                     per_round("cloud_compute_ms"),
                 );

@@ -111,6 +111,18 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "on")]
     pub draft_pipeline: String,
 
+    /// With trees and greedy decoding: send a tree's first rows (by draft probability, a
+    /// prefix holding its likeliest path) as a block of their own and the rest right after
+    /// them (`on`, default), so that the cloud replies for the first rows sooner and verification
+    /// waits for the rest only when it walks into them. Split where the expected saving is
+    /// largest: the rows held back times their cost (the cloud's cost model and the measured
+    /// verification per row) when the walk stays in the first rows, against the extra pass
+    /// when it does not (the draft's probability of walking into them) and the delay of the
+    /// extension; no split when nothing is expected to save. Exact either way. A number N sends
+    /// the first N rows first whenever the tree has more (for experiments).
+    #[arg(long, default_value = "on")]
+    pub draft_tree_split: String,
+
     /// The shape of each round's drafts: `auto` (default: a tree grown by cumulative draft
     /// probability, EAGLE-2 style, nodes kept while their odds pay for a verified row and
     /// levels drafted further while their best child would pay for its row and the draft step,
@@ -325,7 +337,7 @@ fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
     let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, tree };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, split: hat::edge::TreeSplit::parse(&args.draft_tree_split)?, tree };
     options.validate()?;
     Ok(options)
 }

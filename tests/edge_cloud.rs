@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::cloud::BackgroundServer;
 use hat::decode::{generate, ModelDecoder, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode, Pipeline, TreeChoice};
+use hat::edge::{DraftOptions, EdgeOptions, EdgeReport, Mode, Pipeline, TreeChoice, TreeSplit};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::model::Model;
 use hat::net::protocol::{kind, WireDtype};
@@ -214,7 +214,10 @@ fn trees_drafted_ahead_keep_greedy_exact_and_get_used() {
             let want = reference(w, ids, max);
             for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(2) }] {
                 for pipeline in [Pipeline::Auto, Pipeline::Off] {
-                    let opts = EdgeOptions { draft: DraftOptions { tree, pipeline, ..DraftOptions::default() }, ..options(Mode::Hat, gamma, 16, SamplingParams::greedy(), max) };
+                    // Fixed trees with the pipeline also go as two blocks (the first two rows,
+                    // then the rest) before their extension.
+                    let split = if pipeline == Pipeline::Auto && matches!(tree, TreeChoice::Fixed { .. }) { TreeSplit::Rows(2) } else { TreeSplit::Auto };
+                    let opts = EdgeOptions { draft: DraftOptions { tree, pipeline, split, ..DraftOptions::default() }, ..options(Mode::Hat, gamma, 16, SamplingParams::greedy(), max) };
                     let mut l = hat::testing::connect(&w.server, &w.device, WireDtype::F32, link, None).unwrap();
                     let r = hat::edge::generate(&w.device, &a, &mut l, ids, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap();
                     assert_eq!(r.token_ids, want, "{which}, {tree:?}, {pipeline:?}");
@@ -225,8 +228,8 @@ fn trees_drafted_ahead_keep_greedy_exact_and_get_used() {
                         _ => walks += d.extensions_used,
                     }
                     eprintln!(
-                        "{which}, {tree:?}, {pipeline:?}: {:.2} tokens/round, {} of {} rounds drafted ahead used; walked into {} of {} extensions",
-                        r.mean_accepted, d.ahead_hits, d.ahead_rounds, d.extensions_used, d.extensions
+                        "{which}, {tree:?}, {pipeline:?}, {split:?}: {:.2} tokens/round, {} of {} rounds drafted ahead used; walked into {} of {} extensions and {} of {} second blocks",
+                        r.mean_accepted, d.ahead_hits, d.ahead_rounds, d.extensions_used, d.extensions, d.tree_splits_used, d.tree_splits
                     );
                 }
             }

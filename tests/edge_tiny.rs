@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device};
 use hat::adapter::{Adapter, DraftContext, DraftVocab};
 use hat::decode::{processed_probs, SamplingParams};
-use hat::edge::{DraftOptions, EdgeOptions, Mode, Pipeline, TreeChoice};
+use hat::edge::{DraftOptions, EdgeOptions, Mode, Pipeline, TreeChoice, TreeSplit};
 use hat::io::source::{LoadedModel, ModelSpec};
 use hat::net::protocol::WireDtype;
 use hat::net::LocalMiddle;
@@ -229,6 +229,8 @@ impl hat::net::MiddleLink for SlowReplies<'_> {
 /// when the bonus token is there (waiting for their reply), and otherwise drops their reply and
 /// keeps its path of the whole tree. The output is the model's greedy output token for token
 /// either way, for both draft contexts and several tree settings, with both outcomes happening.
+/// The same for trees sent as two blocks (`--draft-tree-split`, with and without an extension
+/// after them): verification walks into the second block or leaves its reply unread.
 #[test]
 fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
     use hat::decode::{generate, ModelDecoder};
@@ -239,27 +241,39 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
     let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
     let prompts: [&[u32]; 3] = [&PROMPT, &[10, 20, 30], &[200, 7, 7, 7, 150, 3]];
     let (mut extended, mut used) = (0, 0);
+    let (mut splits, mut splits_used) = (0, 0);
     for context in [DraftContext::Drafted, DraftContext::Verified] {
         let adapter = oracle(&world, dir.path(), context);
         for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(3) }, TreeChoice::Fixed { nodes: 12, depth: Some(2) }] {
             for prompt in prompts {
                 let want = generate(&mut ModelDecoder::new(&model), prompt, 24, &greedy, eos, |_| Ok(())).unwrap().token_ids;
-                let run = |pipeline: bool| {
+                let run = |pipeline: bool, split: TreeSplit| {
                     let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
-                    let draft = DraftOptions { pipeline: if pipeline { Pipeline::Rows(4) } else { Pipeline::Off }, tree, ..DraftOptions::default() };
+                    let draft = DraftOptions { pipeline: if pipeline { Pipeline::Rows(4) } else { Pipeline::Off }, split, tree, ..DraftOptions::default() };
                     let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 24, max_context: 64, draft, fallback: Default::default() };
                     hat::edge::generate(&world.device, &adapter, &mut link, prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
                 };
-                let (with, without) = (run(true), run(false));
+                let (with, without) = (run(true, TreeSplit::Off), run(false, TreeSplit::Off));
                 assert_eq!(with.token_ids, want, "{context:?} {tree:?} {prompt:?}: pipelined");
                 assert_eq!(without.token_ids, want, "{context:?} {tree:?} {prompt:?}");
                 assert_eq!(without.drafting.extensions, 0);
                 assert!(with.drafting.pipeline && with.drafting.extensions_used <= with.drafting.extensions);
                 extended += with.drafting.extensions;
                 used += with.drafting.extensions_used;
+                assert_eq!(with.drafting.tree_splits, 0);
+                for split in [TreeSplit::Rows(1), TreeSplit::Rows(2)] {
+                    for pipeline in [true, false] {
+                        let r = run(pipeline, split);
+                        assert_eq!(r.token_ids, want, "{context:?} {tree:?} {prompt:?}: {split:?}, pipeline {pipeline}");
+                        assert!(r.drafting.tree_splits_used <= r.drafting.tree_splits);
+                        splits += r.drafting.tree_splits;
+                        splits_used += r.drafting.tree_splits_used;
+                    }
+                }
             }
         }
     }
-    eprintln!("verification walked into {used} of {extended} extensions");
+    eprintln!("verification walked into {used} of {extended} extensions and {splits_used} of {splits} second blocks");
     assert!(used > 0 && used < extended, "both outcomes happen: {used} of {extended}");
+    assert!(splits_used > 0 && splits_used < splits, "both outcomes happen: {splits_used} of {splits}");
 }

@@ -66,6 +66,33 @@ impl Pipeline {
     }
 }
 
+/// Whether a tree's rows go to the cloud as two blocks (`--draft-tree-split`): the first rows,
+/// whose reply the walk usually needs alone, and the rest right after them ([`super::tree`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeSplit {
+    Off,
+    /// Where the expected saving is largest, from the cloud's cost model, the measured cost
+    /// of a row and the draft's probabilities (`on`).
+    Auto,
+    /// The first this many rows first, whenever the tree has more (for experiments and tests:
+    /// no costs decide).
+    Rows(usize),
+}
+
+impl TreeSplit {
+    /// `on`, `off` or a number of rows.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "on" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            n => match n.parse::<usize>() {
+                Ok(rows) if (1..crate::model::tree::MAX_TREE_NODES).contains(&rows) => Ok(Self::Rows(rows)),
+                _ => Err(Error::invalid(format!("--draft-tree-split {s}: expected on, off or a number of rows from 1 to {}", crate::model::tree::MAX_TREE_NODES - 1))),
+            },
+        }
+    }
+}
+
 /// Most drafts of an automatic tree, per level, and candidates per node.
 pub const AUTO_TREE: (usize, usize, usize) = (24, 6, 4);
 /// The node threshold before costs are measured (and with sampling).
@@ -123,20 +150,23 @@ pub struct DraftOptions {
     /// the sent tree before its reply (the cloud computes it right after the tree; verification
     /// walks into it when the bonus token is there).
     pub pipeline: Pipeline,
+    /// Trees, greedy: send a tree's likeliest first rows as a block of their own, the rest
+    /// right after them.
+    pub split: TreeSplit,
     /// Chains or trees.
     pub tree: TreeChoice,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, tree: TreeChoice::Auto }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, split: TreeSplit::Auto, tree: TreeChoice::Auto }
     }
 }
 
 impl DraftOptions {
     /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, tree: TreeChoice::Chain }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, tree: TreeChoice::Chain }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -271,6 +301,36 @@ impl RowCost {
     }
 }
 
+/// The cloud's compute for recent blocks by their rows, as its replies report it: where the
+/// cloud's cost model (a line fitted over blocks of every size) misses the fixed cost of a pass
+/// over the few rows of a tree's blocks, these do not.
+#[derive(Debug, Clone, Default)]
+pub(super) struct PassTimes {
+    /// Recent passes (ms) of `rows` rows at index `rows`.
+    by_rows: Vec<Vec<f64>>,
+}
+
+impl PassTimes {
+    /// Passes measured at a size before [`PassTimes::predict`] trusts them over the model.
+    const SAMPLES: usize = 3;
+
+    pub(super) fn record(&mut self, rows: usize, ms: f64) {
+        if self.by_rows.len() <= rows {
+            self.by_rows.resize(rows + 1, Vec::new());
+        }
+        push_recent(&mut self.by_rows[rows], ms, RECENT);
+    }
+
+    /// A pass over `rows` rows (ms): the median of the recent ones of that size once there are
+    /// enough, `model` otherwise.
+    pub(super) fn predict(&self, rows: usize, model: Option<f64>) -> Option<f64> {
+        match self.by_rows.get(rows) {
+            Some(recent) if recent.len() >= Self::SAMPLES => median_of(recent),
+            _ => model,
+        }
+    }
+}
+
 /// What the edge reports about its drafting.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DraftingReport {
@@ -299,6 +359,11 @@ pub struct DraftingReport {
     pub pipeline: bool,
     pub extensions: usize,
     pub extensions_used: usize,
+    /// Rounds whose tree went as two blocks (`--draft-tree-split`), and those whose accepted
+    /// path ran into the second (the others' second block was computed for nothing, off the
+    /// critical path, though an extension's reply waits for it).
+    pub tree_splits: usize,
+    pub tree_splits_used: usize,
     /// Trees: the cloud's compute while the device drafted ahead over that while it waited
     /// (medians of recent rounds; 0 until both are measured). Drafting ahead stays on while this
     /// is at most 1.1 (it is ~1 on a device of its own, higher when they share cores).
@@ -320,7 +385,18 @@ pub struct DraftingReport {
 
 #[cfg(test)]
 mod tests {
-    use super::Pipeline;
+    use super::{Pipeline, TreeSplit};
+
+    #[test]
+    fn tree_split_settings_parse_and_bad_ones_are_refused() {
+        assert_eq!(TreeSplit::parse("on").unwrap(), TreeSplit::Auto);
+        assert_eq!(TreeSplit::parse("off").unwrap(), TreeSplit::Off);
+        assert_eq!(TreeSplit::parse("2").unwrap(), TreeSplit::Rows(2));
+        for bad in ["0", "64", "auto", "-1", ""] {
+            let e = TreeSplit::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--draft-tree-split") && e.contains("on, off"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn pipeline_settings_parse_and_bad_ones_are_refused() {

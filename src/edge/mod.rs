@@ -64,10 +64,10 @@ use crate::error::{CloudFailure, Result};
 use crate::net::{MiddleLink, MiddleReply};
 use crate::split::DeviceBundle;
 use draft::{Ahead, Drafted, Limits};
-use drafter::{DraftLength, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
+use drafter::{DraftLength, PassTimes, RowCost, AUTO_TREE, PRIOR_NODE_THRESHOLD};
 use state::Edge;
 
-pub use drafter::{DraftOptions, Drafter, DraftingReport, Pipeline, TreeChoice};
+pub use drafter::{DraftOptions, Drafter, DraftingReport, Pipeline, TreeChoice, TreeSplit};
 pub use fallback::{Fallback, SlmDecoder};
 pub use report::EdgeReport;
 
@@ -302,8 +302,12 @@ fn generate_verified<L: MiddleLink>(
     // the measured cost of a row, nodes sent.
     let mut keep: Vec<u16> = Vec::new();
     let mut row_cost = RowCost::default();
+    // The cloud's measured passes by rows (what splitting a tree weighs).
+    let mut passes = PassTimes::default();
     // Extending a sent tree with what drafting ahead grows (`--draft-pipeline`).
     let pipeline = if trees && overlap && sampler.is_greedy() { drafter.options.pipeline } else { Pipeline::Off };
+    // Sending a tree as two blocks (`--draft-tree-split`, greedy).
+    let split = if trees && sampler.is_greedy() { drafter.options.split } else { TreeSplit::Off };
     // The link's part of a round (ms: from sending a tree to its reply, less the cloud's
     // compute), recent rounds weighted most.
     let mut link_ms: Option<f64> = None;
@@ -345,9 +349,18 @@ fn generate_verified<L: MiddleLink>(
             };
             times.draft += t.elapsed();
             ahead_policy.record_draft(was_prepared, ms(t.elapsed()));
+            let n = round.shape.len();
+            // `--draft-tree-split`: the first rows go alone, the rest right after them.
+            let first = match split {
+                TreeSplit::Off => n,
+                TreeSplit::Rows(rows) => rows.min(n),
+                TreeSplit::Auto => split_costs(&*edge.link, &passes, base, n, row_cost.per_row_ms(), times.extensions_used, stats.rounds).map_or(n, |costs| tree::split_point(round.shape.parents(), &round.sent_cums(), &costs)),
+            };
+            edge.hold_back(&mut round, first)?;
             edge.link.submit_tree(base, &round.hidden, round.shape.parents(), &keep)?;
             let sent = Instant::now();
-            let n = round.shape.len();
+            edge.send_rows(&mut round, base, n)?;
+            times.splits += usize::from(first < n);
             let ahead = overlap && ahead_policy.this_round();
             // With the pipeline, the likeliest of what drafting ahead grows goes to the cloud as
             // an extension of the tree, as soon as some is worth it.
@@ -355,7 +368,9 @@ fn generate_verified<L: MiddleLink>(
                 (false, _) | (_, Pipeline::Off) => None,
                 (true, Pipeline::Rows(rows)) => Some(tree::ExtendPlan { rows: tree::ExtensionRows::Fixed(rows), sent: 0 }),
                 (true, Pipeline::Auto) => {
-                    let sizing = extension_sizing(&*edge.link, base + n, steps.ms_per_token, link_ms, row_cost.per_row_ms());
+                    // The second block of a split tree holds the cloud before the extension.
+                    let held = if first < n { passes.predict(n - first, edge.link.predicted_compute_ms(n - first, base + first)).unwrap_or(0.0) } else { 0.0 };
+                    let sizing = extension_sizing(&*edge.link, base + n, steps.ms_per_token, link_ms, row_cost.per_row_ms(), held);
                     Some(tree::ExtendPlan { rows: sizing.map_or(tree::ExtensionRows::Fixed(0), tree::ExtensionRows::Sized), sent: 0 })
                 }
             };
@@ -376,47 +391,51 @@ fn generate_verified<L: MiddleLink>(
             let replied = sent.elapsed();
             ahead_clock.received();
             if overlap {
-                ahead_policy.record(ahead, ms(reply.cloud_compute), edge.link.predicted_compute_ms(n, base));
+                ahead_policy.record(ahead, ms(reply.cloud_compute), edge.link.predicted_compute_ms(first, base));
             }
             let this_link_ms = (ms(replied) - ms(reply.cloud_compute)).max(0.0);
             link_ms = Some(link_ms.map_or(this_link_ms, |l| 0.7 * l + 0.3 * this_link_ms));
             let t = Instant::now();
-            let logits = edge.tree_logits(&reply, &round.shape, 0)?; // (n, vocab)
-            // The extension's logits, `(extension, vocab)`, and its reply, once the walk needs
-            // them.
-            let mut extended: Option<(Tensor, MiddleReply)> = None;
+            // The round's blocks by their first rows: the tree's first rows, the rest of a split
+            // tree, the extension; each one's logits `(rows, vocab)` and reply once the walk needs
+            // them (replies come in order).
+            let starts: Vec<usize> = [(0, true), (first, first < n), (n, extension > 0)].into_iter().filter_map(|(start, sent)| sent.then_some(start)).collect();
+            let mut got = vec![(edge.tree_logits(&reply, &round.shape, 0)?, reply)];
             // What waiting for the extension's reply and verifying its rows took (ms).
             let mut extension_wait = 0.0;
             let TreeAcceptance { path, next: new_token } = accept_tree(
                 |i| round.children(i),
                 |i| {
-                    if i < n {
-                        return sampler.select(&logits.get(i)?);
-                    }
-                    if extended.is_none() {
+                    let block = starts.iter().rposition(|&s| s <= i).unwrap_or(0);
+                    while got.len() <= block {
                         let t = Instant::now();
                         let r = edge.receive()?;
-                        extended = Some((edge.tree_logits(&r, &round.shape, n)?, r));
-                        extension_wait = ms(t.elapsed());
+                        got.push((edge.tree_logits(&r, &round.shape, starts[got.len()])?, r));
+                        if starts[got.len() - 1] == n {
+                            extension_wait = ms(t.elapsed());
+                        }
                     }
-                    match &extended {
-                        Some((l, _)) => sampler.select(&l.get(i - n)?),
-                        None => Err(crate::error::Error::invalid("internal: no extension logits")),
-                    }
+                    sampler.select(&got[block].0.get(i - starts[block])?)
                 },
             )?;
-            let walked = extended.is_some();
-            let reply = match extended {
-                Some((_, r)) => {
-                    times.extensions_used += 1;
-                    MiddleReply { hidden: Tensor::cat(&[&reply.hidden, &r.hidden], 1)?, cloud_compute: reply.cloud_compute + r.cloud_compute, ..reply }
-                }
-                None => {
-                    // Its reply goes unread; the next block's kept path still indexes the whole
-                    // tree, extension included.
-                    edge.stale += usize::from(extension > 0);
-                    reply
-                }
+            let used = got.len();
+            for (b, (_, r)) in got.iter().enumerate() {
+                let end = starts.get(b + 1).copied().unwrap_or(n + extension);
+                passes.record(end - starts[b], ms(r.cloud_compute));
+            }
+            let walked = used > 1;
+            times.splits_used += usize::from(path.iter().any(|&i| (first..n).contains(&i)));
+            let walked_extension = extension > 0 && used == starts.len();
+            times.extensions_used += usize::from(walked_extension);
+            // Replies the walk did not need go unread; the next block's kept path still indexes
+            // the whole tree, extension included.
+            edge.stale += starts.len() - used;
+            let reply = if used == 1 {
+                got.swap_remove(0).1
+            } else {
+                let hidden = Tensor::cat(&got.iter().map(|(_, r)| &r.hidden).collect::<Vec<_>>(), 1)?;
+                let cloud_compute = got.iter().map(|(_, r)| r.cloud_compute).sum();
+                MiddleReply { hidden, cloud_compute, ..got.swap_remove(0).1 }
             };
             let depth = (0..round.shape.len()).map(|i| round.shape.depth(i)).max().unwrap_or(0);
             stats.record(depth, path.len() - 1);
@@ -424,7 +443,7 @@ fn generate_verified<L: MiddleLink>(
             let hit = round.ahead_child(last, new_token);
             if ahead {
                 ahead_policy.record_hit(hit.is_some());
-                let saved = if walked { tree::AheadPolicy::walk_saving(&path, n, steps.ms_per_token.unwrap_or(0.0), extension_wait) } else { 0.0 };
+                let saved = if walked_extension { tree::AheadPolicy::walk_saving(&path, n, steps.ms_per_token.unwrap_or(0.0), extension_wait) } else { 0.0 };
                 ahead_policy.record_extension(saved);
             }
             match hit {
@@ -436,10 +455,10 @@ fn generate_verified<L: MiddleLink>(
             }
             keep = path.iter().map(|&i| i as u16).collect();
             times.verify += t.elapsed();
-            // A round whose verification waited for an extension's reply says nothing about
-            // the cost of the tree's rows.
+            // A round whose verification waited for a later block's reply says nothing about
+            // the cost of the first block's rows.
             if !walked {
-                row_cost.record(n, ms(sent.elapsed()));
+                row_cost.record(first, ms(sent.elapsed()));
             }
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
             stopped = commit(&new, &mut tokens, &mut clock, &mut on_token, &done, &mut stop)?;
@@ -524,6 +543,8 @@ fn generate_verified<L: MiddleLink>(
         pipeline: pipeline != Pipeline::Off,
         extensions: times.extensions,
         extensions_used: times.extensions_used,
+        tree_splits: times.splits,
+        tree_splits_used: times.splits_used,
         ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
         draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
         tree_nodes,
@@ -608,25 +629,43 @@ const PRIOR_DEVICE_ROW_MS: f64 = 1.0;
 /// committed token (`token_ms`, measured), the link's part of a round (`link_ms`), the
 /// measured cost of a row on the critical path (`row_ms`) and the cloud's cost model; `None`
 /// until the first two are measured. See [`tree::ExtensionSizing`].
-fn extension_sizing<L: MiddleLink + ?Sized>(link: &L, end: usize, token_ms: Option<f64>, link_ms: Option<f64>, row_ms: Option<f64>) -> Option<tree::ExtensionSizing> {
+/// `held` (ms): what the cloud computes between the tree's first block and the extension (the
+/// rest of a split tree), which delays the extension's reply and uses the link's part of the
+/// round too.
+fn extension_sizing<L: MiddleLink + ?Sized>(link: &L, end: usize, token_ms: Option<f64>, link_ms: Option<f64>, row_ms: Option<f64>, held: f64) -> Option<tree::ExtensionSizing> {
     let (token_ms, link_ms) = (token_ms?, link_ms?);
-    let pass = |m: usize| link.predicted_compute_ms(m, end);
-    // The device's share of a row (its verification): the row's measured cost less the
-    // cloud's.
-    let cloud_row = match (pass(1), pass(2)) {
-        (Some(a), Some(b)) => (b - a).max(0.0),
-        _ => 0.0,
-    };
-    let device_row = row_ms.map_or(PRIOR_DEVICE_ROW_MS, |r| (r - cloud_row).clamp(0.2, 5.0));
+    let (cloud_row, device_row) = row_shares(link, end, row_ms);
     let wait_ms = (1..=EXTENSION_ROWS)
         .map_while(|m| {
             // Rows the cloud cannot finish before the next block would arrive would hold that
             // block up in rounds that do not walk into them.
-            let pass = pass(m).unwrap_or(m as f64 * (cloud_row + 3.0));
+            let pass = held + link.predicted_compute_ms(m, end).unwrap_or(m as f64 * (cloud_row + 3.0));
             (pass <= link_ms).then_some(pass + m as f64 * device_row)
         })
         .collect();
     Some(tree::ExtensionSizing { token_ms, wait_ms })
+}
+
+/// A row's cost on the critical path split into the cloud's share (its cost model's slope at
+/// `end`; 0 without a model) and the device's verification (the measured row cost `row_ms`
+/// less the cloud's share; a prior until measured), ms.
+fn row_shares<L: MiddleLink + ?Sized>(link: &L, end: usize, row_ms: Option<f64>) -> (f64, f64) {
+    let cloud_row = match (link.predicted_compute_ms(1, end), link.predicted_compute_ms(2, end)) {
+        (Some(a), Some(b)) => (b - a).max(0.0),
+        _ => 0.0,
+    };
+    (cloud_row, row_ms.map_or(PRIOR_DEVICE_ROW_MS, |r| (r - cloud_row).clamp(0.2, 5.0)))
+}
+
+/// What splitting the tree of `n` rows at `base` into two blocks would cost and save
+/// ([`tree::split_point`]): the cloud's pass for every block size (measured, or its cost
+/// model's), the device's verification per row, and the share of the `rounds` so far that
+/// walked into an extension (`walked`); `None` without a cost model.
+fn split_costs<L: MiddleLink + ?Sized>(link: &L, passes: &PassTimes, base: usize, n: usize, row_ms: Option<f64>, walked: usize, rounds: usize) -> Option<tree::SplitCosts> {
+    let pass_ms = (0..=n).map(|m| if m == 0 { Some(0.0) } else { passes.predict(m, link.predicted_compute_ms(m, base)) }).collect::<Option<Vec<f64>>>()?;
+    let (_, device_row_ms) = row_shares(link, base, row_ms);
+    let extension_share = if rounds > 0 { walked as f64 / rounds as f64 } else { 0.0 };
+    Some(tree::SplitCosts { pass_ms, device_row_ms, extension_share })
 }
 
 /// Where a generation's decoding rounds spent the device's time.
@@ -639,4 +678,6 @@ struct RoundTimes {
     ahead_hits: usize,
     extensions: usize,
     extensions_used: usize,
+    splits: usize,
+    splits_used: usize,
 }

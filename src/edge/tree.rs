@@ -67,6 +67,21 @@
 //! tree (the previous rule), extensions waited for an idle cloud and their replies came late:
 //! on two one-core machines at 50 Mbit/s, 20 ms, the wait for the extension's reply ate what
 //! the round saved.
+//!
+//! ## Sending a tree as two blocks (`--draft-tree-split`, greedy)
+//! The cloud's reply to a tree comes once every row has been through the middle layers, and
+//! each row past the first costs ~3 ms of a one-core cloud, though the walk reaches only some
+//! of them. With the split on, a round sends the tree's first `k` rows (a prefix in node order:
+//! the likeliest levels and siblings) as a block of their own and the other rows right after,
+//! as an extension of them (the same protocol block as the pipeline's); the cloud replies to
+//! the first block as soon as it is done, and the walk waits for the second reply only when it
+//! reaches one of its rows. The second block's pass pays the cloud's fixed cost of a pass
+//! again, so a walk into it (and into an extension behind it) waits that much longer than for
+//! the whole tree in one block. [`split_point`] weighs the two with the draft's cumulative
+//! probabilities, the cloud's passes (measured from its replies, [`super::drafter::PassTimes`],
+//! or its cost model until measured) and the measured verification per row, and splits where
+//! the expected saving is largest (nowhere when none is positive). Rows keep their positions
+//! and ancestors, so every state is the one the whole tree in one block gets.
 
 use std::time::Instant;
 
@@ -172,6 +187,49 @@ impl ExtensionSizing {
     }
 }
 
+/// What splitting a tree of `n` rows into two blocks costs and saves ([`split_point`]).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct SplitCosts {
+    /// The cloud's predicted pass over `m` rows (ms) at index `m`, for `m` up to the tree's
+    /// rows (index 0 unused).
+    pub pass_ms: Vec<f64>,
+    /// The device's verification of a row (ms: the output submodel and the head).
+    pub device_row_ms: f64,
+    /// The share of rounds whose verification walks into an extension of the tree (whose
+    /// reply the second block delays).
+    pub extension_share: f64,
+}
+
+/// Where to split a tree of parents `parents` and cumulative draft probabilities `cums` (node
+/// order, the root first) into a first block of rows `[0, k)` and a second of the rest: the
+/// `k` that maximises the expected saving, or `n` (no split) when none is expected to save.
+///
+/// The first block's reply comes `pass(n) − pass(k)` sooner, and the device verifies `n − k`
+/// fewer rows, when the walk stays in the first rows; it enters the second with about the
+/// summed cumulative probability `P` of the held-back rows whose parents are in the first
+/// block, and then waits `pass(k) + pass(n − k) − pass(n)` longer than for the whole tree in
+/// one block (the second pass's fixed cost), as the extension's reply does in the rounds that
+/// walk into one. Saving: `(1 − P) · (pass(n) − pass(k) + (n − k) · device_row) − (P + (1 − P) ·
+/// extension_share) · extra`.
+pub(super) fn split_point(parents: &[u16], cums: &[f32], costs: &SplitCosts) -> usize {
+    let n = parents.len();
+    if cums.len() != n || costs.pass_ms.len() != n + 1 {
+        return n;
+    }
+    let pass = |m: usize| costs.pass_ms[m];
+    let (mut best, mut at) = (0.0f64, n);
+    for k in 1..n {
+        let reach: f64 = (k..n).filter(|&i| (parents[i] as usize) < k).map(|i| f64::from(cums[i].max(0.0))).sum::<f64>().min(1.0);
+        let saved = pass(n) - pass(k) + (n - k) as f64 * costs.device_row_ms;
+        let extra = (pass(k) + pass(n - k) - pass(n)).max(0.0);
+        let gain = (1.0 - reach) * saved - (reach + (1.0 - reach) * costs.extension_share) * extra;
+        if gain > best {
+            (best, at) = (gain, k);
+        }
+    }
+    at
+}
+
 /// A node of a round's tree as the device drafted it.
 #[derive(Clone)]
 struct Node {
@@ -223,6 +281,11 @@ impl TreeRound {
 
     fn parents(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.parent).collect()
+    }
+
+    /// The sent nodes' cumulative draft probabilities (the root's is 1).
+    pub fn sent_cums(&self) -> Vec<f32> {
+        self.nodes[..self.shape.len()].iter().map(|n| n.cum).collect()
     }
 
     fn has_child(&self, parent: usize, token: u32) -> bool {
@@ -767,15 +830,32 @@ impl<L: MiddleLink> Edge<'_, L> {
             ExtensionRows::Sized(sizing) => sizing.rows(unsent.map(|n| n.cum)),
         }
         .min(MAX_TREE_NODES - sent);
-        if m == 0 {
-            return Ok(0);
+        self.send_rows(tree, base, sent + m)?;
+        Ok(m)
+    }
+
+    /// Sends the tree's nodes after the sent ones up to node `end` (excluded) as a block that
+    /// extends the sent tree (nothing when there are none); they join the round's shape.
+    pub(super) fn send_rows(&mut self, tree: &mut TreeRound, base: usize, end: usize) -> Result<()> {
+        let sent = tree.shape.len();
+        if end <= sent {
+            return Ok(());
         }
-        let rows = &tree.nodes[sent..sent + m];
+        let rows = &tree.nodes[sent..end];
         let parents: Vec<u16> = rows.iter().map(|n| n.parent).collect();
         let x = Tensor::cat(&rows.iter().map(|n| &n.hidden).collect::<Vec<_>>(), 1)?;
         self.link.submit_tree(base + sent, &x, &parents, &[])?;
-        tree.seal_to(sent + m)?;
-        Ok(m)
+        tree.seal_to(end)
+    }
+
+    /// Holds the sealed tree's rows from node `first` on back from its first block (they go
+    /// with [`Edge::send_rows`] once the first block is sent); no-op when `first` is not
+    /// inside the tree.
+    pub(super) fn hold_back(&mut self, tree: &mut TreeRound, first: usize) -> Result<()> {
+        if first == 0 || first >= tree.shape.len() {
+            return Ok(());
+        }
+        tree.seal_to(first)
     }
 }
 
@@ -816,7 +896,37 @@ fn top_rows(p: &[f32], k: usize) -> Vec<(u32, f32)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{top_rows, AheadPolicy, ExtensionSizing, TreeLimits};
+    use super::{split_point, top_rows, AheadPolicy, ExtensionSizing, SplitCosts, TreeLimits};
+
+    #[test]
+    fn a_tree_is_split_where_holding_rows_back_saves_most() {
+        // A pass costs 4 ms plus 3 ms a row; verifying a row on the device 1 ms.
+        let costs = SplitCosts { pass_ms: (0..=5).map(|m| if m == 0 { 0.0 } else { 4.0 + 3.0 * m as f64 }).collect(), device_row_ms: 1.0, extension_share: 0.0 };
+        // The root, its likely child (0.8), the child's child (0.6), and two unlikely siblings
+        // of the first child (0.05 each), in node order: root, a, b, c, then a's child d.
+        let (parents, cums) = ([u16::MAX, 0, 0, 0, 1], [1.0, 0.8, 0.05, 0.05, 0.6]);
+        // Rows [0, 2) first: the walk enters the rest with 0.05 + 0.05 + 0.6 (d's parent is a);
+        // rows [0, 4) first: only d is held back, entered with 0.6.
+        // k = 1: reach 0.9, saves 0.1 · (12 + 4) − 0.9 · 4 = −2.
+        // k = 2: reach 0.7, saves 0.3 · (9 + 3) − 0.7 · 4 = 0.8.
+        // k = 3: reach 0.65, saves 0.35 · 8 − 0.65 · 4 = 0.2.
+        // k = 4: reach 0.6, saves 0.4 · 4 − 0.6 · 4 = −0.8.
+        assert_eq!(split_point(&parents, &cums, &costs), 2);
+        // Extensions walked into every round, delayed by the second pass each time: no split
+        // (k = 2 now saves 0.3 · 12 − 4 < 0).
+        assert_eq!(split_point(&parents, &cums, &SplitCosts { extension_share: 1.0, ..costs.clone() }), 5);
+        // Unlikely held-back rows only: the siblings go second, the likely path first (k = 3
+        // saves 0.9 · 8 − 0.1 · 4 = 6.8), even with every round walking into an extension.
+        let (parents, cums) = ([u16::MAX, 0, 1, 0, 0], [1.0, 0.8, 0.6, 0.05, 0.05]);
+        assert_eq!(split_point(&parents, &cums, &costs), 3);
+        assert_eq!(split_point(&parents, &cums, &SplitCosts { extension_share: 1.0, ..costs.clone() }), 3);
+        // A likely path everywhere: nothing is worth holding back.
+        let (parents, cums) = ([u16::MAX, 0, 1, 2], [1.0, 0.9, 0.85, 0.8]);
+        assert_eq!(split_point(&parents, &cums, &SplitCosts { pass_ms: costs.pass_ms[..5].to_vec(), ..costs.clone() }), 4);
+        // A tree of its root alone, and a cost model that does not fit the tree: no split.
+        assert_eq!(split_point(&[u16::MAX], &[1.0], &SplitCosts { pass_ms: vec![0.0, 7.0], ..costs.clone() }), 1);
+        assert_eq!(split_point(&[u16::MAX, 0, 0, 0, 0, 0, 0, 0], &[1.0, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01], &costs), 8);
+    }
 
     #[test]
     fn a_level_is_drafted_further_only_when_its_best_child_would_pay() {
