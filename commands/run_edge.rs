@@ -115,8 +115,9 @@ pub struct EdgeArgs {
     /// prefix holding its likeliest path) as a block of their own and the rest right after
     /// them (`on`, default), so that the cloud replies for the first rows sooner and verification
     /// waits for the rest only when it walks into them. Split where the expected saving is
-    /// largest: the rows held back times their cost (the cloud's cost model and the measured
-    /// verification per row) when the walk stays in the first rows, against the extra pass
+    /// largest: the rows held back times their cost (the cloud's passes as its replies report
+    /// them, its cost model until measured, and the device's measured verification per row)
+    /// when the walk stays in the first rows, against the extra pass
     /// when it does not (the draft's probability of walking into them) and the delay of the
     /// extension; no split when nothing is expected to save. Exact either way. A number N sends
     /// the first N rows first whenever the tree has more (for experiments).

@@ -71,8 +71,8 @@ impl Pipeline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TreeSplit {
     Off,
-    /// Where the expected saving is largest, from the cloud's cost model, the measured cost
-    /// of a row and the draft's probabilities (`on`).
+    /// Where the expected saving is largest, from the cloud's measured passes (its cost model
+    /// until measured), the measured cost of a row and the draft's probabilities (`on`).
     Auto,
     /// The first this many rows first, whenever the tree has more (for experiments and tests:
     /// no costs decide).
@@ -385,7 +385,23 @@ pub struct DraftingReport {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pipeline, TreeSplit};
+    use super::{PassTimes, Pipeline, TreeSplit};
+
+    #[test]
+    fn measured_passes_replace_the_cost_model_once_there_are_enough() {
+        let mut passes = PassTimes::default();
+        assert_eq!(passes.predict(2, Some(10.0)), Some(10.0));
+        assert_eq!(passes.predict(2, None), None);
+        passes.record(2, 7.0);
+        passes.record(2, 9.0);
+        assert_eq!(passes.predict(2, Some(10.0)), Some(10.0), "two passes are not enough");
+        passes.record(2, 8.0);
+        assert_eq!(passes.predict(2, Some(10.0)), Some(8.0), "the median of three");
+        assert_eq!(passes.predict(2, None), Some(8.0));
+        // Other sizes keep the model.
+        assert_eq!(passes.predict(3, Some(12.0)), Some(12.0));
+        assert_eq!(passes.predict(1, Some(6.0)), Some(6.0));
+    }
 
     #[test]
     fn tree_split_settings_parse_and_bad_ones_are_refused() {
