@@ -55,12 +55,29 @@ pub enum Pipeline {
 impl Pipeline {
     /// `on`, `off` or a number of rows.
     pub fn parse(s: &str) -> Result<Self> {
+        Ok(match RowsSetting::parse("--draft-pipeline", s)? {
+            RowsSetting::On => Self::Auto,
+            RowsSetting::Off => Self::Off,
+            RowsSetting::Rows(rows) => Self::Rows(rows),
+        })
+    }
+}
+
+/// A flag's `on`, `off` or number of tree rows (1 to [`crate::model::tree::MAX_TREE_NODES`] − 1).
+enum RowsSetting {
+    On,
+    Off,
+    Rows(usize),
+}
+
+impl RowsSetting {
+    fn parse(flag: &str, s: &str) -> Result<Self> {
         match s {
-            "on" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
             "off" => Ok(Self::Off),
             n => match n.parse::<usize>() {
                 Ok(rows) if (1..crate::model::tree::MAX_TREE_NODES).contains(&rows) => Ok(Self::Rows(rows)),
-                _ => Err(Error::invalid(format!("--draft-pipeline {s}: expected on, off or a number of rows from 1 to {}", crate::model::tree::MAX_TREE_NODES - 1))),
+                _ => Err(Error::invalid(format!("{flag} {s}: expected on, off or a number of rows from 1 to {}", crate::model::tree::MAX_TREE_NODES - 1))),
             },
         }
     }
@@ -82,14 +99,11 @@ pub enum TreeSplit {
 impl TreeSplit {
     /// `on`, `off` or a number of rows.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "on" => Ok(Self::Auto),
-            "off" => Ok(Self::Off),
-            n => match n.parse::<usize>() {
-                Ok(rows) if (1..crate::model::tree::MAX_TREE_NODES).contains(&rows) => Ok(Self::Rows(rows)),
-                _ => Err(Error::invalid(format!("--draft-tree-split {s}: expected on, off or a number of rows from 1 to {}", crate::model::tree::MAX_TREE_NODES - 1))),
-            },
-        }
+        Ok(match RowsSetting::parse("--draft-tree-split", s)? {
+            RowsSetting::On => Self::Auto,
+            RowsSetting::Off => Self::Off,
+            RowsSetting::Rows(rows) => Self::Rows(rows),
+        })
     }
 }
 
@@ -404,24 +418,18 @@ mod tests {
     }
 
     #[test]
-    fn tree_split_settings_parse_and_bad_ones_are_refused() {
+    fn pipeline_and_tree_split_settings_parse_and_bad_ones_are_refused() {
+        assert_eq!(Pipeline::parse("on").unwrap(), Pipeline::Auto);
+        assert_eq!(Pipeline::parse("off").unwrap(), Pipeline::Off);
+        assert_eq!(Pipeline::parse("4").unwrap(), Pipeline::Rows(4));
         assert_eq!(TreeSplit::parse("on").unwrap(), TreeSplit::Auto);
         assert_eq!(TreeSplit::parse("off").unwrap(), TreeSplit::Off);
         assert_eq!(TreeSplit::parse("2").unwrap(), TreeSplit::Rows(2));
         for bad in ["0", "64", "auto", "-1", ""] {
-            let e = TreeSplit::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("--draft-tree-split") && e.contains("on, off"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn pipeline_settings_parse_and_bad_ones_are_refused() {
-        assert_eq!(Pipeline::parse("on").unwrap(), Pipeline::Auto);
-        assert_eq!(Pipeline::parse("off").unwrap(), Pipeline::Off);
-        assert_eq!(Pipeline::parse("4").unwrap(), Pipeline::Rows(4));
-        for bad in ["0", "64", "auto", "-1", ""] {
-            let e = Pipeline::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("--draft-pipeline") && e.contains("on, off"), "{bad}: {e}");
+            for (flag, e) in [("--draft-pipeline", Pipeline::parse(bad).unwrap_err()), ("--draft-tree-split", TreeSplit::parse(bad).unwrap_err())] {
+                let e = e.to_string();
+                assert!(e.contains(flag) && e.contains("on, off"), "{bad}: {e}");
+            }
         }
     }
 }
