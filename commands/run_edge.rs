@@ -157,8 +157,8 @@ pub struct EdgeArgs {
 
     /// When the cloud is lost for good mid-answer (no cloud reached within --cloud-timeout):
     /// `none` fails with the text so far (printed, and in --json); `slm` finishes the answer with
-    /// the on-device SLM alone and says from which token on it is unverified
-    /// (`unverified_from` in --json).
+    /// the on-device SLM alone (its adapter in f32 whatever --draft-compute says) and says from
+    /// which token on it is unverified (`unverified_from` in --json).
     #[arg(long, default_value = "none", value_parser = ["none", "slm"])]
     pub fallback: String,
 }

@@ -1006,11 +1006,7 @@ fn with_the_slm_fallback_an_answer_outlives_every_cloud() {
             }
         });
         let mut link = hat::net::ResilientLink::connect(only, std::time::Duration::from_secs(1)).unwrap();
-        // Trees in one block each: the doomed cloud dies after a count of blocks, and the second
-        // blocks of split trees would move the loss to after 2 verified tokens, from where the
-        // SLM's incremental decoding and `slm_reference`'s recomputation from scratch part
-        // after 9 tokens (found in the fourteenth session, not investigated yet).
-        let opts = EdgeOptions { fallback, draft: DraftOptions { split: TreeSplit::Off, ..DraftOptions::default() }, ..options(Mode::Hat, 4, 16, SamplingParams::greedy(), 24) };
+        let opts = EdgeOptions { fallback, ..options(Mode::Hat, 4, 16, SamplingParams::greedy(), 24) };
         let mut handed_out = Vec::new();
         let r = hat::edge::generate(&w.device, &a, &mut link, ids, &opts, |t| {
             handed_out.push(t);

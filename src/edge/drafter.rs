@@ -192,10 +192,15 @@ impl DraftOptions {
 }
 
 /// The adapter as the device drafts with it, the output submodel's layers as drafts run
-/// through them, and the draft head.
+/// through them, and the draft head; and the adapter as loaded, for the SLM fallback.
 #[derive(Debug, Clone)]
 pub struct Drafter {
+    /// The adapter's layers as drafting computes them (8-bit copies when `options.int8`).
     pub adapter: Adapter,
+    /// The adapter as loaded (f32): what the SLM fallback decodes with. Nothing verifies the
+    /// fallback's tokens, so they come from the trained SLM itself, not from the 8-bit copies
+    /// that drafting may use (verification makes those exact; the fallback has none).
+    pub slm_adapter: Adapter,
     /// The output submodel for drafted positions: the device bundle's layers, with 8-bit copies
     /// of their matrices when `options.int8` (their states at drafted positions are replaced by
     /// exact ones when the cloud's reply is verified).
@@ -218,13 +223,14 @@ impl Drafter {
             }
         };
         let head = DraftHead::new(&dev.head, ids, options.int8)?;
+        let slm_adapter = adapter.clone();
         let mut adapter = adapter.clone();
         let mut output = dev.output.clone();
         if options.int8 {
             adapter.layers = adapter.layers.with_q8()?;
             output = output.with_q8()?;
         }
-        Ok(Self { adapter, output, head, options })
+        Ok(Self { adapter, slm_adapter, output, head, options })
     }
 }
 

@@ -197,7 +197,7 @@ fn finish_on_device(
 ) -> Result<EdgeReport> {
     let verified = tokens.len();
     let eos = &dev.tokenizer.eos_token_ids;
-    let mut slm = SlmDecoder::new(dev, &drafter.adapter);
+    let mut slm = SlmDecoder::new(dev, &drafter.slm_adapter);
     let limit = crate::decode::Decoder::max_positions(&slm).min(opts.max_context);
     let mut sampler = Sampler::new(opts.sampling)?;
     let t = Instant::now();
