@@ -277,3 +277,39 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
     assert!(used > 0 && used < extended, "both outcomes happen: {used} of {extended}");
     assert!(splits_used > 0 && splits_used < splits, "both outcomes happen: {splits_used} of {splits}");
 }
+
+/// Prefill runs the draft path over the prompt while the cloud works on its chunks, a slice at a
+/// time as the middle outputs a conditioned adapter needs come back; the first draft round runs
+/// only what is left. The draft path then holds what running it over the prompt at once gives:
+/// a prompt in one chunk (nothing runs during prefill) and in chunks of 6 (most runs during
+/// prefill) draft the same trees, round for round, and the output is the model's.
+#[test]
+fn the_draft_path_caught_up_during_prefill_drafts_as_if_caught_up_at_once() {
+    use hat::decode::{generate, ModelDecoder};
+    let dir = tempfile::tempdir().unwrap();
+    let (loaded, world) = tiny_world(dir.path());
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let eye = candle_core::Tensor::eye(world.device.manifest.hidden_size, DType::F32, &Device::Cpu).unwrap();
+    let fuse = candle_core::Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap();
+    let path = dir.path().join("conditioned.safetensors");
+    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, Some(fuse), DraftContext::Verified, &path).unwrap();
+    let adapter = Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap();
+    assert!(adapter.is_conditioned());
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 250).collect();
+    let want = generate(&mut ModelDecoder::new(&model), &prompt, 16, &greedy, &world.device.tokenizer.eos_token_ids, |_| Ok(())).unwrap().token_ids;
+    // Nothing timed decides: fixed trees, no drafting ahead.
+    let draft = DraftOptions { overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, threshold: Some(0.0), tree: TreeChoice::Fixed { nodes: 6, depth: Some(3) }, ..DraftOptions::default() };
+    let run = |chunk: usize| {
+        let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
+        let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(chunk), sampling: greedy, max_tokens: 16, max_context: 128, draft, fallback: Default::default() };
+        hat::edge::generate(&world.device, &adapter, &mut link, &prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
+    };
+    let (whole, chunked) = (run(0), run(6));
+    assert_eq!(whole.token_ids, want);
+    assert_eq!(chunked.token_ids, want);
+    assert!(whole.drafting.prefill_draft_rows <= 1, "one chunk: the draft path waits for its middle outputs: {}", whole.drafting.prefill_draft_rows);
+    assert!(chunked.drafting.prefill_draft_rows > prompt.len() / 2, "chunks: the draft path ran during prefill: {}", chunked.drafting.prefill_draft_rows);
+    assert_eq!((&chunked.draft_checks, &chunked.draft_hits, chunked.drafting.tree_nodes), (&whole.draft_checks, &whole.draft_hits, whole.drafting.tree_nodes), "the same drafts");
+    assert!(whole.drafting.tree_nodes > 0);
+}

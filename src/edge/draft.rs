@@ -159,13 +159,26 @@ impl<L: MiddleLink> Edge<'_, L> {
     /// queued position must run; returns the SLM's draft logits at the last one (one per row of
     /// the draft head), and the adapter's prediction of its middle output `(1, 1, hidden)`.
     pub(super) fn run_draft_path(&mut self, logits: bool) -> Result<Option<(Tensor, Tensor)>> {
+        self.run_draft_path_upto(logits, usize::MAX)
+    }
+
+    /// [`Edge::run_draft_path`] without logits over at most `most` of the positions that can
+    /// run (the prompt's, while the cloud works on its later chunks); returns whether any ran.
+    pub(super) fn catch_up_draft_path(&mut self, most: usize) -> Result<bool> {
+        let before = self.adapter_cache.len();
+        self.run_draft_path_upto(false, most)?;
+        Ok(self.adapter_cache.len() > before)
+    }
+
+    fn run_draft_path_upto(&mut self, logits: bool, most: usize) -> Result<Option<(Tensor, Tensor)>> {
         let Some(tail) = self.tail.take() else { return Ok(None) };
         let queued = tail.dim(1)?;
         let n = match &self.features {
             _ if !self.adapter.is_conditioned() => queued,
             Some(f) => queued.min(f.dim(1)?),
             None => 0,
-        };
+        }
+        .min(most);
         if logits && n < queued {
             return Err(Error::invalid("internal: the draft path lacks the middle output of a drafted position"));
         }

@@ -384,6 +384,9 @@ pub struct DraftingReport {
     /// critical path, though an extension's reply waits for it).
     pub tree_splits: usize,
     pub tree_splits_used: usize,
+    /// Prompt positions the draft path ran during prefill, while the cloud worked on the
+    /// prompt's chunks (the rest ran in the first draft round, after the first token).
+    pub prefill_draft_rows: usize,
     /// Trees: the cloud's compute while the device drafted ahead over that while it waited
     /// (medians of recent rounds; 0 until both are measured). Drafting ahead stays on while this
     /// is at most 1.1 (it is ~1 on a device of its own, higher when they share cores).

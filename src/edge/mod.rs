@@ -545,6 +545,7 @@ fn generate_verified<L: MiddleLink>(
         extensions_used: times.extensions_used,
         tree_splits: times.splits,
         tree_splits_used: times.splits_used,
+        prefill_draft_rows: edge.prefill_draft_rows,
         ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
         draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
         tree_nodes,

@@ -47,6 +47,9 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     /// Replies still to come for blocks sent on a wrong guess (`--draft-pipeline`): dropped
     /// when they arrive.
     pub(super) stale: usize,
+    /// Prompt positions the draft path had run when prefill ended (the rest ran in the first
+    /// draft round).
+    pub(super) prefill_draft_rows: usize,
     /// Adapter positions to run again on the cloud's middle outputs before the next drafting
     /// ahead: the first position, input states `(1, n, hidden)` and their conditions (a tree's
     /// path kept with its drafted-ahead subtree, [`Edge::keep_tree_ahead`]).
@@ -77,6 +80,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             last_logits: None,
             early: None,
             stale: 0,
+            prefill_draft_rows: 0,
             refresh: None,
             greedy: false,
             device_time: Duration::ZERO,
