@@ -18,8 +18,13 @@ const PROMPT: [u32; 5] = [72, 101, 108, 108, 111];
 
 /// An adapter of the middle layer [2, 3) (drafts often wrong), written under `dir` and loaded.
 fn oracle(world: &SplitWorld, dir: &std::path::Path, context: DraftContext) -> Adapter {
-    let path = dir.join("oracle.safetensors");
-    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, None, context, &path).unwrap();
+    oracle_with(world, dir, context, None)
+}
+
+/// [`oracle`], conditioned on the previous position's middle output when `fuse` is given.
+fn oracle_with(world: &SplitWorld, dir: &std::path::Path, context: DraftContext, fuse: Option<candle_core::Tensor>) -> Adapter {
+    let path = dir.join(if fuse.is_some() { "conditioned.safetensors" } else { "oracle.safetensors" });
+    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, fuse, context, &path).unwrap();
     Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap()
 }
 
@@ -291,9 +296,7 @@ fn the_draft_path_caught_up_during_prefill_drafts_as_if_caught_up_at_once() {
     let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
     let eye = candle_core::Tensor::eye(world.device.manifest.hidden_size, DType::F32, &Device::Cpu).unwrap();
     let fuse = candle_core::Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap();
-    let path = dir.path().join("conditioned.safetensors");
-    oracle_adapter(&world.split_dir().join("cloud"), &world.cloud, 2..3, Some(fuse), DraftContext::Verified, &path).unwrap();
-    let adapter = Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap();
+    let adapter = oracle_with(&world, dir.path(), DraftContext::Verified, Some(fuse));
     assert!(adapter.is_conditioned());
     let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
     let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 250).collect();

@@ -46,8 +46,8 @@ impl<L: MiddleLink> Edge<'_, L> {
             if drafting {
                 self.push_tail(&h)?;
             }
-            while let Some(r) = self.link.try_receive()? {
-                self.cloud_time += r.cloud_compute;
+            while self.reply_arrived()? {
+                let r = self.receive()?;
                 pending -= 1;
                 handle(self, r)?;
             }
@@ -61,12 +61,8 @@ impl<L: MiddleLink> Edge<'_, L> {
             self.run_draft_path(false)?;
         }
         while pending > 0 {
-            if drafting && pending > 1 && self.catch_up_draft_path(CATCH_UP_SLICE)? {
-                while let Some(r) = self.link.try_receive()? {
-                    self.cloud_time += r.cloud_compute;
-                    pending -= 1;
-                    handle(self, r)?;
-                }
+            // A reply already in goes first; otherwise a slice, or the wait.
+            if drafting && pending > 1 && !self.reply_arrived()? && self.catch_up_draft_path(CATCH_UP_SLICE)? {
                 continue;
             }
             let r = self.receive()?;
