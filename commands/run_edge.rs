@@ -134,6 +134,14 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "auto")]
     pub draft_tree: String,
 
+    /// With trees drafted ahead (--draft-ahead on): when the draft path lags the committed
+    /// text by many positions, as after a prompt whose middle outputs came back with its last
+    /// chunk, the round sends the committed token alone (`on`, default) and runs the draft path
+    /// over those positions while the cloud verifies it, then drafts the next round ahead;
+    /// `off` drafts a tree first, the catch-up on the critical path. Exact either way.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub draft_catch_up: String,
+
     /// How the prompt is cut into prefill chunks: `auto` (default in hat mode) plans the
     /// chunks that minimise the predicted TTFT for this prompt from the device's profile, the
     /// cloud's cost model and load (sent in the handshake) and the measured link; N = chunks
@@ -338,7 +346,7 @@ fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
     let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, split: hat::edge::TreeSplit::parse(&args.draft_tree_split)?, tree };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, split: hat::edge::TreeSplit::parse(&args.draft_tree_split)?, tree, catch_up: args.draft_catch_up == "on" };
     options.validate()?;
     Ok(options)
 }

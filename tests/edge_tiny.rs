@@ -29,6 +29,17 @@ fn oracle_with(world: &SplitWorld, dir: &std::path::Path, context: DraftContext,
 }
 
 /// The tiny model written under `dir`, and its split at K1 = K2 = 2.
+/// A tiny model (f32), its split and a conditioned oracle adapter for the verified context
+/// (its fuse passes the input state on, half the previous middle output added).
+fn conditioned_oracle_world(dir: &std::path::Path) -> (hat::model::Model, SplitWorld, Adapter) {
+    let (loaded, world) = tiny_world(dir);
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let eye = candle_core::Tensor::eye(world.device.manifest.hidden_size, DType::F32, &Device::Cpu).unwrap();
+    let fuse = candle_core::Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap();
+    let adapter = oracle_with(&world, dir, DraftContext::Verified, Some(fuse));
+    (model, world, adapter)
+}
+
 fn tiny_world(dir: &std::path::Path) -> (LoadedModel, SplitWorld) {
     tiny_model(&dir.join("model"), TinySpec::default()).unwrap();
     let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.join("model"))).unwrap();
@@ -292,11 +303,7 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
 fn the_draft_path_caught_up_during_prefill_drafts_as_if_caught_up_at_once() {
     use hat::decode::{generate, ModelDecoder};
     let dir = tempfile::tempdir().unwrap();
-    let (loaded, world) = tiny_world(dir.path());
-    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
-    let eye = candle_core::Tensor::eye(world.device.manifest.hidden_size, DType::F32, &Device::Cpu).unwrap();
-    let fuse = candle_core::Tensor::cat(&[&(&eye * 0.5).unwrap(), &eye], 1).unwrap();
-    let adapter = oracle_with(&world, dir.path(), DraftContext::Verified, Some(fuse));
+    let (model, world, adapter) = conditioned_oracle_world(dir.path());
     assert!(adapter.is_conditioned());
     let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
     let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 11) % 250).collect();
@@ -315,4 +322,37 @@ fn the_draft_path_caught_up_during_prefill_drafts_as_if_caught_up_at_once() {
     assert!(chunked.drafting.prefill_draft_rows > prompt.len() / 2, "chunks: the draft path ran during prefill: {}", chunked.drafting.prefill_draft_rows);
     assert_eq!((&chunked.draft_checks, &chunked.draft_hits, chunked.drafting.tree_nodes), (&whole.draft_checks, &whole.draft_hits, whole.drafting.tree_nodes), "the same drafts");
     assert!(whole.drafting.tree_nodes > 0);
+}
+
+/// `--draft-catch-up`: a draft path far behind the committed text (a conditioned adapter after
+/// a prompt sent in one chunk: nothing of it could run during prefill) makes the first round a
+/// catch-up round, its root sent alone and the draft path run while the cloud verifies it, the
+/// next round drafted ahead from there. The output is the model's either way; with the prompt's
+/// draft path caught up during prefill (chunks) there is nothing to catch up.
+#[test]
+fn a_draft_path_far_behind_catches_up_while_its_root_alone_is_verified() {
+    use hat::decode::{generate, ModelDecoder};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, world, adapter) = conditioned_oracle_world(dir.path());
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 53 + 5) % 250).collect();
+    let want = generate(&mut ModelDecoder::new(&model), &prompt, 16, &greedy, &world.device.tokenizer.eos_token_ids, |_| Ok(())).unwrap().token_ids;
+    let run = |chunk: usize, catch_up: bool, tree: TreeChoice| {
+        let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
+        let draft = DraftOptions { catch_up, threshold: Some(0.0), tree, ..DraftOptions::default() };
+        let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(chunk), sampling: greedy, max_tokens: 16, max_context: 128, draft, fallback: Default::default() };
+        hat::edge::generate(&world.device, &adapter, &mut link, &prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
+    };
+    for tree in [TreeChoice::Fixed { nodes: 6, depth: Some(3) }, TreeChoice::Auto] {
+        let (on, off) = (run(0, true, tree), run(0, false, tree));
+        assert_eq!(on.token_ids, want, "{tree:?}: catch-up round");
+        assert_eq!(off.token_ids, want, "{tree:?}");
+        assert!(on.drafting.prefill_draft_rows <= 1);
+        assert_eq!((on.drafting.catch_up_rounds, off.drafting.catch_up_rounds), (1, 0), "{tree:?}");
+        assert!(on.drafting.catch_up_ms > 0.0 && off.drafting.catch_up_ms == 0.0);
+        let chunked = run(6, true, tree);
+        assert_eq!(chunked.token_ids, want, "{tree:?}: chunks");
+        assert!(chunked.drafting.prefill_draft_rows > prompt.len() / 2);
+        assert_eq!(chunked.drafting.catch_up_rounds, 0, "{tree:?}: caught up during prefill");
+    }
 }

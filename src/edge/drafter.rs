@@ -169,18 +169,21 @@ pub struct DraftOptions {
     pub split: TreeSplit,
     /// Chains or trees.
     pub tree: TreeChoice,
+    /// Trees drafted ahead: a round whose draft path lags by many positions (the prompt's,
+    /// after prefill) sends its root alone and runs the draft path while the cloud verifies it.
+    pub catch_up: bool,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, split: TreeSplit::Auto, tree: TreeChoice::Auto }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, split: TreeSplit::Auto, tree: TreeChoice::Auto, catch_up: true }
     }
 }
 
 impl DraftOptions {
     /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, tree: TreeChoice::Chain }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, tree: TreeChoice::Chain, catch_up: false }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -385,8 +388,14 @@ pub struct DraftingReport {
     pub tree_splits: usize,
     pub tree_splits_used: usize,
     /// Prompt positions the draft path ran during prefill, while the cloud worked on the
-    /// prompt's chunks (the rest ran in the first draft round, after the first token).
+    /// prompt's chunks (the rest ran after the first token: in a catch-up round, or in the
+    /// first draft round without them).
     pub prefill_draft_rows: usize,
+    /// Trees: rounds that sent their root alone because the draft path lagged by many
+    /// positions (`--draft-catch-up`), and the time (ms) the draft path took in them while the
+    /// cloud verified the root.
+    pub catch_up_rounds: usize,
+    pub catch_up_ms: f64,
     /// Trees: the cloud's compute while the device drafted ahead over that while it waited
     /// (medians of recent rounds; 0 until both are measured). Drafting ahead stays on while this
     /// is at most 1.1 (it is ~1 on a device of its own, higher when they share cores).

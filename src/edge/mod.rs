@@ -308,6 +308,8 @@ fn generate_verified<L: MiddleLink>(
     let pipeline = if trees && overlap && sampler.is_greedy() { drafter.options.pipeline } else { Pipeline::Off };
     // Sending a tree as two blocks (`--draft-tree-split`, greedy).
     let split = if trees && sampler.is_greedy() { drafter.options.split } else { TreeSplit::Off };
+    // Catch-up rounds (`--draft-catch-up`): trees drafted ahead.
+    let catch_up_rounds = trees && overlap && drafter.options.catch_up;
     // The link's part of a round (ms: from sending a tree to its reply, less the cloud's
     // compute), recent rounds weighted most.
     let mut link_ms: Option<f64> = None;
@@ -343,12 +345,18 @@ fn generate_verified<L: MiddleLink>(
             node_threshold = limits.node_threshold;
             let t = Instant::now();
             let was_prepared = prepared_tree.is_some();
+            // A draft path far behind (the prompt's positions after prefill) sends the root
+            // alone and catches up while the cloud verifies it ([`tree::CATCH_UP_ROUND_ROWS`]).
+            let catch_up = !was_prepared && catch_up_rounds && edge.draft_path_backlog()? >= tree::CATCH_UP_ROUND_ROWS;
             let mut round = match prepared_tree.take() {
                 Some(tree) => edge.reseed_tree(tree, base, &limits)?,
+                None if catch_up => edge.root_round(next)?,
                 None => edge.draft_tree(next, base, &limits, eos, &sampler, &mut steps)?,
             };
             times.draft += t.elapsed();
-            ahead_policy.record_draft(was_prepared, ms(t.elapsed()));
+            if !catch_up {
+                ahead_policy.record_draft(was_prepared, ms(t.elapsed()));
+            }
             let n = round.shape.len();
             // `--draft-tree-split`: the first rows go alone, the rest right after them.
             let first = match split {
@@ -361,7 +369,15 @@ fn generate_verified<L: MiddleLink>(
             let sent = Instant::now();
             edge.send_rows(&mut round, base, n)?;
             times.splits += usize::from(first < n);
-            let ahead = overlap && ahead_policy.this_round();
+            if catch_up {
+                let t = Instant::now();
+                edge.expand_root(&mut round, &sampler, &mut steps)?;
+                times.catch_up += t.elapsed();
+                times.catch_up_rounds += 1;
+            }
+            // A catch-up round drafts ahead whatever the policy: the next round is drafted
+            // from the root it just ran.
+            let ahead = overlap && (catch_up || ahead_policy.this_round());
             // With the pipeline, the likeliest of what drafting ahead grows goes to the cloud as
             // an extension of the tree, as soon as some is worth it.
             ahead_clock.extend = match (ahead, pipeline) {
@@ -393,8 +409,11 @@ fn generate_verified<L: MiddleLink>(
             if overlap {
                 ahead_policy.record(ahead, ms(reply.cloud_compute), edge.link.predicted_compute_ms(first, base));
             }
-            let this_link_ms = (ms(replied) - ms(reply.cloud_compute)).max(0.0);
-            link_ms = Some(link_ms.map_or(this_link_ms, |l| 0.7 * l + 0.3 * this_link_ms));
+            // A catch-up round may read its reply late: it says nothing about the link.
+            if !catch_up {
+                let this_link_ms = (ms(replied) - ms(reply.cloud_compute)).max(0.0);
+                link_ms = Some(link_ms.map_or(this_link_ms, |l| 0.7 * l + 0.3 * this_link_ms));
+            }
             let t = Instant::now();
             // The round's blocks by their first rows: the tree's first rows, the rest of a split
             // tree, the extension; each one's logits `(rows, vocab)` and reply once the walk needs
@@ -457,7 +476,7 @@ fn generate_verified<L: MiddleLink>(
             times.verify += t.elapsed();
             // A round whose verification waited for a later block's reply says nothing about
             // the cost of the first block's rows.
-            if !walked {
+            if !walked && !catch_up {
                 row_cost.record(first, ms(sent.elapsed()));
             }
             let new: Vec<u32> = path[1..].iter().map(|&i| round.tokens[i]).chain([new_token]).collect();
@@ -546,6 +565,8 @@ fn generate_verified<L: MiddleLink>(
         tree_splits: times.splits,
         tree_splits_used: times.splits_used,
         prefill_draft_rows: edge.prefill_draft_rows,
+        catch_up_rounds: times.catch_up_rounds,
+        catch_up_ms: ms(times.catch_up),
         ahead_cloud_slowdown: ahead_policy.slowdown().unwrap_or(0.0),
         draft_tree: if drafting { drafter.options.tree.name() } else { "off".to_string() },
         tree_nodes,
@@ -681,4 +702,7 @@ struct RoundTimes {
     extensions_used: usize,
     splits: usize,
     splits_used: usize,
+    /// Catch-up rounds and the draft path they ran while the cloud verified their root.
+    catch_up_rounds: usize,
+    catch_up: Duration,
 }
