@@ -208,7 +208,7 @@ fn q8(model: &hat::model::Model) -> anyhow::Result<()> {
     println!();
     println!("| rows ({} threads) | weights | f32 ms per layer | GB/s | int8, f32 states, ms | GB/s | int8, 16-bit states{}, ms | GB/s | 16-bit / f32 states |", candle_core::utils::get_num_threads(), if vnni { " (VNNI)" } else { " (no VNNI: scalar)" });
     println!("|---|---|---|---|---|---|---|---|---|");
-    for m in [1usize, 3, 5] {
+    for m in [1usize, 3, 5, 8] {
         for cold in [false, true] {
             let xs: Vec<Tensor> = weights[0].iter().map(|w| Tensor::randn(0f32, 1.0, (1, m, w.dim(1)?), &Device::Cpu)).collect::<Result<_, _>>()?;
             let flat: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all()?.to_vec1::<f32>()).collect::<Result<_, _>>()?;

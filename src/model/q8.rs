@@ -304,6 +304,20 @@ mod tests {
                 }
             }
         }
+        // The largest sums the kernel can meet: every weight ±127, every state at its bound
+        // (hi = 255 or 0), over a 32-bit chunk and more.
+        let k = 2048 + 64 + 7;
+        for (weight, state) in [(1f64, 1f32), (-1.0, 1.0), (1.0, -1.0)] {
+            let q = Q8Matrix::quantize(&(Tensor::ones((8, k), candle_core::DType::F32, &dev)? * weight)?)?;
+            for m in [1, 3, 5] {
+                let states = Q16States::new(&vec![state; m * k], k);
+                let mut sums = vec![0i64; 8 * m];
+                q16_dots_scalar(q.ints(), &states, k, m, &mut sums);
+                let mut got = vec![0i64; 8 * m];
+                q16_dots(q.ints(), &states, k, m, &mut got);
+                assert_eq!(got, sums, "weights {weight}, states {state}, m = {m}");
+            }
+        }
         let q = Q8Matrix::quantize(&Tensor::randn(0f32, 1.0, (4, 8), &dev)?)?;
         assert!(q.matmul_q16(&Q16States::new(&[0.0; 9], 9)).is_err(), "a width other than the matrix's");
         Ok(())
