@@ -135,8 +135,8 @@ pub struct EdgeArgs {
     pub draft_tree: String,
 
     /// With trees drafted ahead (--draft-ahead on): when the draft path lags the committed
-    /// text by many positions, as after a prompt whose middle outputs came back with its last
-    /// chunk, the round sends the committed token alone (`on`, default) and runs the draft path
+    /// text by 16 positions or more, as after a prompt whose middle outputs came back with its
+    /// last chunk, the round sends the committed token alone (`on`, default) and runs the draft path
     /// over those positions while the cloud verifies it, then drafts the next round ahead;
     /// `off` drafts a tree first, the catch-up on the critical path. Exact either way.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]

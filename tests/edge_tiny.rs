@@ -28,7 +28,6 @@ fn oracle_with(world: &SplitWorld, dir: &std::path::Path, context: DraftContext,
     Adapter::load(&path, &world.device.manifest, world.device.rope.clone(), &Device::Cpu).unwrap()
 }
 
-/// The tiny model written under `dir`, and its split at K1 = K2 = 2.
 /// A tiny model (f32), its split and a conditioned oracle adapter for the verified context
 /// (its fuse passes the input state on, half the previous middle output added).
 fn conditioned_oracle_world(dir: &std::path::Path) -> (hat::model::Model, SplitWorld, Adapter) {
@@ -40,6 +39,7 @@ fn conditioned_oracle_world(dir: &std::path::Path) -> (hat::model::Model, SplitW
     (model, world, adapter)
 }
 
+/// The tiny model written under `dir`, and its split at K1 = K2 = 2.
 fn tiny_world(dir: &std::path::Path) -> (LoadedModel, SplitWorld) {
     tiny_model(&dir.join("model"), TinySpec::default()).unwrap();
     let loaded = LoadedModel::load(&ModelSpec::HfDir(dir.join("model"))).unwrap();

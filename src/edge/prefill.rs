@@ -1,7 +1,8 @@
 //! Chunked prefill: each chunk of the prompt goes up as soon as its input hidden states exist,
 //! replies run through the output submodel as they arrive (the head only on the last position),
 //! and the draft path's own prefill runs, a slice at a time, while the cloud works on the chunks
-//! still out; what is left of it waits for the first draft round, after the first token.
+//! still out; what is left of it runs after the first token (in a catch-up round when it is
+//! much, `--draft-catch-up`).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -55,8 +56,8 @@ impl<L: MiddleLink> Edge<'_, L> {
         // The draft path's prefill overlaps with the cloud's work on the chunks still out (for
         // a conditioned adapter, chunk by chunk as the middle outputs it needs arrive): what can
         // run now, then a few positions at a time while a reply other than the last is out, so
-        // that the last one (the first token) never waits for a slice; what is left waits for
-        // the first draft round.
+        // that the last one (the first token) never waits for a slice; what is left runs after
+        // the first token (a catch-up round when it is much).
         if drafting {
             self.run_draft_path(false)?;
         }

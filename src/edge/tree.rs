@@ -407,7 +407,6 @@ impl AheadClock {
         push_recent(&mut self.steps_ms, ms(d), RECENT);
     }
 
-
     /// Whether a step ahead started now would end before the reply is expected (always, until
     /// both are measured).
     fn time_for_a_step(&self) -> bool {
