@@ -146,6 +146,14 @@ impl<L: MiddleLink> Edge<'_, L> {
         append(&mut self.tail, h)
     }
 
+    /// Positions queued for the draft path that a fresh round would run before drafting.
+    pub(super) fn draft_path_backlog(&self) -> Result<usize> {
+        Ok(match &self.tail {
+            Some(t) => t.dim(1)?,
+            None => 0,
+        })
+    }
+
     /// Queues middle outputs for a conditioned adapter (no-op for the others).
     pub(super) fn push_features(&mut self, m: &Tensor) -> Result<()> {
         if self.adapter.is_conditioned() {

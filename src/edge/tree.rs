@@ -607,14 +607,6 @@ impl<L: MiddleLink> Edge<'_, L> {
         Ok(())
     }
 
-    /// Positions queued for the draft path that a fresh round would run before drafting.
-    pub(super) fn draft_path_backlog(&self) -> Result<usize> {
-        Ok(match &self.tail {
-            Some(t) => t.dim(1)?,
-            None => 0,
-        })
-    }
-
     /// While the cloud verifies the sent tree at `base`: grows it with nodes the cloud does not
     /// see, the sent leaves through the draft path first, then [`AHEAD_WIDTH`] at a time, the most
     /// likely new children of any node, each step through the input submodel and the draft
