@@ -210,9 +210,9 @@ fn uplink_noise_reaches_the_cloud_and_zero_changes_nothing() {
     assert!(hat::net::NoisyUplink::new(LocalMiddle::new(&world.cloud.middle, WireDtype::F32), -1.0).is_err());
 }
 
-/// A link whose replies arrive only after the edge has polled for them `polls` times (each poll
-/// of drafting ahead is one step), so the device drafts ahead, and guesses, as it does while a
-/// real cloud computes.
+/// A link whose replies arrive only after the edge has polled for them `polls` times (drafting
+/// ahead polls before each step and between its parts), so the device drafts ahead, and
+/// guesses, as it does while a real cloud computes.
 struct SlowReplies<'a> {
     inner: LocalMiddle<'a>,
     polls: usize,
@@ -240,6 +240,22 @@ impl hat::net::MiddleLink for SlowReplies<'_> {
     }
 }
 
+/// Greedy decoding of 24 tokens (γ = 3) over a [`SlowReplies`] link whose replies come after
+/// `polls` polls.
+fn greedy_over_slow_replies(world: &SplitWorld, adapter: &Adapter, prompt: &[u32], polls: usize, draft: DraftOptions) -> hat::edge::EdgeReport {
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls, waited: 0 };
+    let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 24, max_context: 64, draft, fallback: Default::default() };
+    hat::edge::generate(&world.device, adapter, &mut link, prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
+}
+
+/// The model's greedy 24 tokens for `prompt` (what every greedy run over a link must give).
+fn model_greedy(model: &hat::model::Model, world: &SplitWorld, prompt: &[u32]) -> Vec<u32> {
+    use hat::decode::{generate, ModelDecoder};
+    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
+    generate(&mut ModelDecoder::new(model), prompt, 24, &greedy, &world.device.tokenizer.eos_token_ids, |_| Ok(())).unwrap().token_ids
+}
+
 /// `--draft-pipeline`: with trees drafted ahead and greedy decoding, what drafting ahead grew goes
 /// to the cloud as rows extending the sent tree before its reply; verification walks into them
 /// when the bonus token is there (waiting for their reply), and otherwise drops their reply and
@@ -249,12 +265,9 @@ impl hat::net::MiddleLink for SlowReplies<'_> {
 /// after them): verification walks into the second block or leaves its reply unread.
 #[test]
 fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
-    use hat::decode::{generate, ModelDecoder};
     let dir = tempfile::tempdir().unwrap();
     let (loaded, world) = tiny_world(dir.path());
     let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
-    let eos = &world.device.tokenizer.eos_token_ids;
-    let greedy = SamplingParams { temperature: 0.0, top_p: None, top_k: None, seed: 0 };
     let prompts: [&[u32]; 3] = [&PROMPT, &[10, 20, 30], &[200, 7, 7, 7, 150, 3]];
     let (mut extended, mut used) = (0, 0);
     let (mut splits, mut splits_used) = (0, 0);
@@ -262,12 +275,12 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
         let adapter = oracle(&world, dir.path(), context);
         for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(3) }, TreeChoice::Fixed { nodes: 12, depth: Some(2) }] {
             for prompt in prompts {
-                let want = generate(&mut ModelDecoder::new(&model), prompt, 24, &greedy, eos, |_| Ok(())).unwrap().token_ids;
+                let want = model_greedy(&model, &world, prompt);
                 let run = |pipeline: bool, split: TreeSplit| {
-                    let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
                     let draft = DraftOptions { pipeline: if pipeline { Pipeline::Rows(4) } else { Pipeline::Off }, split, tree, ..DraftOptions::default() };
-                    let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(0), sampling: greedy, max_tokens: 24, max_context: 64, draft, fallback: Default::default() };
-                    hat::edge::generate(&world.device, &adapter, &mut link, prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()
+                    // Two steps ahead, then the reply (the first step polls 3 times, later
+                    // ones 4: before it, and after the input submodel, adapter and output).
+                    greedy_over_slow_replies(&world, &adapter, prompt, 8, draft)
                 };
                 let (with, without) = (run(true, TreeSplit::Off), run(false, TreeSplit::Off));
                 assert_eq!(with.token_ids, want, "{context:?} {tree:?} {prompt:?}: pipelined");
@@ -292,6 +305,35 @@ fn tree_extensions_sent_before_the_reply_keep_greedy_output_exact() {
     eprintln!("verification walked into {used} of {extended} extensions and {splits_used} of {splits} second blocks");
     assert!(used > 0 && used < extended, "both outcomes happen: {used} of {extended}");
     assert!(splits_used > 0 && splits_used < splits, "both outcomes happen: {splits_used} of {splits}");
+}
+
+/// A step of drafting ahead gives up part-way when the reply comes in (after the input
+/// submodel, the adapter or the output submodel: replies here come after 1 to 11 polls, and a
+/// step polls at each of those points): the step's nodes are dropped, every draft-path cache is
+/// as before it, and the output is the model's greedy output token for token, for both draft
+/// contexts and several tree settings, with steps given up and rounds still prepared ahead.
+#[test]
+fn steps_ahead_given_up_for_the_reply_keep_greedy_output_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (loaded, world) = tiny_world(dir.path());
+    let model = loaded.model(DType::F32, &Device::Cpu).unwrap();
+    let (mut given_up, mut hits) = (0, 0);
+    for context in [DraftContext::Drafted, DraftContext::Verified] {
+        let adapter = oracle(&world, dir.path(), context);
+        for tree in [TreeChoice::Auto, TreeChoice::Fixed { nodes: 6, depth: Some(3) }] {
+            for prompt in [&PROMPT[..], &[200, 7, 7, 7, 150, 3]] {
+                let want = model_greedy(&model, &world, prompt);
+                for polls in 1..=11 {
+                    let r = greedy_over_slow_replies(&world, &adapter, prompt, polls, DraftOptions { tree, ..DraftOptions::default() });
+                    assert_eq!(r.token_ids, want, "{context:?} {tree:?} {prompt:?}: replies after {polls} polls");
+                    given_up += r.drafting.ahead_steps_given_up;
+                    hits += r.drafting.ahead_hits;
+                }
+            }
+        }
+    }
+    eprintln!("{given_up} steps ahead given up, {hits} rounds prepared ahead");
+    assert!(given_up > 0 && hits > 0, "{given_up} steps given up, {hits} rounds prepared ahead");
 }
 
 /// Prefill runs the draft path over the prompt while the cloud works on its chunks, a slice at a
@@ -338,7 +380,7 @@ fn a_draft_path_far_behind_catches_up_while_its_root_alone_is_verified() {
     let prompt: Vec<u32> = (0..40u32).map(|i| (i * 53 + 5) % 250).collect();
     let want = generate(&mut ModelDecoder::new(&model), &prompt, 16, &greedy, &world.device.tokenizer.eos_token_ids, |_| Ok(())).unwrap().token_ids;
     let run = |chunk: usize, catch_up: bool, tree: TreeChoice| {
-        let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 3, waited: 0 };
+        let mut link = SlowReplies { inner: LocalMiddle::new(&world.cloud.middle, WireDtype::F32), polls: 8, waited: 0 };
         let draft = DraftOptions { catch_up, threshold: Some(0.0), tree, ..DraftOptions::default() };
         let opts = EdgeOptions { mode: Mode::Hat, draft_len: 3, chunking: hat::edge::Chunking::Fixed(chunk), sampling: greedy, max_tokens: 16, max_context: 128, draft, fallback: Default::default() };
         hat::edge::generate(&world.device, &adapter, &mut link, &prompt, &opts, |_| Ok(hat::decode::Flow::Continue)).unwrap()

@@ -376,6 +376,9 @@ pub struct DraftingReport {
     /// verification's outcome was right).
     pub ahead_rounds: usize,
     pub ahead_hits: usize,
+    /// Trees: steps of drafting ahead given up part-way because the reply came in (their new
+    /// nodes dropped; `HAT_AHEAD_INTERRUPT=off` finishes them).
+    pub ahead_steps_given_up: usize,
     /// Whether trees were extended with what drafting ahead grew (`--draft-pipeline`); rounds
     /// whose tree was, and those whose verification walked into the extension (the others'
     /// extension rows were computed for nothing).

@@ -559,6 +559,7 @@ fn generate_verified<L: MiddleLink>(
         ahead_ms: ms(times.ahead),
         ahead_rounds: times.ahead_rounds,
         ahead_hits: times.ahead_hits,
+        ahead_steps_given_up: edge.steps_given_up,
         pipeline: pipeline != Pipeline::Off,
         extensions: times.extensions,
         extensions_used: times.extensions_used,

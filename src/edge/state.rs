@@ -47,6 +47,8 @@ pub(super) struct Edge<'a, L: MiddleLink> {
     /// Replies still to come for blocks sent on a wrong guess (`--draft-pipeline`): dropped
     /// when they arrive.
     pub(super) stale: usize,
+    /// Steps of drafting ahead given up part-way because the reply came in.
+    pub(super) steps_given_up: usize,
     /// Prompt positions the draft path had run when prefill ended (the rest ran in the first
     /// draft round).
     pub(super) prefill_draft_rows: usize,
@@ -80,6 +82,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             last_logits: None,
             early: None,
             stale: 0,
+            steps_given_up: 0,
             prefill_draft_rows: 0,
             refresh: None,
             greedy: false,
