@@ -65,8 +65,9 @@ impl NetRuntime {
 /// thread only computes and waits for replies.
 pub struct QuicLink {
     runtime: Option<NetRuntime>,
-    /// Frames to send; `None` once closed (the writer then finishes the stream).
-    up: Option<tokio::sync::mpsc::UnboundedSender<(Instant, Vec<u8>)>>,
+    /// Frames to send, with when they were handed over, to the uplink's pacing thread; `None`
+    /// once closed (the pacer then stops, and the writer finishes the stream).
+    up: Option<UplinkFrames>,
     /// The writer task, awaited on close so that the last frames leave before the connection
     /// closes.
     writer: Option<tokio::task::JoinHandle<()>>,
@@ -134,6 +135,37 @@ fn cloud_error(code: ErrorCode, message: &str) -> Error {
     Error::cloud(failure, format!("the cloud refused: {message} ({code:?})"))
 }
 
+/// Frames handed to the uplink, with the instant each was handed over.
+type UplinkFrames = std::sync::mpsc::Sender<(Instant, Vec<u8>)>;
+
+/// The uplink's pacing: a thread that holds each frame until the emulated link would deliver
+/// it ([`Pipe`]), then hands it to the writer task. A thread's sleep ends within tens of
+/// microseconds of its deadline, where the runtime's timers round up to the next millisecond
+/// (the uplink then added 1.1 ms on average to every round trip, the configured RTT included).
+/// Returns where frames go in (with the instant they were handed over) and where they come
+/// out; the thread ends when the sender is dropped, after the frames before.
+fn uplink_pacer(emu: LinkEmulation) -> Result<(UplinkFrames, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let (paced_tx, paced_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("hat-edge-uplink".into())
+        .spawn(move || {
+            let mut pipe = Pipe::new(emu.up_mbps, emu.rtt_ms);
+            while let Ok((queued, body)) = rx.recv() {
+                let arrive = pipe.arrival(queued, body.len() + 4);
+                let now = Instant::now();
+                if arrive > now {
+                    std::thread::sleep(arrive - now);
+                }
+                if paced_tx.send(body).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| Error::invalid(format!("cannot start the uplink thread: {e}")))?;
+    Ok((tx, paced_rx))
+}
+
 fn closed() -> Error {
     Error::cloud(CloudFailure::Lost, "the connection to the cloud is closed")
 }
@@ -163,7 +195,7 @@ impl QuicLink {
         let deadline = Instant::now() + opts.connect_timeout;
         let unreachable = |why: String| Error::cloud(CloudFailure::Unreachable, format!("cannot reach the cloud at {}: {why}", opts.addr));
         let tls = crate::net::tls::client_config(&opts.trust)?;
-        let (up_tx, mut up_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let (up_tx, mut up_rx) = uplink_pacer(opts.emulation)?;
         let (down_tx, down_rx) = std::sync::mpsc::channel();
         let tap = opts.tap.clone();
         let emu = opts.emulation;
@@ -188,10 +220,7 @@ impl QuicLink {
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(format!("cannot open a stream: {e}")))?;
             let tap_up = tap.clone();
             let writer = handle.spawn(async move {
-                let mut pipe = Pipe::new(emu.up_mbps, emu.rtt_ms);
-                while let Some((queued, body)) = up_rx.recv().await {
-                    let arrive = pipe.arrival(queued, body.len() + 4);
-                    tokio::time::sleep_until(arrive.into()).await;
+                while let Some(body) = up_rx.recv().await {
                     if let Some(t) = &tap_up {
                         t(Direction::Up, &body);
                     }
