@@ -637,6 +637,7 @@ impl<L: MiddleLink> Edge<'_, L> {
             self.adapter.forward(&x, Some(&prev), start, &mut self.adapter_cache)?;
             self.adapter_cache.restore(end)?;
         }
+        let interrupt = interrupt_steps_ahead();
         loop {
             if self.reply_arrived()? {
                 clock.arrived = true;
@@ -652,7 +653,6 @@ impl<L: MiddleLink> Edge<'_, L> {
                 break;
             }
             let t = Instant::now();
-            let interrupt = interrupt_steps_ahead();
             let finished = if tree.expanded < tree.len() {
                 self.expand_unless_reply(tree, base, eos, sampler, interrupt)?
             } else {
@@ -663,7 +663,8 @@ impl<L: MiddleLink> Edge<'_, L> {
                 }
                 let first = tree.len();
                 self.add_nodes(tree, base, &candidates)?;
-                let finished = !(interrupt && self.reply_arrived()?) && self.expand_unless_reply(tree, base, eos, sampler, interrupt)?;
+                let reply_in = interrupt && self.reply_arrived()?;
+                let finished = !reply_in && self.expand_unless_reply(tree, base, eos, sampler, interrupt)?;
                 if !finished {
                     // The step's new nodes go with it (only expanded nodes are kept or sent).
                     tree.nodes.truncate(first);
