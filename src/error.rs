@@ -10,12 +10,10 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file that cannot be read or written. The I/O error is in the message and not also
+    /// given as the error's source, so that a report of the chain (`{:#}`) names it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 
     /// A model, bundle or data file that exists but cannot be used as it is.
     #[error("{path}: {reason}")]
@@ -69,7 +67,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), error: source }
     }
 
     pub fn bad_file(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Self {
@@ -104,4 +102,17 @@ macro_rules! bail_input {
     ($($arg:tt)*) => {
         return Err($crate::error::Error::InvalidInput(format!($($arg)*)))
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An I/O error is named once when the CLI reports the chain (`{:#}` walks the sources).
+    #[test]
+    fn an_io_error_is_reported_once() {
+        let e = Error::io("/no/such/file", std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"));
+        assert_eq!(e.to_string(), "/no/such/file: no such file");
+        assert!(std::error::Error::source(&e).is_none(), "the I/O error is in the message, not a source too");
+    }
 }
