@@ -142,6 +142,13 @@ pub struct EdgeArgs {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub draft_catch_up: String,
 
+    /// With a reduced draft vocabulary: the draft head also scores the tokens of this
+    /// generation's own text (the prompt and the answer so far) that the vocabulary lacks
+    /// (`on`, default; at most 1,024 rows added), since names, identifiers and rare words are
+    /// what answers repeat; `off` scores the vocabulary alone. Exact either way.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub draft_vocab_context: String,
+
     /// How the prompt is cut into prefill chunks: `auto` (default in hat mode) plans the
     /// chunks that minimise the predicted TTFT for this prompt from the device's profile, the
     /// cloud's cost model and load (sent in the handshake) and the measured link; N = chunks
@@ -346,7 +353,7 @@ fn draft_options(args: &EdgeArgs) -> anyhow::Result<DraftOptions> {
         n => Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| anyhow::anyhow!("--draft-vocab {n}: not `auto`, `full` or a positive number"))?),
     };
     let tree = hat::edge::TreeChoice::parse(&args.draft_tree)?;
-    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, split: hat::edge::TreeSplit::parse(&args.draft_tree_split)?, tree, catch_up: args.draft_catch_up == "on" };
+    let options = DraftOptions { vocab, int8: args.draft_compute == "int8", threshold, overlap: args.draft_ahead == "on", pipeline: hat::edge::Pipeline::parse(&args.draft_pipeline)?, split: hat::edge::TreeSplit::parse(&args.draft_tree_split)?, tree, catch_up: args.draft_catch_up == "on", context_rows: args.draft_vocab_context == "on" };
     options.validate()?;
     Ok(options)
 }

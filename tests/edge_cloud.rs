@@ -156,6 +156,7 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
     let variants = [
         ("plain", plain),
         ("vocab", DraftOptions { vocab: Some(3000), ..plain }),
+        ("vocab and its context rows", DraftOptions { vocab: Some(3000), context_rows: true, ..plain }),
         ("int8", DraftOptions { int8: true, ..plain }),
         ("threshold", DraftOptions { threshold: Some(0.3), ..plain }),
         ("ahead", DraftOptions { overlap: true, ..plain }),
@@ -180,6 +181,8 @@ fn every_drafting_mechanism_keeps_greedy_exact() {
                     None => 4000, // the adapter's default size
                 };
                 assert_eq!(d.draft_vocab, rows, "{name}");
+                // The prompts hold tokens past the first 8,000 ids, which a reduced head adds.
+                assert_eq!(d.draft_context_rows > 0, draft.context_rows && draft.vocab != Some(0), "{name}: {d:?}");
                 let chain = draft.tree == TreeChoice::Chain;
                 assert_eq!((d.draft_int8, d.overlap), (draft.int8, draft.overlap), "{name}");
                 assert_eq!(d.tree_nodes > 0, !chain, "{name}: {d:?}");
@@ -253,7 +256,8 @@ fn trees_whose_every_branch_is_wrong_keep_greedy_exact() {
     let mut a = adapter(w, "conditioned-oracle");
     a.draft_vocab = Some(DraftVocab { ids: unused, size: 64, source: "test: never the answer".into() });
     for tree in [TreeChoice::Fixed { nodes: 12, depth: Some(3) }, TreeChoice::Auto] {
-        let draft = DraftOptions { tree, threshold: Some(0.0), ..DraftOptions::default() };
+        // Without the context's rows, which would let the answer's own tokens be drafted.
+        let draft = DraftOptions { tree, threshold: Some(0.0), context_rows: false, ..DraftOptions::default() };
         let opts = EdgeOptions { draft, ..options(Mode::Hat, 4, 16, SamplingParams::greedy(), max) };
         let r = run(w, &a, ids, opts, WireDtype::F32);
         assert_eq!(r.token_ids, want, "{tree:?}");

@@ -3,6 +3,10 @@
 //! FR-Spec and EAGLE-3 do), optionally from 8-bit rows. Verification always uses the model's full
 //! f32 head, so a draft outside the reduced vocabulary is never produced but the output stays
 //! exact; only how many drafts are accepted changes.
+//!
+//! A generation may add the tokens of its own text (the prompt and the answer so far) that the
+//! reduced vocabulary lacks ([`DraftHead::add_context`]): names, identifiers and rare words are
+//! what an answer repeats, and a draft can only propose a row it scores.
 
 use std::collections::HashMap;
 
@@ -12,13 +16,24 @@ use crate::error::{Error, Result};
 use crate::model::ops::project;
 use crate::model::{Head, Ops, Proj};
 
-/// Rows of the head scored while drafting: `(n, hidden)`, and the token id of each.
+/// Most rows a generation's own tokens add to a reduced draft head.
+pub const MAX_CONTEXT_ROWS: usize = 1024;
+
+/// Rows of the head scored while drafting: `(n, hidden)`, and the token id of each; then the
+/// rows a generation added from its own text, if any.
 #[derive(Debug, Clone)]
 pub struct DraftHead {
     /// Token id of each row; `None`: the whole vocabulary in id order.
     ids: Option<Vec<u32>>,
     rows: Proj,
     vocab: usize,
+    int8: bool,
+    /// Rows added from the generation's text ([`Self::add_context`]): their token ids and
+    /// rows `(extra, hidden)`, scored after `rows`.
+    extra_ids: Vec<u32>,
+    extra_rows: Option<Proj>,
+    /// Whether each vocabulary token has a row (built on the first [`Self::add_context`]).
+    scored: Vec<bool>,
 }
 
 impl DraftHead {
@@ -41,12 +56,47 @@ impl DraftHead {
         };
         let rows: Proj = candle_nn::Linear::new(rows, None).into();
         let rows = if int8 { rows.with_q8()? } else { rows };
-        Ok(Self { ids: ids.map(<[u32]>::to_vec), rows, vocab })
+        Ok(Self { ids: ids.map(<[u32]>::to_vec), rows, vocab, int8, extra_ids: Vec::new(), extra_rows: None, scored: Vec::new() })
+    }
+
+    /// Adds rows for the tokens of `tokens` (a generation's text) that a reduced head does not
+    /// score yet, up to [`MAX_CONTEXT_ROWS`] added in all; rows only ever append, so a row index
+    /// keeps its token. Returns how many were added (none for the full head).
+    pub fn add_context(&mut self, head: &Head, tokens: &[u32]) -> Result<usize> {
+        let Some(ids) = &self.ids else { return Ok(0) };
+        if self.scored.is_empty() {
+            self.scored = vec![false; self.vocab];
+            for &t in ids {
+                self.scored[t as usize] = true;
+            }
+        }
+        let before = self.extra_ids.len();
+        for &t in tokens {
+            if self.extra_ids.len() >= MAX_CONTEXT_ROWS {
+                break;
+            }
+            if let Some(seen @ false) = self.scored.get_mut(t as usize) {
+                *seen = true;
+                self.extra_ids.push(t);
+            }
+        }
+        let added = self.extra_ids.len() - before;
+        if added > 0 {
+            let w = head.weight();
+            let rows: Proj = candle_nn::Linear::new(w.index_select(&Tensor::new(self.extra_ids.as_slice(), w.device())?, 0)?, None).into();
+            self.extra_rows = Some(if self.int8 { rows.with_q8()? } else { rows });
+        }
+        Ok(added)
+    }
+
+    /// Rows a generation added from its text ([`Self::add_context`]).
+    pub fn context_rows(&self) -> usize {
+        self.extra_ids.len()
     }
 
     /// Rows scored per draft step.
     pub fn len(&self) -> usize {
-        self.ids.as_ref().map_or(self.vocab, Vec::len)
+        self.ids.as_ref().map_or(self.vocab, Vec::len) + self.extra_ids.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -63,18 +113,30 @@ impl DraftHead {
     pub fn logits(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
         let seq = y.dim(1)?;
         let last = head.norm(&y.narrow(1, seq - 1, 1)?)?;
-        Ok(project(&self.rows, &last, Ops::Fused, false)?.flatten_all()?)
+        let logits = project(&self.rows, &last, Ops::Fused, false)?.flatten_all()?;
+        match &self.extra_rows {
+            None => Ok(logits),
+            Some(extra) => Ok(Tensor::cat(&[logits, project(extra, &last, Ops::Fused, false)?.flatten_all()?], 0)?),
+        }
     }
 
     /// Draft logits at every position of `y`, `(1, seq, hidden)`: `(seq, len)`.
     pub fn logits_all(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
-        Ok(project(&self.rows, &head.norm(y)?, Ops::Fused, true)?.squeeze(0)?)
+        let normed = head.norm(y)?;
+        let logits = project(&self.rows, &normed, Ops::Fused, true)?.squeeze(0)?;
+        match &self.extra_rows {
+            None => Ok(logits),
+            Some(extra) => Ok(Tensor::cat(&[logits, project(extra, &normed, Ops::Fused, true)?.squeeze(0)?], 1)?),
+        }
     }
 
     /// The token id of row `row`.
     pub fn token(&self, row: u32) -> u32 {
         match &self.ids {
-            Some(ids) => ids.get(row as usize).copied().unwrap_or(row),
+            Some(ids) => match ids.get(row as usize) {
+                Some(&id) => id,
+                None => self.extra_ids.get(row as usize - ids.len()).copied().unwrap_or(row),
+            },
             None => row,
         }
     }
@@ -85,7 +147,7 @@ impl DraftHead {
             None => q,
             Some(ids) => {
                 let mut full = vec![0f32; self.vocab];
-                for (&id, p) in ids.iter().zip(q) {
+                for (&id, p) in ids.iter().chain(&self.extra_ids).zip(q) {
                     full[id as usize] = p;
                 }
                 full
@@ -142,6 +204,25 @@ mod tests {
             let step = model.head.weight().get(id as usize)?.abs()?.max(0)?.to_scalar::<f32>()? / 127.0;
             assert!((a - b).abs() <= 0.5 * step * l1 + 1e-4, "int8 logit {a} vs {b}");
         }
+        // A generation's own tokens: those without a row are added after the rows, once each;
+        // a token outside the vocabulary is ignored; the full head adds nothing.
+        let mut grown = some.clone();
+        assert_eq!(grown.add_context(&model.head, &[9, 5, 5, 7, 100_000])?, 2);
+        assert_eq!(grown.add_context(&model.head, &[5, 4])?, 0);
+        assert_eq!((grown.len(), grown.context_rows(), grown.token(3), grown.token(4)), (5, 2, 5, 7));
+        let logits = grown.logits(&model.head, &y)?.to_vec1::<f32>()?;
+        let every = grown.logits_all(&model.head, &y)?;
+        assert_eq!(every.dims(), [3, 5]);
+        assert_eq!(every.get(2)?.to_vec1::<f32>()?, logits);
+        for (row, &id) in [4u32, 0, 9, 5, 7].iter().enumerate() {
+            assert!((logits[row] - full[id as usize]).abs() < 1e-5);
+        }
+        let q = grown.to_vocab(vec![0.1, 0.2, 0.3, 0.15, 0.25]);
+        assert_eq!((q[4], q[0], q[9], q[5], q[7]), (0.1, 0.2, 0.3, 0.15, 0.25));
+        assert_eq!(all.clone().add_context(&model.head, &[5, 7])?, 0);
+        let mut grown8 = DraftHead::new(&model.head, Some(&ids), true)?;
+        grown8.add_context(&model.head, &[5])?;
+        assert_eq!(grown8.logits(&model.head, &y)?.dims(), [4]);
         let q = some.to_vocab(vec![0.5, 0.25, 0.25]);
         assert_eq!(q.len(), full.len());
         assert_eq!((q[4], q[0], q[9], q[1]), (0.5, 0.25, 0.25, 0.0));

@@ -172,18 +172,21 @@ pub struct DraftOptions {
     /// Trees drafted ahead: a round whose draft path lags by many positions (the prompt's,
     /// after prefill) sends its root alone and runs the draft path while the cloud verifies it.
     pub catch_up: bool,
+    /// A reduced draft head also scores the tokens of the generation's own text (prompt and
+    /// answer so far) that it lacks ([`DraftHead::add_context`]).
+    pub context_rows: bool,
 }
 
 impl Default for DraftOptions {
     fn default() -> Self {
-        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, split: TreeSplit::Auto, tree: TreeChoice::Auto, catch_up: true }
+        Self { vocab: None, int8: true, threshold: None, overlap: true, pipeline: Pipeline::Auto, split: TreeSplit::Auto, tree: TreeChoice::Auto, catch_up: true, context_rows: true }
     }
 }
 
 impl DraftOptions {
     /// Everything off: the full head in f32, a chain of fixed length, no drafting ahead.
     pub fn plain() -> Self {
-        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, tree: TreeChoice::Chain, catch_up: false }
+        Self { vocab: Some(0), int8: false, threshold: Some(0.0), overlap: false, pipeline: Pipeline::Off, split: TreeSplit::Off, tree: TreeChoice::Chain, catch_up: false, context_rows: false }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -359,6 +362,9 @@ impl PassTimes {
 pub struct DraftingReport {
     /// Rows of the draft head (the model's vocabulary when not reduced).
     pub draft_vocab: usize,
+    /// Rows the generation added to a reduced draft head from its own text
+    /// (`--draft-vocab-context`).
+    pub draft_context_rows: usize,
     pub draft_int8: bool,
     pub overlap: bool,
     /// The threshold at the end, and where it came from (`measured`, `prior`, `fixed`).

@@ -332,11 +332,26 @@ fn generate_verified<L: MiddleLink>(
             0
         }
     };
+    // `--draft-vocab-context`: the draft head also scores the tokens of the text it drafts
+    // after, added before each round (the prompt's with the first, after TTFT); `None` until
+    // the first, then the committed tokens it has seen.
+    let context_rows = drafting && drafter.options.context_rows;
+    let mut context_seen: Option<usize> = None;
     while !stopped && !done(&tokens, &mut stop) {
         let base = prompt.len() + tokens.len() - 1; // position of `next`
         if base + 1 > limit {
             stop = StopReason::ContextFull;
             break;
+        }
+        if context_rows {
+            let t = Instant::now();
+            let text: Vec<u32> = match context_seen {
+                None => prompt.iter().chain(&tokens).copied().collect(),
+                Some(seen) => tokens[seen..].to_vec(),
+            };
+            edge.head.add_context(&dev.head, &text)?;
+            context_seen = Some(tokens.len());
+            times.draft += t.elapsed();
         }
         let threshold = steps.threshold();
         if trees {
@@ -548,6 +563,7 @@ fn generate_verified<L: MiddleLink>(
     let link_stats = edge.link.stats();
     let drafting_report = DraftingReport {
         draft_vocab: drafter.head.len(),
+        draft_context_rows: edge.head.context_rows(),
         draft_int8: drafter.options.int8,
         overlap,
         draft_threshold: if drafting { steps.threshold() } else { 0.0 },

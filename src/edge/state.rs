@@ -25,7 +25,9 @@ pub(super) enum Logits {
 pub(super) struct Edge<'a, L: MiddleLink> {
     pub(super) dev: &'a DeviceBundle,
     pub(super) adapter: &'a Adapter,
-    pub(super) head: &'a DraftHead,
+    /// The draft head, with the rows this generation adds from its text
+    /// ([`DraftHead::add_context`]).
+    pub(super) head: DraftHead,
     /// The output submodel for drafted positions ([`Drafter::output`]).
     pub(super) draft_output: &'a crate::model::LayerStack,
     pub(super) link: &'a mut L,
@@ -74,7 +76,7 @@ impl<'a, L: MiddleLink> Edge<'a, L> {
             llm_output: dev.output.new_cache(),
             dev,
             adapter,
-            head: &drafter.head,
+            head: drafter.head.clone(),
             draft_output: &drafter.output,
             link,
             tail: None,
