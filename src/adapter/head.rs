@@ -32,7 +32,7 @@ pub struct DraftHead {
     /// rows `(extra, hidden)`, scored after `rows`.
     extra_ids: Vec<u32>,
     extra_rows: Option<Proj>,
-    /// Whether each vocabulary token has a row (built on the first [`Self::add_context`]).
+    /// Whether each vocabulary token has a row (empty for the full head).
     scored: Vec<bool>,
 }
 
@@ -56,19 +56,19 @@ impl DraftHead {
         };
         let rows: Proj = candle_nn::Linear::new(rows, None).into();
         let rows = if int8 { rows.with_q8()? } else { rows };
-        Ok(Self { ids: ids.map(<[u32]>::to_vec), rows, vocab, int8, extra_ids: Vec::new(), extra_rows: None, scored: Vec::new() })
+        let mut scored = vec![false; if ids.is_some() { vocab } else { 0 }];
+        for &t in ids.unwrap_or_default() {
+            scored[t as usize] = true;
+        }
+        Ok(Self { ids: ids.map(<[u32]>::to_vec), rows, vocab, int8, extra_ids: Vec::new(), extra_rows: None, scored })
     }
 
     /// Adds rows for the tokens of `tokens` (a generation's text) that a reduced head does not
     /// score yet, up to [`MAX_CONTEXT_ROWS`] added in all; rows only ever append, so a row index
     /// keeps its token. Returns how many were added (none for the full head).
     pub fn add_context(&mut self, head: &Head, tokens: &[u32]) -> Result<usize> {
-        let Some(ids) = &self.ids else { return Ok(0) };
-        if self.scored.is_empty() {
-            self.scored = vec![false; self.vocab];
-            for &t in ids {
-                self.scored[t as usize] = true;
-            }
+        if self.ids.is_none() {
+            return Ok(0);
         }
         let before = self.extra_ids.len();
         for &t in tokens {
@@ -113,20 +113,21 @@ impl DraftHead {
     pub fn logits(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
         let seq = y.dim(1)?;
         let last = head.norm(&y.narrow(1, seq - 1, 1)?)?;
-        let logits = project(&self.rows, &last, Ops::Fused, false)?.flatten_all()?;
-        match &self.extra_rows {
-            None => Ok(logits),
-            Some(extra) => Ok(Tensor::cat(&[logits, project(extra, &last, Ops::Fused, false)?.flatten_all()?], 0)?),
-        }
+        Ok(self.score(&last, false)?.flatten_all()?)
     }
 
     /// Draft logits at every position of `y`, `(1, seq, hidden)`: `(seq, len)`.
     pub fn logits_all(&self, head: &Head, y: &Tensor) -> Result<Tensor> {
-        let normed = head.norm(y)?;
-        let logits = project(&self.rows, &normed, Ops::Fused, true)?.squeeze(0)?;
+        Ok(self.score(&head.norm(y)?, true)?.squeeze(0)?)
+    }
+
+    /// Every row's score of the normed states `(1, seq, hidden)`: `(1, seq, len)`, the added
+    /// rows last.
+    fn score(&self, normed: &Tensor, exact: bool) -> Result<Tensor> {
+        let logits = project(&self.rows, normed, Ops::Fused, exact)?;
         match &self.extra_rows {
             None => Ok(logits),
-            Some(extra) => Ok(Tensor::cat(&[logits, project(extra, &normed, Ops::Fused, true)?.squeeze(0)?], 1)?),
+            Some(extra) => Ok(Tensor::cat(&[logits, project(extra, normed, Ops::Fused, exact)?], 2)?),
         }
     }
 

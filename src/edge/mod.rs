@@ -333,10 +333,15 @@ fn generate_verified<L: MiddleLink>(
         }
     };
     // `--draft-vocab-context`: the draft head also scores the tokens of the text it drafts
-    // after, added before each round (the prompt's with the first, after TTFT); `None` until
-    // the first, then the committed tokens it has seen.
+    // after: the prompt's now (after TTFT), then the committed ones before each round.
     let context_rows = drafting && drafter.options.context_rows;
-    let mut context_seen: Option<usize> = None;
+    if context_rows {
+        let t = Instant::now();
+        edge.head.add_context(&dev.head, prompt)?;
+        times.draft += t.elapsed();
+    }
+    // Committed tokens the draft head has seen.
+    let mut context_seen = 0;
     while !stopped && !done(&tokens, &mut stop) {
         let base = prompt.len() + tokens.len() - 1; // position of `next`
         if base + 1 > limit {
@@ -345,12 +350,8 @@ fn generate_verified<L: MiddleLink>(
         }
         if context_rows {
             let t = Instant::now();
-            let text: Vec<u32> = match context_seen {
-                None => prompt.iter().chain(&tokens).copied().collect(),
-                Some(seen) => tokens[seen..].to_vec(),
-            };
-            edge.head.add_context(&dev.head, &text)?;
-            context_seen = Some(tokens.len());
+            edge.head.add_context(&dev.head, &tokens[context_seen..])?;
+            context_seen = tokens.len();
             times.draft += t.elapsed();
         }
         let threshold = steps.threshold();
